@@ -1,0 +1,160 @@
+"""The run config schema: one dataclass per section, every field documented.
+
+YAML files and ``key.sub=value`` overrides are merged into :class:`RunConfig` by
+:mod:`raylens.config`; ``python -m jobs.<job> --help`` prints this schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from raylens.config import ConfigError, opt
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class RunSection:
+    name: str = opt("", "Run name; a run dir is <output_dir>/<name>. Empty: derived from the job.")
+    output_dir: str = opt("runs", "Where run dirs go: a local path, s3://bucket/prefix or gs://...")
+    seed: int = opt(0, "Global seed (splits, augmentation, init).")
+
+
+@dataclass
+class StorageConfig:
+    s3_endpoint_url: str | None = opt(
+        None, "S3 endpoint (e.g. http://127.0.0.1:8333); default: AWS_ENDPOINT_URL or AWS."
+    )
+    s3_region: str | None = opt(None, "S3 region; default: AWS_REGION / AWS_DEFAULT_REGION.")
+    s3_access_key_id: str | None = opt(
+        None, "S3 access key; default: AWS_ACCESS_KEY_ID. Never saved.", secret=True
+    )
+    s3_secret_access_key: str | None = opt(
+        None, "S3 secret key; default: AWS_SECRET_ACCESS_KEY. Never saved.", secret=True
+    )
+    s3_anonymous: bool = opt(False, "Access S3 without credentials (public buckets).")
+    gcs_endpoint_url: str | None = opt(
+        None, "GCS endpoint (emulator); default: STORAGE_EMULATOR_HOST or Google."
+    )
+    gcs_credentials_file: str | None = opt(
+        None, "Service-account JSON; default: GOOGLE_APPLICATION_CREDENTIALS."
+    )
+    gcs_anonymous: bool | None = opt(
+        None, "Access GCS without credentials; default: true only for an emulator endpoint."
+    )
+    gcs_project: str | None = opt(None, "GCS project for bucket creation; default: from creds.")
+
+
+@dataclass
+class SourceConfig:
+    uri: str = opt("", "Source to prepare: folder, manifest (.csv/.parquet), YOLO root, IDX dir.")
+    kind: Literal["auto", "folder", "manifest", "yolo", "idx"] = opt(
+        "auto", "Source layout; auto: manifest by suffix, idx/yolo/folder by contents."
+    )
+    yolo_classes: list[str] = opt(
+        [], "YOLO class id -> name (index = id); required for kind=yolo unless a classes file exists."
+    )
+    yolo_classes_file: str | None = opt(
+        None, "YOLO id->name file (one name per line, or JSON/YAML list or mapping)."
+    )
+    extensions: list[str] = opt(
+        [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"],
+        "Image file suffixes listed from folders (case-insensitive).",
+    )
+    idx_verify_checksum: bool = opt(True, "Verify IDX (Fashion-MNIST) checksums before use.")
+
+
+@dataclass
+class PrepareConfig:
+    output: str = opt("", "Prepared dataset dir (local, s3://, gs://). Required by jobs.prepare.")
+    train_fraction: float = opt(0.8, "Train share when the source has no split.")
+    val_fraction: float = opt(0.1, "Val share when the source has no split (or no val split).")
+    test_fraction: float = opt(0.1, "Test share when the source has no split.")
+    shard_rows: int = opt(10000, "Rows per Parquet shard (at most).")
+    shard_bytes: int = opt(128 * 2**20, "Bytes of image data per Parquet shard (at most).")
+    num_threads: int = opt(16, "Threads reading and validating images (I/O bound).")
+    max_image_pixels: int = opt(
+        64_000_000, "Images with more pixels are rejected as too_large (decompression-bomb guard)."
+    )
+    max_file_bytes: int = opt(64 * 2**20, "Files larger than this are rejected as too_large.")
+    overwrite: bool = opt(False, "Rebuild even when the output is up to date with the source.")
+
+    def validate(self) -> None:
+        fracs = {
+            "prepare.train_fraction": self.train_fraction,
+            "prepare.val_fraction": self.val_fraction,
+            "prepare.test_fraction": self.test_fraction,
+        }
+        for key, value in fracs.items():
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"config key '{key}': expected a fraction in [0, 1], got {value}")
+        if abs(sum(fracs.values()) - 1.0) > 1e-6:
+            raise ConfigError(
+                "config keys 'prepare.{train,val,test}_fraction': expected a sum of 1.0, "
+                f"got {sum(fracs.values()):.4f}"
+            )
+        for key in ("shard_rows", "shard_bytes", "num_threads", "max_image_pixels"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'prepare.{key}': expected a positive int")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("", "Prepared dataset dir, or a raw folder / manifest read directly.")
+    image_size: int = opt(224, "Side of the square image fed to the model, in pixels.")
+    eval_crop_pct: float = opt(0.875, "Eval: resize the short side to image_size/crop_pct, crop.")
+    mean: tuple[float, float, float] = opt(IMAGENET_MEAN, "Per-channel mean (RGB, 0-1 scale).")
+    std: tuple[float, float, float] = opt(IMAGENET_STD, "Per-channel std (RGB, 0-1 scale).")
+    rrc_scale: tuple[float, float] = opt((0.08, 1.0), "Train random-resized-crop area range.")
+    rrc_ratio: tuple[float, float] = opt((0.75, 1.3333333), "Train crop aspect-ratio range.")
+    hflip: float = opt(0.5, "Train horizontal-flip probability.")
+    augment: bool = opt(True, "Apply train augmentation to the train split (else eval transform).")
+    batch_size: int = opt(64, "Per-worker batch size delivered to the training loop.")
+    decode_batch_size: int = opt(256, "Rows per Ray Data decode/transform batch.")
+    prefetch_batches: int = opt(2, "Batches prefetched by each worker's iterator.")
+
+    def validate(self) -> None:
+        if self.image_size < 8:
+            raise ConfigError(f"config key 'data.image_size': expected >= 8, got {self.image_size}")
+        if not 0.0 < self.eval_crop_pct <= 1.0:
+            raise ConfigError("config key 'data.eval_crop_pct': expected a value in (0, 1]")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError("config key 'data.std': expected positive values")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = opt(None, "Ray address; null: join the job's cluster or start local.")
+    num_workers: int = opt(1, "Ray Train workers (DDP ranks).")
+    use_gpu: bool = opt(False, "One GPU per train worker.")
+    cpus_per_worker: float | None = opt(
+        None, "CPUs per train worker; null: budgeted so Ray Data always keeps CPUs."
+    )
+    data_cpus: float | None = opt(
+        None, "CPUs reserved for Ray Data ingest; null: max(1, 25% of the cluster's CPUs)."
+    )
+    local_num_cpus: int | None = opt(
+        None, "Logical CPUs for a local ray.init; null: the machine's cores."
+    )
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError("config key 'ray.num_workers': expected >= 1")
+
+
+@dataclass
+class RunConfig:
+    """A raylens run: every job reads the sections it needs."""
+
+    run: RunSection = opt(RunSection, "Run identity and output location.")
+    storage: StorageConfig = opt(StorageConfig, "Object-storage endpoints and credentials.")
+    source: SourceConfig = opt(SourceConfig, "Raw source read by jobs.prepare.")
+    prepare: PrepareConfig = opt(PrepareConfig, "How jobs.prepare writes a dataset.")
+    data: DataConfig = opt(DataConfig, "Ingest: dataset, transforms, batches.")
+    ray: RayConfig = opt(RayConfig, "Cluster and resource budget.")
+
+    def validate(self) -> None:
+        for section in (self.prepare, self.data, self.ray):
+            section.validate()
