@@ -11,24 +11,7 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 import pytest
 from pyarrow import fs as pafs
 
-try:
-    from servers import GCSServer, S3Server, start_fake_gcs, start_seaweedfs
-except ImportError:  # tests/ became a package
-    from tests.servers import GCSServer, S3Server, start_fake_gcs, start_seaweedfs
-
-
-@pytest.fixture(scope="session")
-def seaweed(tmp_path_factory) -> S3Server:
-    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="session")
-def fake_gcs(tmp_path_factory) -> GCSServer:
-    server = start_fake_gcs(tmp_path_factory.mktemp("fake-gcs"))
-    yield server
-    server.stop()
+from servers import GCSServer, S3Server  # fixtures `seaweed`, `fake_gcs`: conftest.py
 
 
 def _bucket(prefix: str) -> str:

@@ -253,13 +253,17 @@ class Storage:
         return self.read_bytes(uri).decode("utf-8")
 
     def list_files(self, uri: str, recursive: bool = True) -> list[FileEntry]:
-        """Every file below ``uri``, sorted; hidden temporaries (``.tmp-*``) are left out."""
+        """Every file below ``uri``, sorted; hidden temporaries (``.tmp-*``) are left out.
+
+        A folder that does not exist lists as empty, on every backend alike.
+        """
         scheme, _ = split_uri(uri)
         fs, path = self.resolve(uri)
         try:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+            infos = fs.get_file_info(
+                pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
         except FileNotFoundError:
-            raise FileNotFoundError(f"no such directory: {uri!r}") from None
+            return []
         except OSError as err:
             raise self._fail("list", uri, err) from None
         out = [
@@ -297,7 +301,7 @@ class Storage:
             posixpath.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}"
         )
         try:
-            with fs.open_output_stream(tmp) as f:
+            with fs.open_output_stream(tmp, compression=None) as f:
                 f.write(data)
             fs.move(tmp, path)
         except OSError as err:

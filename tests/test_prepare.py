@@ -1,0 +1,162 @@
+"""jobs.prepare logic: every source kind from and to local, S3 and GCS; bad files; idempotence."""
+
+from __future__ import annotations
+
+import gzip
+from collections import Counter
+
+import pytest
+from imagegen import bad_files, class_image
+from sourcegen import CLASSES, read_prepared, write_folder, write_idx, write_manifest, write_yolo
+
+from raylens.data import fashion_mnist
+from raylens.data.prepare import assign_splits, prepare
+from raylens.data.sources import Record
+from raylens.schema import PrepareConfig, SourceConfig
+from raylens.storage import join
+
+
+def _prepare(storage, src, out, **kw):
+    source_kw = {k: kw.pop(k) for k in list(kw) if k in ("kind", "idx_verify_checksum", "yolo_classes")}
+    return prepare(SourceConfig(uri=src, **source_kw), PrepareConfig(output=out, **kw), storage,
+                   progress=False, log=lambda m: None)
+
+
+def test_folder_source(store):
+    storage, root = store
+    truth = write_folder(storage, join(root, "raw"))
+    card = _prepare(storage, join(root, "raw"), join(root, "ds"))
+    assert card["source"]["kind"] == "folder" and card["task"] == "single_label"
+    assert card["classes"] == CLASSES
+    _, rows = read_prepared(storage, join(root, "ds"))
+    assert {r["id"]: CLASSES[r["label"]] for r in rows} == truth
+    assert card["skipped"] == {"not_an_image_suffix": 1}
+    # stratified 80/10/10 of 10 per class
+    for split, n in (("train", 8), ("val", 1), ("test", 1)):
+        assert card["splits"][split]["per_class"] == {c: n for c in CLASSES}
+    assert Counter(r["split"] for r in rows) == {"train": 24, "val": 3, "test": 3}
+    one = next(r for r in rows if r["id"] == "dog/003.jpg")
+    assert one["image"] == storage.read_bytes(join(root, "raw/dog/003.jpg"))  # bytes kept as-is
+    assert (one["width"], one["height"], one["mode"]) == (24, 24, "RGB")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+@pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
+def test_manifest_source_carries_metadata(store, fmt, multi):
+    storage, root = store
+    uri, truth = write_manifest(storage, join(root, "raw"), fmt, multi=multi)
+    card = _prepare(storage, uri, join(root, "ds"))
+    assert card["task"] == ("multi_label" if multi else "single_label")
+    assert card["meta_columns"] == ["lat", "lon", "location_id"]
+    _, rows = read_prepared(storage, join(root, "ds"))
+    assert len(rows) == len(truth) == card["total"]
+    for r in rows:
+        labels, meta = truth[r["id"]]
+        got = [card["classes"][i] for i in r["labels"]] if multi else [card["classes"][r["label"]]]
+        assert sorted(got) == labels
+        assert r["lat"] == pytest.approx(meta["lat"]) and r["lon"] == pytest.approx(meta["lon"])
+        assert r["location_id"] == meta["location_id"]
+    assert [(x["reason"], x["id"]) for x in card["rejected"]] == [("missing_label", "img/unlabeled.png")]
+
+
+def test_yolo_source(store):
+    storage, root = store
+    truth = write_yolo(storage, join(root, "tiles"))
+    card = _prepare(storage, join(root, "tiles"), join(root, "ds"))
+    assert card["source"]["kind"] == "yolo" and card["task"] == "multi_label"
+    assert card["classes"] == CLASSES  # order from classes.txt = class ids
+    assert card["skipped"] == {"no_labels": 4}  # 3 tiles without a file + 1 empty file
+    _, rows = read_prepared(storage, join(root, "ds"))
+    assert {r["id"]: sorted(CLASSES[i] for i in r["labels"]) for r in rows} == truth
+    assert all(r["num_objects"] >= 2 for r in rows)
+
+
+def test_yolo_unknown_class_id_is_rejected(tmp_path):
+    from raylens.storage import Storage
+
+    storage = Storage()
+    write_yolo(storage, str(tmp_path / "t"), n=3)
+    storage.write_text(str(tmp_path / "t/labels/tile_000.txt"), "7 0.5 0.5 0.1 0.1")
+    card = _prepare(storage, str(tmp_path / "t"), str(tmp_path / "ds"))
+    assert [(r["id"], r["reason"]) for r in card["rejected"]] == [("tile_000.jpg", "unknown_class")]
+    assert "class id 7 not in 0..2" in card["rejected"][0]["detail"]
+
+
+def test_idx_source(store):
+    storage, root = store
+    truth = write_idx(storage, join(root, "idx"))
+    card = _prepare(storage, join(root, "idx"), join(root, "ds"), idx_verify_checksum=False)
+    assert card["source"]["kind"] == "idx"
+    assert card["classes"] == [str(i) for i in range(10)]
+    _, rows = read_prepared(storage, join(root, "ds"))
+    assert {r["id"]: int(card["classes"][r["label"]]) for r in rows} == truth
+    # source split kept for test; val carved out of train (10 / 90 of train)
+    assert card["splits"]["test"]["count"] == 20
+    assert card["splits"]["val"]["count"] + card["splits"]["train"]["count"] == 40
+    assert card["splits"]["val"]["count"] >= 4
+
+
+def test_idx_checksum_mismatch_is_named(tmp_path):
+    from raylens.storage import Storage
+
+    storage = Storage()
+    name = fashion_mnist.FILES["train_labels"]
+    storage.write_bytes(str(tmp_path / f"{name}.gz"), gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 8))
+    for other in ("train_images", "test_images", "test_labels"):
+        storage.write_bytes(str(tmp_path / f"{fashion_mnist.FILES[other]}.gz"), gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x00"))
+    with pytest.raises(fashion_mnist.ChecksumError, match="does not match Fashion-MNIST"):
+        _prepare(storage, str(tmp_path), str(tmp_path / "ds"), kind="idx")
+
+
+def test_planted_bad_files_are_rejected_or_converted_with_reasons(store):
+    storage, root = store
+    raw = join(root, "raw")
+    write_folder(storage, raw, per_class=4)
+    planted = bad_files()
+    for name, (data, _, _) in planted.items():
+        storage.write_bytes(join(raw, f"dog/{name}"), data)
+    card = _prepare(storage, raw, join(root, "ds"))
+    rejected = {r["id"].split("/")[-1]: r["reason"] for r in card["rejected"]}
+    converted = {c["id"].split("/")[-1]: c["mode"] for c in card["converted"]}
+    assert rejected == {n: why for n, (_, outcome, why) in planted.items() if outcome == "rejected"}
+    assert converted == {n: mode for n, (_, outcome, mode) in planted.items() if outcome == "converted"}
+    assert all(r["detail"] for r in card["rejected"]) and all(c["reason"] for c in card["converted"])
+    assert card["total"] == 12 + 3  # the good ones and the converted ones
+    assert card["rejected_by_reason"] == {"undecodable": 2, "zero_bytes": 1, "too_large": 1}
+
+
+def test_rerun_is_idempotent_and_source_changes_are_picked_up(tmp_path):
+    from raylens.storage import Storage
+
+    storage = Storage()
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "ds")
+    write_folder(storage, raw, per_class=6)
+    first = _prepare(storage, raw, out, shard_rows=5)
+    files = {f: storage.read_bytes(join(out, f)) for s in first["splits"].values() for f in s["files"]}
+    again = _prepare(storage, raw, out, shard_rows=5)
+    assert again.get("up_to_date") and again["fingerprint"] == first["fingerprint"]
+    forced = _prepare(storage, raw, out, shard_rows=5, overwrite=True)
+    _, rows_forced = read_prepared(storage, out)
+    assert sorted(f for s in forced["splits"].values() for f in s["files"]) == sorted(files)
+    # a changed source re-prepares, and shards of the old layout are removed
+    storage.write_bytes(join(raw, "cat/new.png"), class_image(0, 500))
+    changed = _prepare(storage, raw, out, shard_rows=50)
+    assert not changed.get("up_to_date") and changed["total"] == first["total"] + 1
+    on_disk = {e.uri for e in storage.list_files(out) if e.uri.endswith(".parquet")}
+    listed = {join(out, f) for s in changed["splits"].values() for f in s["files"]}
+    assert on_disk == listed
+    _, rows = read_prepared(storage, out)
+    assert len(rows) == len(rows_forced) + 1 and "cat/new.png" in {r["id"] for r in rows}
+
+
+def test_split_is_seeded_and_stratified():
+    recs = [Record(f"{c}-{i}", "", label=c) for c in "abc" for i in range(50)]
+    one = assign_splits(recs, train=0.8, val=0.1, test=0.1, seed=1)
+    assert one == assign_splits(recs, train=0.8, val=0.1, test=0.1, seed=1)
+    assert one != assign_splits(recs, train=0.8, val=0.1, test=0.1, seed=2)
+    for c in "abc":
+        got = Counter(s for rid, s in one.items() if rid.startswith(c))
+        assert got == {"train": 40, "val": 5, "test": 5}
+    with pytest.raises(ValueError, match="some records have a split"):
+        assign_splits([Record("x", "", label="a", split="train"), Record("y", "", label="a")],
+                      train=0.8, val=0.1, test=0.1, seed=0)

@@ -1,0 +1,30 @@
+"""Resource budget: Ray Data always keeps CPUs; bad settings name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from raylens.config import ConfigError
+from raylens.schema import RayConfig
+from raylens.train.resources import plan_resources
+
+
+def test_two_cpus_two_workers_leave_a_cpu_for_data():
+    plan = plan_resources(2.0, RayConfig(num_workers=2))
+    assert plan.data_cpus == 1.0
+    assert plan.cpus_per_worker == 0.5
+    assert plan.cpus_per_worker * 2 + plan.data_cpus <= 2.0
+
+
+def test_large_cluster_gives_workers_whole_cpus():
+    plan = plan_resources(64.0, RayConfig(num_workers=4, use_gpu=True))
+    assert plan.data_cpus == 16.0 and plan.cpus_per_worker == 12.0 and plan.gpus_per_worker == 1.0
+
+
+def test_explicit_oversubscription_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match="ray.cpus_per_worker"):
+        plan_resources(2.0, RayConfig(num_workers=2, cpus_per_worker=1.0))
+    with pytest.raises(ConfigError, match="ray.data_cpus"):
+        plan_resources(2.0, RayConfig(num_workers=1, data_cpus=2.0))
+    with pytest.raises(ConfigError, match="ray.data_cpus"):
+        plan_resources(2.0, RayConfig(num_workers=1, data_cpus=0.0))
