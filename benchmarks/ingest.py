@@ -67,12 +67,14 @@ def storage_from_env():
     from raylens.schema import StorageConfig
     from raylens.storage import Storage
 
-    return Storage(StorageConfig(
-        s3_endpoint_url=os.environ["BENCH_S3_ENDPOINT"],
-        s3_region=os.environ.get("BENCH_S3_REGION", "us-east-1"),
-        s3_access_key_id=os.environ["BENCH_S3_KEY"],
-        s3_secret_access_key=os.environ["BENCH_S3_SECRET"],
-    ))
+    return Storage(
+        StorageConfig(
+            s3_endpoint_url=os.environ["BENCH_S3_ENDPOINT"],
+            s3_region=os.environ.get("BENCH_S3_REGION", "us-east-1"),
+            s3_access_key_id=os.environ["BENCH_S3_KEY"],
+            s3_secret_access_key=os.environ["BENCH_S3_SECRET"],
+        )
+    )
 
 
 def load_cfg(dataset: str):
@@ -93,14 +95,24 @@ def prepare_only(output: str) -> None:
     storage = storage_from_env()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    card = prepare(SourceConfig(uri="fashion-mnist", kind="idx"), PrepareConfig(output=output),
-                   storage, progress=False)
+    card = prepare(
+        SourceConfig(uri="fashion-mnist", kind="idx"),
+        PrepareConfig(output=output),
+        storage,
+        progress=False,
+    )
     seconds = time.perf_counter() - t0
-    print(json.dumps({
-        "total": card["total"], "splits": {s: v["count"] for s, v in card["splits"].items()},
-        "prepare_s": seconds, "rss_after_imports_kib": rss_before,
-        "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-    }))
+    print(
+        json.dumps(
+            {
+                "total": card["total"],
+                "splits": {s: v["count"] for s, v in card["splits"].items()},
+                "prepare_s": seconds,
+                "rss_after_imports_kib": rss_before,
+                "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            }
+        )
+    )
 
 
 def run_prepare(output: str, env: dict[str, str]) -> dict:
@@ -109,7 +121,9 @@ def run_prepare(output: str, env: dict[str, str]) -> dict:
     proc = subprocess.run(argv, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"prepare subprocess failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"prepare subprocess failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     stats["process_wall_s"] = wall
     # Max RSS over waited-for children: the prepare process is the largest one we wait for.
@@ -123,14 +137,14 @@ def run_prepare(output: str, env: dict[str, str]) -> dict:
 def read_rows(dataset: str, storage, n: int):
     """First ``n`` rows of the prepared test split: ``(ids, images, labels, card)``."""
     import pyarrow.parquet as pq
-
     from raylens.storage import join
 
     card = json.loads(storage.read_text(join(dataset, "dataset.json")))
     ids, images, labels = [], [], []
     for f in card["splits"]["test"]["files"]:
-        table = pq.read_table(io.BytesIO(storage.read_bytes(join(dataset, f))),
-                              columns=["id", "image", "label"])
+        table = pq.read_table(
+            io.BytesIO(storage.read_bytes(join(dataset, f))), columns=["id", "image", "label"]
+        )
         ids += table.column("id").to_pylist()
         images += table.column("image").to_pylist()
         labels += table.column("label").to_pylist()
@@ -145,7 +159,6 @@ def write_subset(dataset: str, subset: str, storage, card: dict, n: int) -> None
     """A prepared dataset whose test split is exactly the first ``n`` test rows of ``dataset``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from raylens.storage import join
 
     tables, rows = [], 0
@@ -157,13 +170,15 @@ def write_subset(dataset: str, subset: str, storage, card: dict, n: int) -> None
             break
     table = pa.concat_tables(tables).slice(0, n)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression={c: ("NONE" if c == "image" else "ZSTD")
-                                            for c in table.column_names},
-                   row_group_size=min(n, 1024))
+    pq.write_table(
+        table,
+        buf,
+        compression={c: ("NONE" if c == "image" else "ZSTD") for c in table.column_names},
+        row_group_size=min(n, 1024),
+    )
     storage.write_bytes(join(subset, "test/part-00000.parquet"), buf.getvalue())
     sub = json.loads(json.dumps(card))
-    sub["splits"]["test"] = {"count": n, "files": ["test/part-00000.parquet"],
-                             "per_class": {}}
+    sub["splits"]["test"] = {"count": n, "files": ["test/part-00000.parquet"], "per_class": {}}
     storage.write_text(join(subset, "dataset.json"), json.dumps(sub))
 
 
@@ -179,7 +194,6 @@ def upload_objects(storage, ids, images, labels) -> list[str]:
 
 def run_raylens(cfg, storage, n: int, prefetch: int | None = None) -> dict:
     import torch
-
     from raylens.data.ingest import TorchCollate, build_split
 
     t0 = time.perf_counter()
@@ -215,15 +229,16 @@ class ObjectDataset:
         if self._fs is None or self._pid != os.getpid():
             import s3fs
 
-            self._fs = s3fs.S3FileSystem(key=self.key, secret=self.secret,
-                                         client_kwargs={"endpoint_url": self.endpoint,
-                                                        "region_name": "us-east-1"})
+            self._fs = s3fs.S3FileSystem(
+                key=self.key,
+                secret=self.secret,
+                client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+            )
             self._pid = os.getpid()
         return self._fs
 
     def __getitem__(self, i):
         from PIL import Image
-
         from raylens.data.transforms import sample_seed
 
         data = self._filesystem().cat_file(self.uris[i])
@@ -234,9 +249,8 @@ class ObjectDataset:
 
 def run_objects(dataset: ObjectDataset, mean, std, epoch: int) -> dict:
     import torch
-    from torch.utils.data import DataLoader
-
     from raylens.data.transforms import normalize
+    from torch.utils.data import DataLoader
 
     dataset.epoch = epoch
     t0 = time.perf_counter()
@@ -263,7 +277,9 @@ def _c_chunk(bounds):
     from raylens.data.transforms import decode_and_transform, fresh_seeds
 
     lo, hi = bounds
-    pixels, kept, failures = decode_and_transform(_C_IMAGES[lo:hi], _C_TRANSFORM, fresh_seeds(hi - lo))
+    pixels, kept, failures = decode_and_transform(
+        _C_IMAGES[lo:hi], _C_TRANSFORM, fresh_seeds(hi - lo)
+    )
     assert not failures
     return pixels
 
@@ -273,7 +289,6 @@ def run_memory(images, transform, mean, std) -> dict:
     import multiprocessing as mp
 
     import torch
-
     from raylens.data.transforms import normalize
 
     global _C_IMAGES, _C_TRANSFORM
@@ -297,7 +312,6 @@ def run_memory(images, transform, mean, std) -> dict:
 
 def run_trainer(cfg, storage, n: int, out_dir: Path) -> dict:
     from ray.train import RunConfig as RayRunConfig
-
     from raylens.data.ingest import build_split
     from raylens.train.launch import build_trainer, ingest_check_loop
 
@@ -307,18 +321,28 @@ def run_trainer(cfg, storage, n: int, out_dir: Path) -> dict:
     t0 = time.perf_counter()
     ds, _ = build_split(cfg, "test", storage, train=True)
     trainer, plan = build_trainer(
-        ingest_check_loop, {"data": cfg.data, "dataset": "train", "out": str(out_dir),
-                            "storage": storage},
-        {"train": ds}, cfg,
-        run_config=RayRunConfig(storage_path=str(out_dir.parent / "ray_results"),
-                                name=f"ingest-{int(time.time())}"))
+        ingest_check_loop,
+        {"data": cfg.data, "dataset": "train", "out": str(out_dir), "storage": storage},
+        {"train": ds},
+        cfg,
+        run_config=RayRunConfig(
+            storage_path=str(out_dir.parent / "ray_results"), name=f"ingest-{int(time.time())}"
+        ),
+    )
     trainer.fit()
     wall = time.perf_counter() - t0
     ranks = [json.loads(p.read_text()) for p in sorted(out_dir.glob("rank-*.json"))]
     rows = sum(r["rows"] for r in ranks)
     loop_s = max(r["seconds"] for r in ranks)
-    return {"rows": rows, "wall_s": wall, "loop_s": loop_s, "e2e_ips": rows / wall,
-            "loop_ips": rows / loop_s, "ranks": ranks, "plan": plan.describe()}
+    return {
+        "rows": rows,
+        "wall_s": wall,
+        "loop_s": loop_s,
+        "e2e_ips": rows / wall,
+        "loop_ips": rows / loop_s,
+        "ranks": ranks,
+        "plan": plan.describe(),
+    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -344,10 +368,16 @@ def machine_info() -> dict:
     except OSError:
         pass
     nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    return {"nproc": nproc, "cpu": cpu, "ram_gib": round(mem_gib, 1),
-            "python": platform.python_version(), "ray": ray.__version__,
-            "torch": torch.__version__, "pyarrow": pyarrow.__version__,
-            "os": platform.platform()}
+    return {
+        "nproc": nproc,
+        "cpu": cpu,
+        "ram_gib": round(mem_gib, 1),
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "pyarrow": pyarrow.__version__,
+        "os": platform.platform(),
+    }
 
 
 def median(xs):
@@ -361,12 +391,14 @@ def render(args, info, date, prep, n, rates, cold, trainer, notes) -> str:
     fmt = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)  # noqa: E731
     cmd = ".venv/bin/python benchmarks/ingest.py " + " ".join(args.argv)
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"Command: `{cmd.strip()}`  ",
         f"Date: {date}  ",
         f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, no GPU; "
         f"Python {info['python']}, Ray {info['ray']}, torch {info['torch']}, "
-        f"pyarrow {info['pyarrow']}; {info['os']}", "",
+        f"pyarrow {info['pyarrow']}; {info['os']}",
+        "",
         f"Workload: the first {n:,} rows of the prepared Fashion-MNIST `test` split (same images "
         f"for all variants), train transform at 28 px (RRC scale [0.7, 1.0], hflip 0.5), "
         f"normalized float32 batches `[{BATCH}, 3, 28, 28]`. SeaweedFS (local S3) shares the "
@@ -381,7 +413,7 @@ def render(args, info, date, prep, n, rates, cold, trainer, notes) -> str:
         f"| (c) limit: bytes in memory, Pool(2) decode+transform, normalize "
         f"| {med['c']:,.0f} | {fmt(rates['c'])} | {cold['c']:,.0f} |",
         "",
-        f"| ratio | value | target | |",
+        "| ratio | value | target | |",
         "|---|---:|---:|---|",
         f"| a/b | {ab:.2f} | >= {TARGETS['a/b']:g} | {'met' if ab >= TARGETS['a/b'] else 'MISSED'} |",
         f"| a/c | {ac:.2f} | >= {TARGETS['a/c']:g} | {'met' if ac >= TARGETS['a/c'] else 'MISSED'} |",
@@ -390,21 +422,26 @@ def render(args, info, date, prep, n, rates, cold, trainer, notes) -> str:
     if trainer:
         lines += [
             "TorchTrainer (2 workers, `build_trainer` + `ingest_check_loop`, "
-            f"{trainer[0]['plan']}):", "",
+            f"{trainer[0]['plan']}):",
+            "",
             "| run | rows | end-to-end images/s (incl. trainer start) | in-loop images/s "
             "(rows / slowest rank's loop time) |",
             "|---|---:|---:|---:|",
         ]
         for i, t in enumerate(trainer):
-            lines.append(f"| {i + 1} | {t['rows']:,} | {t['e2e_ips']:,.0f} ({t['wall_s']:.1f} s) | "
-                         f"{t['loop_ips']:,.0f} ({t['loop_s']:.2f} s) |")
+            lines.append(
+                f"| {i + 1} | {t['rows']:,} | {t['e2e_ips']:,.0f} ({t['wall_s']:.1f} s) | "
+                f"{t['loop_ips']:,.0f} ({t['loop_s']:.2f} s) |"
+            )
         lines.append("")
     lines += [
         f"Prepare (all {prep['total']:,} images, IDX -> PNG -> Parquet on S3, one process): "
         f"peak RSS **{prep['peak_rss_kib'] / 1024:,.0f} MiB** (after imports, before prepare: "
         f"{prep['rss_after_imports_kib'] / 1024:,.0f} MiB), prepare() {prep['prepare_s']:.1f} s, "
-        f"process wall {prep['process_wall_s']:.1f} s.", "",
-        "Notes:", "",
+        f"process wall {prep['process_wall_s']:.1f} s.",
+        "",
+        "Notes:",
+        "",
     ]
     lines += [f"- {n_}" for n_ in notes]
     return "\n".join(lines) + "\n"
@@ -416,7 +453,7 @@ def write_section(path: Path, text: str) -> None:
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        nxt = re.search(r"^## ", old[start + len(SECTION):], flags=re.M)
+        nxt = re.search(r"^## ", old[start + len(SECTION) :], flags=re.M)
         end = start + len(SECTION) + nxt.start() if nxt else len(old)
         new = old[:start] + text + ("\n" + old[end:] if nxt else "")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -453,8 +490,13 @@ def main() -> int:
         log(f"starting SeaweedFS in {tmp}")
         srv = start_seaweedfs(tmp / "seaweed")
         srv.create_bucket(BUCKET)
-        env = {**os.environ, "BENCH_S3_ENDPOINT": srv.endpoint_url, "BENCH_S3_KEY": srv.access_key,
-               "BENCH_S3_SECRET": srv.secret_key, "BENCH_S3_REGION": srv.region}
+        env = {
+            **os.environ,
+            "BENCH_S3_ENDPOINT": srv.endpoint_url,
+            "BENCH_S3_KEY": srv.access_key,
+            "BENCH_S3_SECRET": srv.secret_key,
+            "BENCH_S3_REGION": srv.region,
+        }
         os.environ.update({k: v for k, v in env.items() if k.startswith("BENCH_")})
         storage = storage_from_env()
         dataset = f"s3://{BUCKET}/fmnist"
@@ -480,8 +522,15 @@ def main() -> int:
         transform = ImageTransform.from_config(cfg.data, train=True)
         assert transform.train and transform.size == 28 and transform.scale == (0.7, 1.0)
         mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
-        objects = ObjectDataset(uris, labels, srv.endpoint_url, srv.access_key, srv.secret_key,
-                                transform, seed=cfg.run.seed)
+        objects = ObjectDataset(
+            uris,
+            labels,
+            srv.endpoint_url,
+            srv.access_key,
+            srv.secret_key,
+            transform,
+            seed=cfg.run.seed,
+        )
 
         import ray
 
@@ -510,16 +559,20 @@ def main() -> int:
                     cold[v] = ips
                 else:
                     rates[v].append(ips)
-                log(f"round {rnd}{' (warm-up)' if rnd == 0 else ''} ({v}): {n} images in "
-                    f"{r['seconds']:.2f} s = {ips:,.0f} img/s (mean normalized pixel {r['mean']:.3f})")
+                log(
+                    f"round {rnd}{' (warm-up)' if rnd == 0 else ''} ({v}): {n} images in "
+                    f"{r['seconds']:.2f} s = {ips:,.0f} img/s (mean normalized pixel {r['mean']:.3f})"
+                )
 
         trainer = []
         if args.trainer:
             for i in range(args.trainer_reps):
                 t = run_trainer(load_cfg(bench_ds), storage, n, tmp / "trainer" / f"out{i}")
                 assert t["rows"] == n, f"trainer delivered {t['rows']} rows, expected {n}"
-                log(f"trainer {i + 1}: e2e {t['e2e_ips']:,.0f} img/s ({t['wall_s']:.1f} s), "
-                    f"in-loop {t['loop_ips']:,.0f} img/s ({t['loop_s']:.2f} s)")
+                log(
+                    f"trainer {i + 1}: e2e {t['e2e_ips']:,.0f} img/s ({t['wall_s']:.1f} s), "
+                    f"in-loop {t['loop_ips']:,.0f} img/s ({t['loop_s']:.2f} s)"
+                )
                 trainer.append(t)
 
         med = {k: median(v) for k, v in rates.items()}
@@ -542,10 +595,22 @@ def main() -> int:
         log(f"wrote {args.out}")
         print(text)
         if args.json:
-            Path(args.json).write_text(json.dumps({
-                "n": n, "rates": rates, "cold": cold, "medians": med, "a/b": ab, "a/c": ac,
-                "prepare": prep, "trainer": [{k: v for k, v in t.items()} for t in trainer],
-            }, indent=1, default=str))
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "n": n,
+                        "rates": rates,
+                        "cold": cold,
+                        "medians": med,
+                        "a/b": ab,
+                        "a/c": ac,
+                        "prepare": prep,
+                        "trainer": [{k: v for k, v in t.items()} for t in trainer],
+                    },
+                    indent=1,
+                    default=str,
+                )
+            )
         return 0
     finally:
         if ray_mod is not None and ray_mod.is_initialized():

@@ -18,10 +18,9 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
-from servers import GCSServer, S3Server, start_fake_gcs, start_seaweedfs  # noqa: E402
-
 from raylens.schema import StorageConfig  # noqa: E402
 from raylens.storage import Storage  # noqa: E402
+from servers import GCSServer, S3Server, start_fake_gcs, start_seaweedfs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,9 +40,14 @@ def fake_gcs(tmp_path_factory) -> GCSServer:
 
 
 def s3_storage(server: S3Server) -> Storage:
-    return Storage(StorageConfig(s3_endpoint_url=server.endpoint_url, s3_region=server.region,
-                                 s3_access_key_id=server.access_key,
-                                 s3_secret_access_key=server.secret_key))
+    return Storage(
+        StorageConfig(
+            s3_endpoint_url=server.endpoint_url,
+            s3_region=server.region,
+            s3_access_key_id=server.access_key,
+            s3_secret_access_key=server.secret_key,
+        )
+    )
 
 
 def gcs_storage(server: GCSServer) -> Storage:
@@ -72,7 +76,11 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}},
+        )
     yield ray
     ray.shutdown()

@@ -9,7 +9,14 @@ import zlib
 import numpy as np
 from PIL import Image
 
-PALETTE = [(220, 40, 40), (40, 200, 60), (40, 60, 220), (230, 200, 30), (150, 40, 170), (20, 20, 20)]
+PALETTE = [
+    (220, 40, 40),
+    (40, 200, 60),
+    (40, 60, 220),
+    (230, 200, 30),
+    (150, 40, 170),
+    (20, 20, 20),
+]
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -10,7 +10,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from imagegen import class_image
-
 from raylens.storage import Storage, join
 
 CLASSES = ["cat", "dog", "eel"]
@@ -43,8 +42,15 @@ def write_manifest(storage: Storage, root: str, fmt: str, multi: bool = False, n
             row["label"] = labels[0]
         rows.append(row)
         truth[rel] = (labels, meta)
-    rows.append({"path": "img/unlabeled.png", "lat": 0.0, "lon": 0.0, "location_id": "x",
-                 **({"labels": [] if fmt == "parquet" else ""} if multi else {"label": ""})})
+    rows.append(
+        {
+            "path": "img/unlabeled.png",
+            "lat": 0.0,
+            "lon": 0.0,
+            "location_id": "x",
+            **({"labels": [] if fmt == "parquet" else ""} if multi else {"label": ""}),
+        }
+    )
     storage.write_bytes(join(root, "img/unlabeled.png"), class_image(0, 99))
     uri = join(root, f"manifest.{fmt}")
     table = pa.Table.from_pylist(rows)
@@ -69,7 +75,9 @@ def write_yolo(storage: Storage, root: str, n: int = 12) -> dict[str, list[str]]
         if i % 4 == 3:
             continue  # no label file: skipped
         ids = [] if i == 10 else sorted({i % 3, (i * 7) % 3})
-        lines = [f"{c} 0.5 0.5 0.2 0.3" for c in ids] + ([f"{ids[0]} 0.1 0.1 0.05 0.05"] if ids else [])
+        lines = [f"{c} 0.5 0.5 0.2 0.3" for c in ids] + (
+            [f"{ids[0]} 0.1 0.1 0.05 0.05"] if ids else []
+        )
         storage.write_text(join(root, f"labels/{name}.txt"), "\n".join(lines))
         if ids:
             truth[f"{name}.jpg"] = sorted({CLASSES[c] for c in ids})
@@ -88,8 +96,12 @@ def write_idx(storage: Storage, root: str, n_train: int = 40, n_test: int = 20) 
     for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
         labels = np.arange(n) % 10
         images = rng.integers(0, 255, size=(n, 28, 28))
-        storage.write_bytes(join(root, f"{prefix}-images-idx3-ubyte.gz"), gzip.compress(_idx(images)))
-        storage.write_bytes(join(root, f"{prefix}-labels-idx1-ubyte.gz"), gzip.compress(_idx(labels)))
+        storage.write_bytes(
+            join(root, f"{prefix}-images-idx3-ubyte.gz"), gzip.compress(_idx(images))
+        )
+        storage.write_bytes(
+            join(root, f"{prefix}-labels-idx1-ubyte.gz"), gzip.compress(_idx(labels))
+        )
         for i in range(n):
             truth[f"{split}-{i:0{len(str(n))}d}"] = int(labels[i])
     return truth

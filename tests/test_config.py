@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import yaml
-
 from raylens import config as C
 from raylens.schema import RunConfig
 
@@ -15,8 +14,11 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def test_defaults_yaml_and_overrides_merge_in_order():
-    cfg = C.load(RunConfig, "data:\n  image_size: 64\n  batch_size: 8\n",
-                 ["data.image_size=32", "ray.num_workers=2", "data.mean=[0.5, 0.5, 0.5]"])
+    cfg = C.load(
+        RunConfig,
+        "data:\n  image_size: 64\n  batch_size: 8\n",
+        ["data.image_size=32", "ray.num_workers=2", "data.mean=[0.5, 0.5, 0.5]"],
+    )
     assert cfg.data.image_size == 32  # override beats YAML
     assert cfg.data.batch_size == 8  # YAML beats default
     assert cfg.ray.num_workers == 2
@@ -54,8 +56,11 @@ def test_validation_names_key():
 
 
 def test_secrets_never_saved_and_saved_config_reloads():
-    cfg = C.load(RunConfig, None, ["storage.s3_access_key_id=AKIAFAKE",
-                                   "storage.s3_secret_access_key=sup3rs3cret"])
+    cfg = C.load(
+        RunConfig,
+        None,
+        ["storage.s3_access_key_id=AKIAFAKE", "storage.s3_secret_access_key=sup3rs3cret"],
+    )
     text = C.to_yaml(cfg)
     assert "sup3rs3cret" not in text and "AKIAFAKE" not in text
     assert yaml.safe_load(text)["storage"]["s3_secret_access_key"] is None
@@ -71,15 +76,24 @@ def test_every_shipped_config_loads():
 
 
 def test_job_help_lists_keys_with_defaults_and_docs():
-    out = subprocess.run([sys.executable, "-m", "jobs.prepare", "--help"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.prepare", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "prepare.train_fraction = 0.8" in out
     assert "Train share when the source has no split." in out
     assert "source.uri" in out and "storage.s3_endpoint_url" in out
 
 
 def test_job_rejects_bad_key_with_exit_2():
-    res = subprocess.run([sys.executable, "-m", "jobs.prepare", "prepare.outptu=/tmp/x"],
-                         cwd=REPO, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "jobs.prepare", "prepare.outptu=/tmp/x"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 2
     assert "unknown config key 'prepare.outptu'; did you mean 'prepare.output'?" in res.stderr

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from imagegen import bad_files, encode
 from PIL import Image
-
 from raylens.data.images import ImageRejected, decode_rgb, inspect_image, to_rgb
 
 

@@ -12,28 +12,40 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import s3_storage
-from sourcegen import CLASSES, write_folder
-
 from raylens import config as C
 from raylens.data.ingest import TorchCollate, build_split, clear_ingest_failures, ingest_failures
 from raylens.data.prepare import prepare
 from raylens.data.transforms import sample_seed
 from raylens.schema import PrepareConfig, RunConfig, SourceConfig
 from raylens.storage import Storage, join
+from sourcegen import CLASSES, write_folder
 
 pytestmark = pytest.mark.ray
 
 
 def _cfg(dataset: str, *extra: str) -> RunConfig:
-    return C.load(RunConfig, None, [f"data.dataset={dataset}", "data.image_size=16",
-                                    "data.eval_crop_pct=1.0", "data.batch_size=8",
-                                    "data.decode_batch_size=16", *extra])
+    return C.load(
+        RunConfig,
+        None,
+        [
+            f"data.dataset={dataset}",
+            "data.image_size=16",
+            "data.eval_crop_pct=1.0",
+            "data.batch_size=8",
+            "data.decode_batch_size=16",
+            *extra,
+        ],
+    )
 
 
 def _collect(ds, cfg):
     rows = []
-    for b in ds.iter_torch_batches(batch_size=cfg.data.batch_size, collate_fn=TorchCollate(cfg.data)):
-        rows.extend(zip(b["id"], b["label"].tolist(), b["image"], b["aug_seed"].tolist()))
+    for b in ds.iter_torch_batches(
+        batch_size=cfg.data.batch_size, collate_fn=TorchCollate(cfg.data)
+    ):
+        rows.extend(
+            zip(b["id"], b["label"].tolist(), b["image"], b["aug_seed"].tolist(), strict=True)
+        )
     return rows
 
 
@@ -42,8 +54,13 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("ingest")
     storage = Storage()
     truth = write_folder(storage, str(root / "raw"), per_class=10)
-    prepare(SourceConfig(uri=str(root / "raw")), PrepareConfig(output=str(root / "ds")), storage,
-            progress=False, log=lambda m: None)
+    prepare(
+        SourceConfig(uri=str(root / "raw")),
+        PrepareConfig(output=str(root / "ds")),
+        storage,
+        progress=False,
+        log=lambda m: None,
+    )
     return storage, str(root / "ds"), str(root / "raw"), truth
 
 
@@ -62,7 +79,11 @@ def test_batches_are_normalized_tensors_with_the_right_labels(ray_session, prepa
     pixels = (image * std + mean) * 255
     from PIL import Image
 
-    src = np.asarray(Image.open(io.BytesIO(storage.read_bytes(join(prepared[2], rid)))).convert("RGB").resize((16, 16), Image.BILINEAR))
+    src = np.asarray(
+        Image.open(io.BytesIO(storage.read_bytes(join(prepared[2], rid))))
+        .convert("RGB")
+        .resize((16, 16), Image.BILINEAR)
+    )
     assert torch.allclose(pixels, torch.from_numpy(src).permute(2, 0, 1).float(), atol=1.0)
 
 
@@ -91,8 +112,11 @@ def test_corrupt_record_at_ingest_is_skipped_and_counted(ray_session, prepared, 
                 images = table.column("image").to_pylist()
                 images[2] = b"\xff\xd8\xff\xe0 corrupted on the way"
                 bad_id = table.column("id")[2].as_py()
-                table = table.set_column(table.schema.get_field_index("image"), "image",
-                                         __import__("pyarrow").array(images, __import__("pyarrow").binary()))
+                table = table.set_column(
+                    table.schema.get_field_index("image"),
+                    "image",
+                    __import__("pyarrow").array(images, __import__("pyarrow").binary()),
+                )
             buf = io.BytesIO()
             pq.write_table(table, buf)
             storage.write_bytes(join(out, f), buf.getvalue())
@@ -125,13 +149,19 @@ def test_two_train_workers_on_two_cpus_finish(ray_session, seaweed, tmp_path):
     seaweed.create_bucket(bucket)
     storage = s3_storage(seaweed)
     write_folder(storage, f"s3://{bucket}/raw", per_class=20)
-    prepare(SourceConfig(uri=f"s3://{bucket}/raw"), PrepareConfig(output=f"s3://{bucket}/ds"),
-            storage, progress=False, log=lambda m: None)
+    prepare(
+        SourceConfig(uri=f"s3://{bucket}/raw"),
+        PrepareConfig(output=f"s3://{bucket}/ds"),
+        storage,
+        progress=False,
+        log=lambda m: None,
+    )
     cfg = _cfg(f"s3://{bucket}/ds", "ray.num_workers=2")
     ds, info = build_split(cfg, "train", storage)
     out = str(tmp_path / "ranks")
-    trainer, plan = build_trainer(ingest_check_loop, {"data": cfg.data, "out": out, "storage": Storage()},
-                                  {"train": ds}, cfg)
+    trainer, plan = build_trainer(
+        ingest_check_loop, {"data": cfg.data, "out": out, "storage": Storage()}, {"train": ds}, cfg
+    )
     assert plan.cpus_per_worker * 2 + plan.data_cpus <= 2
     trainer.fit()
     ranks = [json.loads(Storage().read_text(join(out, f"rank-{r}.json"))) for r in (0, 1)]

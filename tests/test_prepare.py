@@ -7,19 +7,25 @@ from collections import Counter
 
 import pytest
 from imagegen import bad_files, class_image
-from sourcegen import CLASSES, read_prepared, write_folder, write_idx, write_manifest, write_yolo
-
 from raylens.data import fashion_mnist
 from raylens.data.prepare import assign_splits, prepare
 from raylens.data.sources import Record
 from raylens.schema import PrepareConfig, SourceConfig
 from raylens.storage import join
+from sourcegen import CLASSES, read_prepared, write_folder, write_idx, write_manifest, write_yolo
 
 
 def _prepare(storage, src, out, **kw):
-    source_kw = {k: kw.pop(k) for k in list(kw) if k in ("kind", "idx_verify_checksum", "yolo_classes")}
-    return prepare(SourceConfig(uri=src, **source_kw), PrepareConfig(output=out, **kw), storage,
-                   progress=False, log=lambda m: None)
+    source_kw = {
+        k: kw.pop(k) for k in list(kw) if k in ("kind", "idx_verify_checksum", "yolo_classes")
+    }
+    return prepare(
+        SourceConfig(uri=src, **source_kw),
+        PrepareConfig(output=out, **kw),
+        storage,
+        progress=False,
+        log=lambda m: None,
+    )
 
 
 def test_folder_source(store):
@@ -56,7 +62,9 @@ def test_manifest_source_carries_metadata(store, fmt, multi):
         assert sorted(got) == labels
         assert r["lat"] == pytest.approx(meta["lat"]) and r["lon"] == pytest.approx(meta["lon"])
         assert r["location_id"] == meta["location_id"]
-    assert [(x["reason"], x["id"]) for x in card["rejected"]] == [("missing_label", "img/unlabeled.png")]
+    assert [(x["reason"], x["id"]) for x in card["rejected"]] == [
+        ("missing_label", "img/unlabeled.png")
+    ]
 
 
 def test_yolo_source(store):
@@ -101,9 +109,14 @@ def test_idx_checksum_mismatch_is_named(tmp_path):
 
     storage = Storage()
     name = fashion_mnist.FILES["train_labels"]
-    storage.write_bytes(str(tmp_path / f"{name}.gz"), gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 8))
+    storage.write_bytes(
+        str(tmp_path / f"{name}.gz"), gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 8)
+    )
     for other in ("train_images", "test_images", "test_labels"):
-        storage.write_bytes(str(tmp_path / f"{fashion_mnist.FILES[other]}.gz"), gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x00"))
+        storage.write_bytes(
+            str(tmp_path / f"{fashion_mnist.FILES[other]}.gz"),
+            gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x00"),
+        )
     with pytest.raises(fashion_mnist.ChecksumError, match="does not match Fashion-MNIST"):
         _prepare(storage, str(tmp_path), str(tmp_path / "ds"), kind="idx")
 
@@ -119,8 +132,12 @@ def test_planted_bad_files_are_rejected_or_converted_with_reasons(store):
     rejected = {r["id"].split("/")[-1]: r["reason"] for r in card["rejected"]}
     converted = {c["id"].split("/")[-1]: c["mode"] for c in card["converted"]}
     assert rejected == {n: why for n, (_, outcome, why) in planted.items() if outcome == "rejected"}
-    assert converted == {n: mode for n, (_, outcome, mode) in planted.items() if outcome == "converted"}
-    assert all(r["detail"] for r in card["rejected"]) and all(c["reason"] for c in card["converted"])
+    assert converted == {
+        n: mode for n, (_, outcome, mode) in planted.items() if outcome == "converted"
+    }
+    assert all(r["detail"] for r in card["rejected"]) and all(
+        c["reason"] for c in card["converted"]
+    )
     assert card["total"] == 12 + 3  # the good ones and the converted ones
     assert card["rejected_by_reason"] == {"undecodable": 2, "zero_bytes": 1, "too_large": 1}
 
@@ -132,7 +149,9 @@ def test_rerun_is_idempotent_and_source_changes_are_picked_up(tmp_path):
     raw, out = str(tmp_path / "raw"), str(tmp_path / "ds")
     write_folder(storage, raw, per_class=6)
     first = _prepare(storage, raw, out, shard_rows=5)
-    files = {f: storage.read_bytes(join(out, f)) for s in first["splits"].values() for f in s["files"]}
+    files = {
+        f: storage.read_bytes(join(out, f)) for s in first["splits"].values() for f in s["files"]
+    }
     again = _prepare(storage, raw, out, shard_rows=5)
     assert again.get("up_to_date") and again["fingerprint"] == first["fingerprint"]
     forced = _prepare(storage, raw, out, shard_rows=5, overwrite=True)
@@ -158,5 +177,10 @@ def test_split_is_seeded_and_stratified():
         got = Counter(s for rid, s in one.items() if rid.startswith(c))
         assert got == {"train": 40, "val": 5, "test": 5}
     with pytest.raises(ValueError, match="some records have a split"):
-        assign_splits([Record("x", "", label="a", split="train"), Record("y", "", label="a")],
-                      train=0.8, val=0.1, test=0.1, seed=0)
+        assign_splits(
+            [Record("x", "", label="a", split="train"), Record("y", "", label="a")],
+            train=0.8,
+            val=0.1,
+            test=0.1,
+            seed=0,
+        )

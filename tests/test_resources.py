@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from raylens.config import ConfigError
 from raylens.schema import RayConfig
 from raylens.train.resources import plan_resources

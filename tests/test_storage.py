@@ -6,7 +6,6 @@ import uuid
 
 import pytest
 from conftest import s3_storage
-
 from raylens.schema import StorageConfig
 from raylens.storage import Storage, StorageError, join, split_uri
 
@@ -20,7 +19,9 @@ def test_round_trip_list_delete(store):
     listed = storage.list_files(join(root, "a"))
     assert [e.uri for e in listed] == [join(root, "a/b/two.txt"), join(root, "a/one.bin")]
     assert [e.size for e in listed] == [5, 2000]
-    assert [e.uri for e in storage.list_files(join(root, "a"), recursive=False)] == [join(root, "a/one.bin")]
+    assert [e.uri for e in storage.list_files(join(root, "a"), recursive=False)] == [
+        join(root, "a/one.bin")
+    ]
     storage.write_bytes(join(root, "a/one.bin"), b"new")  # overwrite is atomic too
     assert storage.read_bytes(join(root, "a/one.bin")) == b"new"
     storage.delete(join(root, "a/one.bin"))
@@ -40,7 +41,9 @@ def test_failed_write_leaves_neither_final_nor_temp_file(store, monkeypatch):
     target = join(root, "results/metrics.json")
     scheme, _ = split_uri(target)
     if scheme == "file":
-        monkeypatch.setattr("raylens.storage.os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk gone")))
+        monkeypatch.setattr(
+            "raylens.storage.os.replace", lambda *a: (_ for _ in ()).throw(OSError("disk gone"))
+        )
         with pytest.raises(OSError):
             storage.write_bytes(target, b"{}")
     else:
@@ -92,8 +95,13 @@ def test_gcs_settings_from_emulator_env_var(fake_gcs, monkeypatch):
 def test_wrong_credentials_fail_without_leaking_them(seaweed):
     bucket = f"cred-{uuid.uuid4().hex[:8]}"
     seaweed.create_bucket(bucket)
-    bad = Storage(StorageConfig(s3_endpoint_url=seaweed.endpoint_url, s3_access_key_id=seaweed.access_key,
-                                s3_secret_access_key="WRONG-secret-value-123"))
+    bad = Storage(
+        StorageConfig(
+            s3_endpoint_url=seaweed.endpoint_url,
+            s3_access_key_id=seaweed.access_key,
+            s3_secret_access_key="WRONG-secret-value-123",
+        )
+    )
     with pytest.raises(StorageError) as err:
         bad.write_text(f"s3://{bucket}/x", "no")
     msg = str(err.value)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from imagegen import class_image
-
 from raylens.data.images import decode_rgb
 from raylens.data.transforms import (
     ImageTransform,

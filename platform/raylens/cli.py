@@ -32,8 +32,12 @@ def parse_job_args(
         + C.help_text(RunConfig, sections),
     )
     parser.add_argument("--config", help="YAML file (local path, s3:// or gs://)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted config overrides, e.g. data.image_size=64")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted config overrides, e.g. data.image_size=64",
+    )
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)

@@ -106,7 +106,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
                 raise bad
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(
+                _coerce(v, a, f"{key}[{i}]")
+                for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
         item = args[0] if args else Any
         out = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
@@ -181,7 +184,9 @@ def merge(cfg: T, updates: Mapping[str, Any], prefix: str = "") -> T:
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"config key '{key}': expected a mapping of sub-keys, got {value!r}")
+                raise ConfigError(
+                    f"config key '{key}': expected a mapping of sub-keys, got {value!r}"
+                )
             changes[name] = merge(getattr(cfg, name), value, prefix=key)
         else:
             changes[name] = _coerce(value, tp, key)
@@ -271,9 +276,7 @@ def to_yaml(cfg: Any) -> str:
 def secret_values(cfg: Any) -> list[str]:
     """Every non-empty secret value in ``cfg`` (for scrubbing messages)."""
     return [
-        v
-        for _, _, v, meta in iter_fields(cfg)
-        if meta.get("secret") and isinstance(v, str) and v
+        v for _, _, v, meta in iter_fields(cfg) if meta.get("secret") and isinstance(v, str) and v
     ]
 
 

@@ -54,7 +54,8 @@ class SourceConfig:
         "auto", "Source layout; auto: manifest by suffix, idx/yolo/folder by contents."
     )
     yolo_classes: list[str] = opt(
-        [], "YOLO class id -> name (index = id); required for kind=yolo unless a classes file exists."
+        [],
+        "YOLO class id -> name (index = id); required for kind=yolo unless a classes file exists.",
     )
     yolo_classes_file: str | None = opt(
         None, "YOLO id->name file (one name per line, or JSON/YAML list or mapping)."

@@ -12,6 +12,7 @@ Credentials never appear in messages: :meth:`Storage.scrub` removes them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -53,7 +54,9 @@ def split_uri(uri: str) -> tuple[str, str]:
         return "s3", (parsed.netloc + parsed.path).rstrip("/")
     if scheme in ("gs", "gcs"):
         return "gs", (parsed.netloc + parsed.path).rstrip("/")
-    raise StorageError(f"unsupported URI scheme {scheme!r} in {uri!r}: expected s3://, gs://, file:// or a path")
+    raise StorageError(
+        f"unsupported URI scheme {scheme!r} in {uri!r}: expected s3://, gs://, file:// or a path"
+    )
 
 
 def is_remote(uri: str) -> bool:
@@ -261,7 +264,8 @@ class Storage:
         fs, path = self.resolve(uri)
         try:
             infos = fs.get_file_info(
-                pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+                pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+            )
         except FileNotFoundError:
             return []
         except OSError as err:
@@ -286,7 +290,9 @@ class Storage:
         if scheme == "file":
             directory = os.path.dirname(path)
             os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+            tmp = os.path.join(
+                directory, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}"
+            )
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -305,10 +311,8 @@ class Storage:
                 f.write(data)
             fs.move(tmp, path)
         except OSError as err:
-            try:
+            with contextlib.suppress(OSError):
                 fs.delete_file(tmp)
-            except OSError:
-                pass
             raise self._fail("write", uri, err) from None
 
     def write_text(self, uri: str, text: str) -> None:

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.train import DataConfig, RunConfig as RayRunConfig, ScalingConfig
+from ray.train import DataConfig, ScalingConfig
+from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 from raylens.schema import RayConfig, RunConfig
@@ -55,13 +56,20 @@ def build_trainer(
     resources = {"CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
-    scaling = ScalingConfig(num_workers=plan.num_workers, use_gpu=cfg.ray.use_gpu,
-                            resources_per_worker=resources)
+    scaling = ScalingConfig(
+        num_workers=plan.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+    )
     options = DataConfig.default_ingest_options()
     options.resource_limits = options.resource_limits.copy(cpu=plan.data_cpus)
     data_config = DataConfig(datasets_to_split=split or "all", execution_options=options)
-    trainer = TorchTrainer(train_loop, train_loop_config=loop_config, scaling_config=scaling,
-                           datasets=datasets, dataset_config=data_config, run_config=run_config)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        datasets=datasets,
+        dataset_config=data_config,
+        run_config=run_config,
+    )
     log.info("resource plan: %s", plan.describe())
     return trainer, plan
 
@@ -84,9 +92,11 @@ def ingest_check_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard(config.get("dataset", "train"))
     rows, batches, checksum = 0, 0, 0.0
     t0 = time.perf_counter()
-    for batch in shard.iter_torch_batches(batch_size=data.batch_size,
-                                          collate_fn=TorchCollate(data),
-                                          prefetch_batches=data.prefetch_batches):
+    for batch in shard.iter_torch_batches(
+        batch_size=data.batch_size,
+        collate_fn=TorchCollate(data),
+        prefetch_batches=data.prefetch_batches,
+    ):
         image = batch["image"]
         assert image.dtype == torch.float32 and image.ndim == 4
         rows += image.shape[0]
@@ -94,8 +104,13 @@ def ingest_check_loop(config: dict) -> None:
         checksum += float(image.mean())
     seconds = time.perf_counter() - t0
     rank = ray.train.get_context().get_world_rank()
-    metrics = {"rows": rows, "batches": batches, "seconds": seconds, "rank": rank,
-               "mean_pixel": checksum / max(batches, 1)}
+    metrics = {
+        "rows": rows,
+        "batches": batches,
+        "seconds": seconds,
+        "rank": rank,
+        "mean_pixel": checksum / max(batches, 1),
+    }
     if config.get("out"):
         from raylens.storage import join
 

@@ -23,9 +23,11 @@ class ResourcePlan:
     cluster_cpus: float
 
     def describe(self) -> str:
-        return (f"{self.num_workers} train worker(s) x {self.cpus_per_worker:g} CPU"
-                f"{f' + {self.gpus_per_worker:g} GPU' if self.gpus_per_worker else ''}, "
-                f"Ray Data {self.data_cpus:g} CPU, cluster {self.cluster_cpus:g} CPU")
+        return (
+            f"{self.num_workers} train worker(s) x {self.cpus_per_worker:g} CPU"
+            f"{f' + {self.gpus_per_worker:g} GPU' if self.gpus_per_worker else ''}, "
+            f"Ray Data {self.data_cpus:g} CPU, cluster {self.cluster_cpus:g} CPU"
+        )
 
 
 def plan_resources(cluster_cpus: float, cfg: RayConfig) -> ResourcePlan:

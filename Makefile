@@ -1,0 +1,39 @@
+# raylens: two commands on a fresh machine.
+#   make demo   install, then prepare Fashion-MNIST locally and print its dataset card
+#   make test   install (with test extras), then run the whole test suite
+# Each target installs what it needs into .venv (Python 3.10+ with venv required).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test install lint data clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST from the Debian package when apt is usable; otherwise jobs.prepare
+# downloads the official files (checksum verified) on first use.
+data:
+	@if [ ! -d $(FMNIST) ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+
+demo: install data
+	$(PY) -m jobs.prepare --config jobs/configs/fashion_mnist.yaml
+
+test: install data
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) data runs
