@@ -97,3 +97,11 @@ def test_job_rejects_bad_key_with_exit_2():
     )
     assert res.returncode == 2
     assert "unknown config key 'prepare.outptu'; did you mean 'prepare.output'?" in res.stderr
+
+
+def test_cluster_yaml_passes_the_ray_autoscaler_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))  # raises on any schema violation
+    assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}

@@ -167,3 +167,31 @@ def test_two_train_workers_on_two_cpus_finish(ray_session, seaweed, tmp_path):
     ranks = [json.loads(Storage().read_text(join(out, f"rank-{r}.json"))) for r in (0, 1)]
     assert sum(r["rows"] for r in ranks) == info.num_rows["train"] == 48
     assert all(r["rows"] == 24 for r in ranks)  # equal split across the two workers
+
+
+def test_ingest_from_gcs_converts_every_mode_to_rgb(ray_session, fake_gcs):
+    """CMYK, 16-bit, RGBA (and the rest) arrive as 3-channel batches; from a GCS dataset."""
+    from conftest import gcs_storage
+    from imagegen import bad_files
+
+    bucket = f"modes-{uuid.uuid4().hex[:8]}"
+    fake_gcs.create_bucket(bucket)
+    storage = gcs_storage(fake_gcs)
+    write_folder(storage, f"gs://{bucket}/raw", per_class=2)
+    for name, (data, outcome, _) in bad_files().items():
+        if outcome == "converted":
+            storage.write_bytes(f"gs://{bucket}/raw/eel/{name}", data)
+    card = prepare(
+        SourceConfig(uri=f"gs://{bucket}/raw"),
+        PrepareConfig(
+            output=f"gs://{bucket}/ds", train_fraction=1.0, val_fraction=0.0, test_fraction=0.0
+        ),
+        storage,
+        progress=False,
+        log=lambda m: None,
+    )
+    assert sorted(c["mode"] for c in card["converted"]) == ["CMYK", "I;16", "RGBA"]
+    cfg = _cfg(f"gs://{bucket}/ds")
+    rows = _collect(build_split(cfg, "train", storage, train=False)[0], cfg)
+    assert len(rows) == card["total"] == 9
+    assert all(r[2].shape == (3, 16, 16) and torch.isfinite(r[2]).all() for r in rows)
