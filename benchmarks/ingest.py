@@ -18,7 +18,8 @@ from its IDX files. Steps:
    (a) raylens: ``build_split`` on the prepared S3 dataset + ``iter_torch_batches`` with
        ``TorchCollate`` on the driver (``ray.init(num_cpus=2)``; ray.init not timed);
    (b) baseline: ``torch.utils.data.DataLoader(num_workers=2)`` whose ``__getitem__``
-       fetches one object with s3fs, decodes with PIL and transforms; normalized in the loop;
+       fetches one object with s3fs, decodes with PIL and transforms; normalized in the loop
+       (persistent forkserver workers, started before timing);
    (c) limit: the encoded bytes already in memory, ``decode_and_transform`` over a
        ``multiprocessing.Pool(2)`` + ``normalize``: no storage, no Ray.
 
@@ -183,7 +184,7 @@ def write_subset(dataset: str, subset: str, storage, card: dict, n: int) -> None
 
 
 def upload_objects(storage, ids, images, labels) -> list[str]:
-    uris = [f"s3://{BUCKET}/raw/{lbl}/{i}.png" for i, lbl in zip(ids, labels)]
+    uris = [f"s3://{BUCKET}/raw/{lbl}/{i}.png" for i, lbl in zip(ids, labels, strict=True)]
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(storage.write_bytes, uris, images))
     return uris
@@ -192,12 +193,20 @@ def upload_objects(storage, ids, images, labels) -> list[str]:
 # ----------------------------------------------------------------------------- (a) raylens
 
 
+def build_dataset(cfg, storage):
+    """``build_split`` exactly as shipped (train transform on the benchmark split)."""
+    from raylens.data.ingest import build_split
+
+    ds, _ = build_split(cfg, "test", storage, train=True)
+    return ds
+
+
 def run_raylens(cfg, storage, n: int, prefetch: int | None = None) -> dict:
     import torch
-    from raylens.data.ingest import TorchCollate, build_split
+    from raylens.data.ingest import TorchCollate
 
     t0 = time.perf_counter()
-    ds, _ = build_split(cfg, "test", storage, train=True)
+    ds = build_dataset(cfg, storage)
     kw = {} if prefetch is None else {"prefetch_batches": prefetch}
     rows, ids, checksum = 0, set(), 0.0
     for batch in ds.iter_torch_batches(batch_size=BATCH, collate_fn=TorchCollate(cfg.data), **kw):
@@ -216,17 +225,18 @@ def run_raylens(cfg, storage, n: int, prefetch: int | None = None) -> dict:
 class ObjectDataset:
     """One S3 object per sample, fetched with s3fs (client created lazily per process)."""
 
-    def __init__(self, uris, labels, endpoint, key, secret, transform, seed=0, epoch=0):
+    def __init__(self, uris, labels, endpoint, key, secret, transform):
         self.uris, self.labels = uris, labels
         self.endpoint, self.key, self.secret = endpoint, key, secret
-        self.transform, self.seed, self.epoch = transform, seed, epoch
-        self._fs, self._pid = None, None
+        self.transform = transform
+        self._fs, self._rng, self._pid = None, None, None
 
     def __len__(self):
         return len(self.uris)
 
-    def _filesystem(self):
-        if self._fs is None or self._pid != os.getpid():
+    def _per_process(self):
+        if self._pid != os.getpid():
+            import numpy as np
             import s3fs
 
             self._fs = s3fs.S3FileSystem(
@@ -234,27 +244,44 @@ class ObjectDataset:
                 secret=self.secret,
                 client_kwargs={"endpoint_url": self.endpoint, "region_name": "us-east-1"},
             )
+            self._rng = np.random.default_rng()
             self._pid = os.getpid()
-        return self._fs
+        return self._fs, self._rng
 
     def __getitem__(self, i):
         from PIL import Image
-        from raylens.data.transforms import sample_seed
 
-        data = self._filesystem().cat_file(self.uris[i])
+        fs, rng = self._per_process()
+        data = fs.cat_file(self.uris[i])
         img = Image.open(io.BytesIO(data)).convert("RGB")
-        seed = sample_seed(self.seed, self.uris[i], self.epoch)
+        seed = int(rng.integers(0, 2**63 - 1))  # per-sample augmentation seed
         return self.transform(img, seed), self.labels[i], i
 
 
-def run_objects(dataset: ObjectDataset, mean, std, epoch: int) -> dict:
-    import torch
-    from raylens.data.transforms import normalize
+def make_loader(dataset: ObjectDataset):
+    """DataLoader(num_workers=2, batch_size=128); workers persist across rounds.
+
+    Workers come from a forkserver, not a fork of this process: forking a driver that
+    runs Ray's threads can copy a lock another thread holds (a worker once hung in an
+    import that way).
+    """
     from torch.utils.data import DataLoader
 
-    dataset.epoch = epoch
+    return DataLoader(
+        dataset,
+        batch_size=BATCH,
+        num_workers=2,
+        shuffle=False,
+        multiprocessing_context="forkserver",
+        persistent_workers=True,
+    )
+
+
+def run_objects(loader, mean, std) -> dict:
+    import torch
+    from raylens.data.transforms import normalize
+
     t0 = time.perf_counter()
-    loader = DataLoader(dataset, batch_size=BATCH, num_workers=2, shuffle=False)
     rows, idx, checksum = 0, set(), 0.0
     for pixels, _label, index in loader:
         image = normalize(pixels, mean, std)
@@ -273,6 +300,11 @@ _C_IMAGES: list[bytes] = []
 _C_TRANSFORM = None
 
 
+def _c_init(images, transform) -> None:
+    global _C_IMAGES, _C_TRANSFORM
+    _C_IMAGES, _C_TRANSFORM = images, transform
+
+
 def _c_chunk(bounds):
     from raylens.data.transforms import decode_and_transform, fresh_seeds
 
@@ -284,26 +316,29 @@ def _c_chunk(bounds):
     return pixels
 
 
-def run_memory(images, transform, mean, std) -> dict:
-    """The limit: bytes in memory, decode + transform over Pool(2), normalize in the parent."""
+def make_pool(images, transform):
+    """Pool(2) holding the encoded images (forkserver, for the reason in make_loader)."""
     import multiprocessing as mp
 
+    pool = mp.get_context("forkserver").Pool(2, initializer=_c_init, initargs=(images, transform))
+    pool.map(_c_chunk, [(0, 1), (1, 2)])  # workers up and imports done before timing
+    return pool
+
+
+def run_memory(pool, n: int, mean, std) -> dict:
+    """The limit: bytes in memory, decode + transform over Pool(2), normalize in the parent."""
     import torch
     from raylens.data.transforms import normalize
 
-    global _C_IMAGES, _C_TRANSFORM
-    _C_IMAGES, _C_TRANSFORM = images, transform
-    chunks = [(lo, min(lo + BATCH, len(images))) for lo in range(0, len(images), BATCH)]
-    with mp.get_context("fork").Pool(2) as pool:
-        pool.map(abs, [0, 1])  # workers up before timing
-        t0 = time.perf_counter()
-        rows, checksum = 0, 0.0
-        for pixels in pool.imap(_c_chunk, chunks):
-            image = normalize(torch.from_numpy(pixels), mean, std)
-            assert image.dtype == torch.float32
-            rows += image.shape[0]
-            checksum += float(image.sum())
-        seconds = time.perf_counter() - t0
+    chunks = [(lo, min(lo + BATCH, n)) for lo in range(0, n, BATCH)]
+    t0 = time.perf_counter()
+    rows, checksum = 0, 0.0
+    for pixels in pool.imap(_c_chunk, chunks):
+        image = normalize(torch.from_numpy(pixels), mean, std)
+        assert image.dtype == torch.float32
+        rows += image.shape[0]
+        checksum += float(image.sum())
+    seconds = time.perf_counter() - t0
     return {"rows": rows, "seconds": seconds, "mean": checksum / max(rows, 1) / 2352}
 
 
@@ -312,14 +347,13 @@ def run_memory(images, transform, mean, std) -> dict:
 
 def run_trainer(cfg, storage, n: int, out_dir: Path) -> dict:
     from ray.train import RunConfig as RayRunConfig
-    from raylens.data.ingest import build_split
     from raylens.train.launch import build_trainer, ingest_check_loop
 
     cfg.ray.num_workers = 2
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     t0 = time.perf_counter()
-    ds, _ = build_split(cfg, "test", storage, train=True)
+    ds = build_dataset(cfg, storage)
     trainer, plan = build_trainer(
         ingest_check_loop,
         {"data": cfg.data, "dataset": "train", "out": str(out_dir), "storage": storage},
@@ -388,6 +422,7 @@ def render(args, info, date, prep, n, rates, cold, trainer, notes) -> str:
     med = {k: median(v) for k, v in rates.items()}
     ab = med["a"] / med["b"]
     ac = med["a"] / med["c"]
+    verdict = lambda x, t: "met" if x >= t else "MISSED"  # noqa: E731
     fmt = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)  # noqa: E731
     cmd = ".venv/bin/python benchmarks/ingest.py " + " ".join(args.argv)
     lines = [
@@ -402,30 +437,31 @@ def render(args, info, date, prep, n, rates, cold, trainer, notes) -> str:
         f"Workload: the first {n:,} rows of the prepared Fashion-MNIST `test` split (same images "
         f"for all variants), train transform at 28 px (RRC scale [0.7, 1.0], hflip 0.5), "
         f"normalized float32 batches `[{BATCH}, 3, 28, 28]`. SeaweedFS (local S3) shares the "
-        f"same CPUs. {args.reps} timed rounds interleaved a,b,c after one untimed warm-up round.",
+        f"same CPUs. {args.reps} timed rounds interleaved "
+        f"{','.join(rates)} after one untimed warm-up round.",
         "",
         "| variant | median images/s | runs (images/s) | warm-up |",
         "|---|---:|---|---:|",
         f"| (a) raylens: `build_split` + `iter_torch_batches` (Ray Data, S3 Parquet) "
         f"| {med['a']:,.0f} | {fmt(rates['a'])} | {cold['a']:,.0f} |",
-        f"| (b) DataLoader(num_workers=2), one s3fs GET per image "
+        f"| (b) DataLoader(num_workers=2, batch 128), one s3fs GET + PIL decode per image "
         f"| {med['b']:,.0f} | {fmt(rates['b'])} | {cold['b']:,.0f} |",
         f"| (c) limit: bytes in memory, Pool(2) decode+transform, normalize "
         f"| {med['c']:,.0f} | {fmt(rates['c'])} | {cold['c']:,.0f} |",
         "",
         "| ratio | value | target | |",
         "|---|---:|---:|---|",
-        f"| a/b | {ab:.2f} | >= {TARGETS['a/b']:g} | {'met' if ab >= TARGETS['a/b'] else 'MISSED'} |",
-        f"| a/c | {ac:.2f} | >= {TARGETS['a/c']:g} | {'met' if ac >= TARGETS['a/c'] else 'MISSED'} |",
-        "",
+        f"| a/b | {ab:.2f} | >= {TARGETS['a/b']:g} | {verdict(ab, TARGETS['a/b'])} |",
+        f"| a/c | {ac:.2f} | >= {TARGETS['a/c']:g} | {verdict(ac, TARGETS['a/c'])} |",
     ]
+    lines += [""]
     if trainer:
         lines += [
             "TorchTrainer (2 workers, `build_trainer` + `ingest_check_loop`, "
             f"{trainer[0]['plan']}):",
             "",
-            "| run | rows | end-to-end images/s (incl. trainer start) | in-loop images/s "
-            "(rows / slowest rank's loop time) |",
+            "| run | rows | end-to-end images/s (incl. trainer start) | in-loop "
+            "images/s (rows / slowest rank's loop time) |",
             "|---|---:|---:|---:|",
         ]
         for i, t in enumerate(trainer):
@@ -486,6 +522,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="raylens-bench-"))
     srv = None
     ray_mod = None
+    loader = pool = None
     try:
         log(f"starting SeaweedFS in {tmp}")
         srv = start_seaweedfs(tmp / "seaweed")
@@ -529,8 +566,9 @@ def main() -> int:
             srv.access_key,
             srv.secret_key,
             transform,
-            seed=cfg.run.seed,
         )
+        loader = make_loader(objects)
+        pool = make_pool(images, transform)
 
         import ray
 
@@ -539,19 +577,20 @@ def main() -> int:
         ray.data.DataContext.get_current().enable_progress_bars = False
 
         expected_ids = set(ids)
-        rates: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+        order = "abc"
+        rates: dict[str, list[float]] = {v: [] for v in order}
         cold: dict[str, float] = {}
-        means: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+        means: dict[str, list[float]] = {v: [] for v in order}
         for rnd in range(args.reps + 1):
-            for v in "abc":
+            for v in order:
                 if v == "a":
                     r = run_raylens(cfg, storage, n)
-                    assert r["ids"] == expected_ids, "(a) delivered other images"
+                    assert r["ids"] == expected_ids, f"({v}) delivered other images"
                 elif v == "b":
-                    r = run_objects(objects, mean, std, epoch=rnd)
+                    r = run_objects(loader, mean, std)
                     assert r["idx"] == set(range(n)), "(b) delivered other images"
                 else:
-                    r = run_memory(images, transform, mean, std)
+                    r = run_memory(pool, n, mean, std)
                 assert r["rows"] == n, f"({v}) delivered {r['rows']} rows, expected {n}"
                 ips = n / r["seconds"]
                 means[v].append(r["mean"])
@@ -567,28 +606,45 @@ def main() -> int:
         trainer = []
         if args.trainer:
             for i in range(args.trainer_reps):
-                t = run_trainer(load_cfg(bench_ds), storage, n, tmp / "trainer" / f"out{i}")
-                assert t["rows"] == n, f"trainer delivered {t['rows']} rows, expected {n}"
-                log(
-                    f"trainer {i + 1}: e2e {t['e2e_ips']:,.0f} img/s ({t['wall_s']:.1f} s), "
-                    f"in-loop {t['loop_ips']:,.0f} img/s ({t['loop_s']:.2f} s)"
-                )
-                trainer.append(t)
+                for v in "a":
+                    out = tmp / "trainer" / f"out{i}{v}"
+                    t = run_trainer(load_cfg(bench_ds), storage, n, out)
+                    assert t["rows"] == n, f"trainer delivered {t['rows']} rows, expected {n}"
+                    log(
+                        f"trainer {i + 1}: e2e {t['e2e_ips']:,.0f} img/s "
+                        f"({t['wall_s']:.1f} s), in-loop {t['loop_ips']:,.0f} img/s "
+                        f"({t['loop_s']:.2f} s)"
+                    )
+                    trainer.append(t)
 
         med = {k: median(v) for k, v in rates.items()}
         ab, ac = med["a"] / med["b"], med["a"] / med["c"]
         notes = [
             f"Checks: every variant delivered exactly the {n:,} chosen images (ids/indices "
-            f"compared for (a) and (b)); mean normalized pixel a/b/c = "
-            f"{median(means['a']):.3f}/{median(means['b']):.3f}/{median(means['c']):.3f}.",
+            f"compared for (a) and (b)); mean normalized pixel "
+            + ", ".join(f"{v}: {median(means[v]):.3f}" for v in order)
+            + ".",
             "(a) timing runs from `build_split` (dataset creation) to the last batch; "
-            "`ray.init` is excluded. (b) includes DataLoader worker start-up (fork); "
-            "(c) excludes Pool start-up.",
+            "`ray.init` is excluded. (b) and (c) run on worker processes started before "
+            "timing and kept across rounds (persistent DataLoader workers, Pool), so neither "
+            "includes process start-up; their workers come from a forkserver because forking "
+            "the Ray driver once left a DataLoader worker hung in an import (a lock held by "
+            "another thread at fork time).",
         ]
         if ab < TARGETS["a/b"]:
             notes.append(f"Target a/b >= {TARGETS['a/b']:g} MISSED ({ab:.2f}).")
         if ac < TARGETS["a/c"]:
             notes.append(f"Target a/c >= {TARGETS['a/c']:g} MISSED ({ac:.2f}).")
+        if trainer:
+            notes.append(
+                "TorchTrainer rows: end-to-end runs from `build_split` to `fit()` returning "
+                "(worker start-up included); in-loop is the ranks' own `ingest_check_loop` time. "
+                f"The resource plan ({trainer[0]['plan']}) caps Ray Data's CPUs, so at most "
+                "one decode task (1 CPU) runs at a time while the train workers' CPU share sits "
+                "mostly idle in this ingest-only loop; that explains part of the gap to the "
+                "driver numbers above (the in-loop time also includes starting the dataset "
+                "execution behind `streaming_split`); the rest was not broken down further."
+            )
         notes += args.note
         text = render(args, machine_info(), date, prep, n, rates, cold, trainer, notes)
         write_section(Path(args.out), text)
@@ -615,6 +671,9 @@ def main() -> int:
     finally:
         if ray_mod is not None and ray_mod.is_initialized():
             ray_mod.shutdown()
+        if pool is not None:
+            pool.terminate()
+        del loader  # persistent DataLoader workers exit with their iterator
         if srv is not None:
             srv.stop()
         shutil.rmtree(tmp, ignore_errors=True)

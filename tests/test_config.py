@@ -105,3 +105,12 @@ def test_cluster_yaml_passes_the_ray_autoscaler_schema():
     cfg = yaml.safe_load((REPO / "cluster.yaml").read_text())
     validate_config(prepare_config(cfg))  # raises on any schema violation
     assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}
+
+
+def test_decode_batch_rows_scale_with_image_size():
+    from raylens.schema import DataConfig
+
+    assert DataConfig(image_size=28).decode_rows() == 4096  # tiny images: big batches
+    assert DataConfig(image_size=224).decode_rows() == 111  # ~16 MiB of pixels
+    assert DataConfig(image_size=2048).decode_rows() == 32  # floor
+    assert DataConfig(image_size=224, decode_batch_size=8).decode_rows() == 8

@@ -273,13 +273,6 @@ def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
-def secret_values(cfg: Any) -> list[str]:
-    """Every non-empty secret value in ``cfg`` (for scrubbing messages)."""
-    return [
-        v for _, _, v, meta in iter_fields(cfg) if meta.get("secret") and isinstance(v, str) and v
-    ]
-
-
 def help_text(cls: type, sections: list[str] | None = None) -> str:
     """One line per key: ``key (type, default): doc``; optionally only some sections."""
     lines = []

@@ -113,8 +113,17 @@ class DataConfig:
     hflip: float = opt(0.5, "Train horizontal-flip probability.")
     augment: bool = opt(True, "Apply train augmentation to the train split (else eval transform).")
     batch_size: int = opt(64, "Per-worker batch size delivered to the training loop.")
-    decode_batch_size: int = opt(256, "Rows per Ray Data decode/transform batch.")
+    decode_batch_size: int | None = opt(
+        None, "Rows per Ray Data decode batch; null: ~16 MiB of decoded pixels (32-4096 rows)."
+    )
     prefetch_batches: int = opt(2, "Batches prefetched by each worker's iterator.")
+
+    def decode_rows(self) -> int:
+        """Rows per decode batch: fewer, larger Ray Data tasks amortize per-task overhead
+        (4096 rows at 28 px ran 1.1x faster than 256 here), bounded by output bytes."""
+        if self.decode_batch_size is not None:
+            return self.decode_batch_size
+        return max(32, min(4096, 16 * 2**20 // (3 * self.image_size**2)))
 
     def validate(self) -> None:
         if self.image_size < 8:

@@ -16,7 +16,6 @@ import contextlib
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,10 +56,6 @@ def split_uri(uri: str) -> tuple[str, str]:
     raise StorageError(
         f"unsupported URI scheme {scheme!r} in {uri!r}: expected s3://, gs://, file:// or a path"
     )
-
-
-def is_remote(uri: str) -> bool:
-    return split_uri(uri)[0] != "file"
 
 
 def join(uri: str, *parts: str) -> str:
@@ -233,13 +228,6 @@ class Storage:
         except OSError as err:
             raise self._fail("stat", uri, err) from None
 
-    def size(self, uri: str) -> int:
-        fs, path = self.resolve(uri)
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(f"no such file: {uri!r}")
-        return int(info.size or 0)
-
     def read_bytes(self, uri: str) -> bytes:
         fs, path = self.resolve(uri)
         try:
@@ -276,12 +264,6 @@ class Storage:
             if i.type == pafs.FileType.File and not i.base_name.startswith(TMP_PREFIX)
         ]
         return sorted(out, key=lambda e: e.uri)
-
-    def makedirs(self, uri: str) -> None:
-        fs, path = self.resolve(uri)
-        if split_uri(uri)[0] == "file":
-            fs.create_dir(path, recursive=True)
-        # Object stores have no directories: nothing to create.
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Writes ``data`` atomically: readers see the old file or the whole new one."""
@@ -326,6 +308,3 @@ class Storage:
             pass
         except OSError as err:
             raise self._fail("delete", uri, err) from None
-
-    def walk_text_lines(self, uri: str) -> Iterator[str]:
-        yield from self.read_text(uri).splitlines()

@@ -1,4 +1,4 @@
-"""Ray wiring: start or join Ray, and build a ``TorchTrainer`` on a budgeted cluster.
+"""Ray wiring: build a ``TorchTrainer`` on a budgeted cluster.
 
 The budget (:mod:`raylens.train.resources`) guarantees Ray Data keeps CPUs while the
 train workers run, so ingest can't starve (no deadlock on a 2-CPU machine).
@@ -7,7 +7,6 @@ train workers run, so ingest can't starve (no deadlock on a 2-CPU machine).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,17 +20,6 @@ from raylens.schema import RayConfig, RunConfig
 from raylens.train.resources import ResourcePlan, plan_resources
 
 log = logging.getLogger("raylens")
-
-
-def init_ray(cfg: RayConfig) -> None:
-    """Joins ``cfg.address`` / ``RAY_ADDRESS`` (e.g. under ``ray job submit``) or starts local Ray."""
-    if ray.is_initialized():
-        return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(num_cpus=cfg.local_num_cpus, include_dashboard=False)
 
 
 def budget(cfg: RayConfig) -> ResourcePlan:
