@@ -1,0 +1,147 @@
+"""Image bytes → validated RGB pixels, with a named reason for every rejection.
+
+Reasons (the values written to ``dataset.json``):
+``zero_bytes``, ``too_large`` (file bytes or pixel count), ``undecodable``,
+``unsupported_mode``, ``missing_label``, ``unknown_class``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# Pillow's own bomb check fires at 2x this; we check pixel counts ourselves first.
+Image.MAX_IMAGE_PIXELS = None
+
+# Modes converted to RGB at decode (see to_rgb); anything else is rejected.
+CONVERTIBLE_MODES = frozenset(
+    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB",
+     "HSV", "I", "I;16", "I;16B", "I;16L", "I;16N"}
+)
+SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+class ImageRejected(ValueError):
+    """An input image cannot be used; ``reason`` is one of the documented reason codes."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    mode: str
+    format: str
+
+    @property
+    def conversion(self) -> str | None:
+        """How decoding changes this image's pixels, when it loses or maps information.
+
+        None for RGB and 8-bit grayscale (L), whose conversion to RGB is exact.
+        """
+        return conversion_note(self.mode)
+
+
+def conversion_note(mode: str) -> str | None:
+    if mode in ("RGB", "L"):
+        return None
+    if mode in SIXTEEN_BIT_MODES:
+        return f"{mode} -> RGB: 16-bit values scaled to 8 bits"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return f"{mode} -> RGB: alpha composited on white"
+    if mode == "CMYK":
+        return "CMYK -> RGB: colour-space conversion"
+    if mode in ("P", "1"):
+        return f"{mode} -> RGB: palette/bilevel expanded"
+    return f"{mode} -> RGB"
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    if len(data) == 0:
+        raise ImageRejected("zero_bytes", "the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageRejected("too_large", str(err)) from None
+    except Exception as err:  # PIL raises many types for garbage input
+        raise ImageRejected("undecodable", f"{type(err).__name__}: {err}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageRejected("too_large", f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
+    if w < 1 or h < 1:
+        raise ImageRejected("undecodable", f"degenerate size {w}x{h}")
+    if img.mode not in CONVERTIBLE_MODES:
+        raise ImageRejected("unsupported_mode", f"mode {img.mode!r} has no defined RGB conversion")
+    return img
+
+
+def _load(img: Image.Image) -> None:
+    try:
+        img.load()
+    except Exception as err:
+        raise ImageRejected("undecodable", f"{type(err).__name__}: {err}") from None
+
+
+def inspect_image(data: bytes, *, max_pixels: int = 64_000_000, max_bytes: int | None = None) -> ImageInfo:
+    """Fully decodes ``data`` (so truncation is caught) and returns its size and mode.
+
+    Raises:
+        ImageRejected: with the reason the image cannot be used.
+    """
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageRejected("too_large", f"{len(data)} bytes > limit {max_bytes}")
+    img = _open(data, max_pixels)
+    _load(img)
+    return ImageInfo(img.size[0], img.size[1], img.mode, img.format or "unknown")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Converts any supported mode to 8-bit RGB.
+
+    16-bit grayscale is scaled (not clipped) to 8 bits; transparency is composited on
+    white so transparent areas don't turn black.
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in SIXTEEN_BIT_MODES:
+        arr = np.asarray(img, dtype=np.int64)
+        top = 65535 if mode != "I" or arr.max(initial=0) > 255 else 255
+        arr8 = np.clip(arr * 255 // top, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8).convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_rgb(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
+    """Decodes image bytes into an 8-bit RGB PIL image.
+
+    Raises:
+        ImageRejected: when the bytes are not a usable image.
+    """
+    img = _open(data, max_pixels)
+    _load(img)
+    return to_rgb(img)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """PNG bytes of a ``[h, w]`` (L) or ``[h, w, 3]`` (RGB) uint8 array."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

@@ -1,0 +1,239 @@
+"""Ray Data ingest: prepared Parquet (or a raw folder/manifest) → decoded, transformed batches.
+
+    ds, info = build_split(cfg, "train", storage, train=True)
+    # on a Ray Train worker:
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
+            batch_size=64, collate_fn=TorchCollate(info, cfg.data)):
+        batch["image"]  # float32 [b, 3, s, s], normalized
+        batch["label"]  # int64 [b]   (multi-label: batch["labels"] float32 [b, C])
+
+Decoding runs in Ray Data tasks and ships uint8 pixels; normalization to float happens in
+the collate function on the consumer. A row that fails to decode is dropped and recorded
+(see :func:`ingest_failures`), never crashing the run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from raylens.data.prepare import CARD
+from raylens.data.sources import SPLITS, open_source
+from raylens.data.transforms import ImageTransform, decode_and_transform, fresh_seeds, normalize, sample_seed
+from raylens.schema import DataConfig, PrepareConfig, RunConfig, SourceConfig
+from raylens.storage import Storage, join, split_uri
+
+FAILURES_ACTOR = "raylens_ingest_failures"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a consumer needs to know about a dataset's labels."""
+
+    classes: list[str]
+    task: str  # "single_label" | "multi_label"
+    num_rows: dict[str, int]
+
+    @property
+    def multi_label(self) -> bool:
+        return self.task == "multi_label"
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> DatasetInfo:
+        return cls(card["classes"], card["task"], {s: card["splits"][s]["count"] for s in SPLITS})
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+@ray.remote(num_cpus=0)
+class _Failures:
+    def __init__(self):
+        self.items: list[dict[str, str]] = []
+
+    def add(self, items: list[dict[str, str]]) -> None:
+        self.items.extend(items)
+
+    def get(self) -> list[dict[str, str]]:
+        return list(self.items)
+
+    def clear(self) -> None:
+        self.items.clear()
+
+
+def _failures_actor():
+    return _Failures.options(name=FAILURES_ACTOR, get_if_exists=True, lifetime="detached",
+                             namespace="raylens").remote()
+
+
+def ingest_failures() -> list[dict[str, str]]:
+    """Rows dropped at decode time in this Ray cluster: ``[{id, reason}]``."""
+    return ray.get(_failures_actor().get.remote())
+
+
+def clear_ingest_failures() -> None:
+    ray.get(_failures_actor().clear.remote())
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def is_prepared(dataset: str, storage: Storage) -> bool:
+    return storage.exists(join(dataset, CARD))
+
+
+def read_prepared(dataset: str, split: str, storage: Storage) -> tuple[ray.data.Dataset, DatasetInfo]:
+    """The rows of one split of a prepared dataset (only the shards its card lists)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+    card = json.loads(storage.read_text(join(dataset, CARD)))
+    files = [join(dataset, f) for f in card["splits"][split]["files"]]
+    info = DatasetInfo.from_card(card)
+    if not files:
+        raise ValueError(f"dataset {dataset!r} has no rows in split {split!r}")
+    fs, _ = storage.resolve(files[0])
+    label_col = "labels" if info.multi_label else "label"
+    # Ray 2.60's default (V2) Parquet reader starts 32 footer-reader actors per execution
+    # and packs a whole shard into one block, so decode runs as one task on one CPU: 0.43x
+    # the in-memory decode limit on 2 CPUs vs 0.71x with the V1 reader, which splits shards
+    # by row group (benchmarks/RESULTS.md). If V1 is removed, read row groups ourselves
+    # (dataset.json lists the shards).
+    ctx = ray.data.DataContext.get_current()
+    use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(
+            [split_uri(f)[1] for f in files], filesystem=fs, columns=["id", "image", label_col]
+        )
+    finally:
+        ctx.use_datasource_v2 = use_v2
+    return ds, info
+
+
+def read_raw(
+    source_cfg: SourceConfig, split: str, storage: Storage, *, prepare_cfg: PrepareConfig, seed: int = 0
+):
+    """A raw folder or manifest read directly (no prepare step): same columns as prepared.
+
+    Splits come from the source or a seeded stratified split, as in prepare. Unreadable
+    files are dropped at decode time and recorded like any other decode failure.
+    """
+    from raylens.data.prepare import assign_splits
+
+    source = open_source(source_cfg, storage)
+    records = sorted(source.records(), key=lambda r: r.id)
+    classes = source.class_order or sorted({x for r in records for x in (r.labels or [r.label])})
+    index = {c: i for i, c in enumerate(classes)}
+    splits = assign_splits(records, train=prepare_cfg.train_fraction, val=prepare_cfg.val_fraction,
+                           test=prepare_cfg.test_fraction, seed=seed)
+    multi = any(r.labels is not None for r in records)
+    counts = {s: sum(1 for r in records if splits[r.id] == s) for s in SPLITS}
+    items = [
+        {"id": r.id, "uri": r.uri,
+         **({"labels": [index[x] for x in r.labels]} if multi else {"label": index[r.label]})}
+        for r in records if splits[r.id] == split
+    ]
+    info = DatasetInfo(classes, "multi_label" if multi else "single_label", counts)
+
+    def fetch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        images = []
+        for uri in batch["uri"]:
+            try:
+                images.append(storage.read_bytes(str(uri)))
+            except OSError:
+                images.append(b"")  # recorded as a decode failure downstream
+        batch = dict(batch)
+        batch.pop("uri")
+        batch["image"] = np.array(images, dtype=object)
+        return batch
+
+    ds = ray.data.from_items(items).map_batches(fetch, batch_size=64)
+    return ds, info
+
+
+# ----------------------------------------------------------------------------- transform
+
+
+class _DecodeBatch:
+    """Ray Data UDF: bytes → uint8 pixels; drops undecodable rows and records them."""
+
+    def __init__(self, transform: ImageTransform, seed: int, epoch: int | None,
+                 num_classes: int, multi_label: bool):
+        self.transform, self.seed, self.epoch = transform, seed, epoch
+        self.num_classes, self.multi_label = num_classes, multi_label
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = [str(i) for i in batch["id"]]
+        if not self.transform.train:
+            seeds = np.zeros(len(ids), dtype=np.int64)
+        elif self.epoch is None:
+            seeds = fresh_seeds(len(ids))
+        else:
+            seeds = np.array([sample_seed(self.seed, i, self.epoch) for i in ids], dtype=np.int64)
+        pixels, kept, failures = decode_and_transform(
+            list(batch["image"]), self.transform, seeds if self.transform.train else None)
+        if failures:
+            _failures_actor().add.remote([{"id": ids[i], "reason": r} for i, r in failures])
+        out = {"id": np.array([ids[i] for i in kept], dtype=object), "image": pixels,
+               "aug_seed": seeds[kept]}
+        if self.multi_label:
+            hot = np.zeros((len(kept), self.num_classes), dtype=np.float32)
+            for row, i in enumerate(kept):
+                hot[row, np.asarray(batch["labels"][i], dtype=np.int64)] = 1.0
+            out["labels"] = hot
+        else:
+            out["label"] = np.asarray(batch["label"], dtype=np.int64)[kept]
+        return out
+
+
+def build_split(
+    cfg: RunConfig, split: str, storage: Storage, *, train: bool | None = None,
+    epoch: int | None = None,
+) -> tuple[ray.data.Dataset, DatasetInfo]:
+    """The decoded, transformed dataset of one split.
+
+    Args:
+        train: augment (default: ``split == "train"``).
+        epoch: derive each sample's augmentation seed from ``(run.seed, id, epoch)``; None
+            draws fresh seeds each pass (recorded in ``aug_seed`` either way).
+    """
+    train = split == "train" if train is None else train
+    data = cfg.data
+    if not data.dataset:
+        raise ValueError("config key 'data.dataset' is required: a prepared dataset dir "
+                         "(or a raw folder / manifest)")
+    if is_prepared(data.dataset, storage):
+        ds, info = read_prepared(data.dataset, split, storage)
+    else:
+        raw = SourceConfig(**{**cfg.source.__dict__, "uri": data.dataset})
+        ds, info = read_raw(raw, split, storage, prepare_cfg=cfg.prepare, seed=cfg.run.seed)
+    udf = _DecodeBatch(ImageTransform.from_config(data, train), cfg.run.seed, epoch,
+                       len(info.classes), info.multi_label)
+    ds = ds.map_batches(udf, batch_size=data.decode_rows(), batch_format="numpy")
+    return ds, info
+
+
+class TorchCollate(NumpyBatchCollateFn):
+    """``iter_torch_batches`` collate: numpy batch → normalized float tensors + ids."""
+
+    def __init__(self, data: DataConfig, device: str | None = None):
+        super().__init__()
+        self.mean, self.std, self.device = tuple(data.mean), tuple(data.std), device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        pixels = torch.from_numpy(np.array(batch["image"]))  # a writable copy
+        if self.device:
+            pixels = pixels.to(self.device, non_blocking=True)
+        out: dict[str, Any] = {"image": normalize(pixels, self.mean, self.std),
+                               "aug_seed": torch.from_numpy(np.array(batch["aug_seed"])),
+                               "id": list(batch["id"])}
+        for key in ("label", "labels"):
+            if key in batch:
+                out[key] = torch.from_numpy(np.array(batch[key]))
+        return out

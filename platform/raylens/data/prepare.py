@@ -1,0 +1,370 @@
+"""Source → prepared dataset: validated image bytes in Parquet shards plus ``dataset.json``.
+
+Layout of a prepared dataset (local, ``s3://`` or ``gs://``)::
+
+    <output>/dataset.json              # written last: a dataset without it is incomplete
+    <output>/<split>/part-00000.parquet
+
+Rows: ``id`` (str), ``image`` (encoded bytes, as in the source), ``label`` (int32) or
+``labels`` (list<int32>), ``split``, ``source`` (the input URI), ``width``, ``height``,
+``mode``, then the source's metadata columns. ``dataset.json`` holds the classes, counts
+per split and class, every rejected input with its reason, inputs whose pixel format is
+converted at decode, and a fingerprint of source + settings that makes re-runs idempotent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from raylens.data.images import ImageRejected, inspect_image
+from raylens.data.sources import SPLITS, Record, Source, open_source
+from raylens.schema import PrepareConfig, SourceConfig
+from raylens.storage import Storage, join
+
+FORMAT = "raylens.dataset/1"
+CARD = "dataset.json"
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def assign_splits(
+    records: list[Record], *, train: float, val: float, test: float, seed: int
+) -> dict[str, str]:
+    """Stratified, seeded split: ``{record id: split}``.
+
+    Records that already carry a split keep it. When the source has train/test but no val,
+    val is carved from train with fraction ``val / (train + val)``. Multi-label records are
+    stratified by their rarest label. Every class with enough samples gets at least one
+    val/test sample when its fraction is non-zero.
+    """
+    given = {r.id: r.split for r in records if r.split}
+    if given and len(given) != len(records):
+        missing = next(r.id for r in records if not r.split)
+        raise ValueError(f"some records have a split and some don't (e.g. {missing!r}); "
+                         "give every record a split, or none")
+    present = set(given.values())
+    if given and "val" in present:
+        return given
+    if given:
+        pool = [r for r in records if r.split == "train"]
+        fracs = {"train": train / (train + val) if train + val else 1.0, "val": 0.0, "test": 0.0}
+        fracs["val"] = 1.0 - fracs["train"]
+        out = dict(given)
+    else:
+        pool = list(records)
+        fracs = {"train": train, "val": val, "test": test}
+        out = {}
+    label_freq = Counter(lbl for r in pool for lbl in (r.labels or [r.label]))
+    groups: dict[str, list[str]] = defaultdict(list)
+    for r in pool:
+        key = min(r.labels, key=lambda x: (label_freq[x], x)) if r.labels else r.label
+        groups[str(key)].append(r.id)
+    rng = np.random.default_rng(seed)
+    for key in sorted(groups):
+        ids = sorted(groups[key])
+        rng.shuffle(ids)
+        n = len(ids)
+        n_val = int(round(n * fracs["val"]))
+        n_test = int(round(n * fracs["test"]))
+        if n >= 3:
+            n_val = max(n_val, 1 if fracs["val"] > 0 else 0)
+            n_test = max(n_test, 1 if fracs["test"] > 0 else 0)
+        n_val = min(n_val, n)
+        n_test = min(n_test, n - n_val)
+        for i, rid in enumerate(ids):
+            out[rid] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+    return out
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@dataclasses.dataclass
+class Checked:
+    record: Record
+    data: bytes | None = None
+    width: int = 0
+    height: int = 0
+    mode: str = ""
+    conversion: str | None = None
+    reason: str | None = None
+    detail: str = ""
+
+
+def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checked:
+    """Reads and fully decodes one input; never raises for bad input."""
+    try:
+        data = record.data if record.data is not None else storage.read_bytes(record.uri)
+    except FileNotFoundError as err:
+        return Checked(record, reason="missing_file", detail=str(err))
+    try:
+        info = inspect_image(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_file_bytes)
+    except ImageRejected as rej:
+        return Checked(record, reason=rej.reason, detail=rej.detail)
+    return Checked(record, data=data, width=info.width, height=info.height, mode=info.mode,
+                   conversion=info.conversion)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Buffers rows of one split and writes ``part-NNNNN.parquet`` files atomically."""
+
+    def __init__(self, storage: Storage, output: str, split: str, schema: pa.Schema,
+                 max_rows: int, max_bytes: int):
+        self.storage, self.output, self.split, self.schema = storage, output, split, schema
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self.rows: list[dict[str, Any]] = []
+        self.nbytes = 0
+        self.total = 0
+        self.files: list[str] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.total += 1
+        self.nbytes += len(row["image"])
+        if len(self.rows) >= self.max_rows or self.nbytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        name = f"{self.split}/part-{len(self.files):05d}.parquet"
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        buf = io.BytesIO()
+        # Images are already compressed: don't spend CPU compressing them again.
+        pq.write_table(table, buf, compression={c: ("NONE" if c == "image" else "ZSTD")
+                                                for c in table.column_names},
+                       row_group_size=min(len(self.rows), 1024))
+        self.storage.write_bytes(join(self.output, name), buf.getvalue())
+        self.files.append(name)
+        self.rows, self.nbytes = [], 0
+
+
+def shard_schema(multi_label: bool, meta_schema: pa.Schema) -> pa.Schema:
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("labels", pa.list_(pa.int32())) if multi_label else pa.field("label", pa.int32()),
+        pa.field("split", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("mode", pa.string()),
+    ]
+    return pa.schema(fields + [f for f in meta_schema if f.name not in {x.name for x in fields}])
+
+
+def infer_meta_schema(source: Source, records: list[Record]) -> pa.Schema:
+    keys = list(dict.fromkeys(k for r in records for k in r.meta))
+    known = {f.name: f for f in source.meta_schema}
+    fields = []
+    for k in keys:
+        if k in known:
+            fields.append(known[k])
+        else:
+            fields.append(pa.field(k, pa.array([r.meta.get(k) for r in records]).type))
+    return pa.schema(fields)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def fingerprint(source: Source, source_cfg: SourceConfig, cfg: PrepareConfig, seed: int) -> str:
+    h = hashlib.sha256()
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("overwrite", "output", "num_threads")}
+    h.update(json.dumps({"format": FORMAT, "kind": source.kind, "prepare": settings, "seed": seed,
+                         "source": {k: v for k, v in dataclasses.asdict(source_cfg).items()}},
+                        sort_keys=True, default=str).encode())
+    for part in source.fingerprint_parts():
+        h.update(part.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def load_card(storage: Storage, output: str) -> dict[str, Any] | None:
+    uri = join(output, CARD)
+    if not storage.exists(uri):
+        return None
+    return json.loads(storage.read_text(uri))
+
+
+def prepare(
+    source_cfg: SourceConfig,
+    cfg: PrepareConfig,
+    storage: Storage,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> dict[str, Any]:
+    """Prepares ``source_cfg.uri`` into ``cfg.output``; returns the dataset card.
+
+    Idempotent: when the output's card has the same fingerprint (same source listing,
+    same settings), nothing is rewritten unless ``cfg.overwrite``.
+    """
+    if not cfg.output:
+        raise ValueError("config key 'prepare.output' is required: where to write the dataset")
+    t0 = time.time()
+    source = open_source(source_cfg, storage)
+    log(f"[prepare] listing {source.kind} source {source_cfg.uri}")
+    records = sorted(source.records(), key=lambda r: r.id)
+    fp = fingerprint(source, source_cfg, cfg, seed)
+    existing = load_card(storage, cfg.output)
+    if existing and existing.get("fingerprint") == fp and not cfg.overwrite:
+        log(f"[prepare] {cfg.output} is up to date with the source (fingerprint {fp[:12]}); nothing to do")
+        existing["up_to_date"] = True
+        return existing
+
+    multi = any(r.labels is not None for r in records)
+    if multi and any(r.label is not None for r in records):
+        raise ValueError("source mixes single-label and multi-label records")
+    if source.class_order is not None:
+        classes = list(source.class_order)
+    else:
+        classes = sorted({lbl for r in records for lbl in (r.labels or [r.label])})
+    index = {c: i for i, c in enumerate(classes)}
+    splits = assign_splits(records, train=cfg.train_fraction, val=cfg.val_fraction,
+                           test=cfg.test_fraction, seed=seed)
+    meta_schema = infer_meta_schema(source, records)
+    schema = shard_schema(multi, meta_schema)
+    writers = {s: ShardWriter(storage, cfg.output, s, schema, cfg.shard_rows, cfg.shard_bytes)
+               for s in SPLITS}
+    rejected = list(source.rejected)
+    converted: list[dict[str, Any]] = []
+    counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
+    modes: Counter = Counter()
+
+    ordered = sorted(records, key=lambda r: (SPLITS.index(splits[r.id]), r.id))
+    bar = tqdm(total=len(ordered), desc="prepare", unit="img", disable=not progress,
+               mininterval=2.0, file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=cfg.num_threads) as pool:
+        for checked in _ordered_map(pool, lambda r: check_record(r, storage, cfg), ordered,
+                                    window=cfg.num_threads * 64):
+            bar.update(1)
+            rec = checked.record
+            if checked.reason:
+                rejected.append({"source": rec.uri, "id": rec.id, "reason": checked.reason,
+                                 "detail": storage.scrub(checked.detail)})
+                continue
+            split = splits[rec.id]
+            modes[checked.mode] += 1
+            if checked.conversion:
+                converted.append({"id": rec.id, "source": rec.uri, "mode": checked.mode,
+                                  "reason": checked.conversion})
+            row = {"id": rec.id, "image": checked.data, "split": split, "source": rec.uri,
+                   "width": checked.width, "height": checked.height, "mode": checked.mode,
+                   **rec.meta}
+            if multi:
+                row["labels"] = [index[x] for x in rec.labels]
+                counts[split].update(rec.labels)
+            else:
+                row["label"] = index[rec.label]
+                counts[split][rec.label] += 1
+            writers[split].add(row)
+    bar.close()
+    for w in writers.values():
+        w.flush()
+
+    files = {s: w.files for s, w in writers.items()}
+    _delete_stale(storage, cfg.output, {f for fs in files.values() for f in fs})
+    reasons = Counter(r["reason"] for r in rejected)
+    card = {
+        "format": FORMAT,
+        "task": "multi_label" if multi else "single_label",
+        "classes": classes,
+        "num_classes": len(classes),
+        "source": {"uri": source_cfg.uri, "kind": source.kind},
+        "splits": {
+            s: {"count": writers[s].total,
+                "per_class": {c: counts[s].get(c, 0) for c in classes},
+                "files": files[s]}
+            for s in SPLITS
+        },
+        "total": sum(w.total for w in writers.values()),
+        "modes": dict(modes),
+        "rejected": rejected,
+        "rejected_by_reason": dict(reasons),
+        "converted": converted,
+        "skipped": dict(source.skipped),
+        "columns": [f.name for f in schema],
+        "meta_columns": [f.name for f in meta_schema],
+        "seed": seed,
+        "fractions": {"train": cfg.train_fraction, "val": cfg.val_fraction, "test": cfg.test_fraction},
+        "fingerprint": fp,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - t0, 2),
+    }
+    storage.write_text(join(cfg.output, CARD), json.dumps(card, indent=1))
+    log(f"[prepare] wrote {card['total']} images to {cfg.output} in {card['seconds']} s "
+        f"({len(rejected)} rejected)")
+    return card
+
+
+def _ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int):
+    """``pool.map`` with a bounded number of results in flight (bounded memory)."""
+    from collections import deque
+
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _delete_stale(storage: Storage, output: str, keep: set[str]) -> None:
+    """Removes shard files of an earlier run that this run did not write."""
+    for split in SPLITS:
+        try:
+            entries = storage.list_files(join(output, split), recursive=False)
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            name = f"{split}/{e.uri.rstrip('/').split('/')[-1]}"
+            if name.endswith(".parquet") and name not in keep:
+                storage.delete(e.uri)
+
+
+def format_card(card: dict[str, Any]) -> str:
+    """A human-readable dataset card."""
+    lines = [
+        f"dataset: {card['source']['uri']} ({card['source']['kind']}, {card['task']})",
+        f"classes ({card['num_classes']}): {', '.join(card['classes'][:20])}"
+        + (" ..." if card["num_classes"] > 20 else ""),
+        "split      images",
+    ]
+    for s in SPLITS:
+        lines.append(f"  {s:<8} {card['splits'][s]['count']:>7}")
+    lines.append(f"  {'total':<8} {card['total']:>7}")
+    width = max((len(c) for c in card["classes"]), default=5)
+    lines.append(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in SPLITS))
+    for c in card["classes"][:50]:
+        lines.append(f"{c:<{width}}  " + "  ".join(f"{card['splits'][s]['per_class'].get(c, 0):>6}" for s in SPLITS))
+    lines.append(f"rejected: {len(card['rejected'])} {card['rejected_by_reason'] or ''}")
+    for r in card["rejected"][:10]:
+        lines.append(f"  - {r['source']}: {r['reason']} ({r['detail'][:100]})")
+    lines.append(f"pixel modes: {card['modes']}")
+    if card["converted"]:
+        lines.append(f"converted to RGB at decode: {len(card['converted'])} "
+                     f"{dict(Counter(c['mode'] for c in card['converted']))}")
+    if card["skipped"]:
+        lines.append(f"skipped: {card['skipped']}")
+    return "\n".join(lines)
