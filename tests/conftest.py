@@ -8,6 +8,7 @@ and of the no-deadlock case the platform must handle.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -23,6 +24,18 @@ from raylens.storage import Storage  # noqa: E402
 from servers import GCSServer, S3Server, start_fake_gcs, start_seaweedfs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_job(job: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs ``python -m jobs.<job> args...`` from the repo root, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", f"jobs.{job}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="session")

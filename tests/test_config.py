@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import yaml
+from conftest import REPO, run_job
 from raylens import config as C
 from raylens.schema import RunConfig
-
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def test_defaults_yaml_and_overrides_merge_in_order():
@@ -76,25 +72,16 @@ def test_every_shipped_config_loads():
 
 
 def test_job_help_lists_keys_with_defaults_and_docs():
-    out = subprocess.run(
-        [sys.executable, "-m", "jobs.prepare", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    res = run_job("prepare", "--help")
+    assert res.returncode == 0
+    out = res.stdout
     assert "prepare.train_fraction = 0.8" in out
     assert "Train share when the source has no split." in out
     assert "source.uri" in out and "storage.s3_endpoint_url" in out
 
 
 def test_job_rejects_bad_key_with_exit_2():
-    res = subprocess.run(
-        [sys.executable, "-m", "jobs.prepare", "prepare.outptu=/tmp/x"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    res = run_job("prepare", "prepare.outptu=/tmp/x")
     assert res.returncode == 2
     assert "unknown config key 'prepare.outptu'; did you mean 'prepare.output'?" in res.stderr
 

@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 
 import pytest
 import yaml
-from conftest import REPO, s3_storage
+from conftest import run_job, s3_storage
 from raylens.data import fashion_mnist
 from sourcegen import write_folder
 
 pytestmark = pytest.mark.e2e
-
-
-def run_job(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.prepare", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=600,
-    )
 
 
 @pytest.mark.skipif(
@@ -34,7 +21,7 @@ def run_job(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 )
 def test_fashion_mnist_demo_prepares_70k_and_prints_the_card(tmp_path):
     out = tmp_path / "fmnist"
-    res = run_job("--config", "jobs/configs/fashion_mnist.yaml", f"prepare.output={out}")
+    res = run_job("prepare", "--config", "jobs/configs/fashion_mnist.yaml", f"prepare.output={out}")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "T-shirt/top" in res.stdout and "total      70000" in res.stdout
     card = json.loads((out / "dataset.json").read_text())
@@ -43,7 +30,9 @@ def test_fashion_mnist_demo_prepares_70k_and_prints_the_card(tmp_path):
     assert card["splits"]["train"]["count"] + card["splits"]["val"]["count"] == 60000
     assert all(v == 1000 for v in card["splits"]["test"]["per_class"].values())
     assert yaml.safe_load((out / "config.yaml").read_text())["prepare"]["output"] == str(out)
-    again = run_job("--config", "jobs/configs/fashion_mnist.yaml", f"prepare.output={out}")
+    again = run_job(
+        "prepare", "--config", "jobs/configs/fashion_mnist.yaml", f"prepare.output={out}"
+    )
     assert again.returncode == 0 and "up to date" in again.stderr
 
 
@@ -59,7 +48,7 @@ def test_prepare_job_on_s3_never_shows_or_saves_credentials(seaweed):
         f"storage.s3_access_key_id={seaweed.access_key}",
         f"storage.s3_secret_access_key={seaweed.secret_key}",
     ]
-    res = run_job(*args)
+    res = run_job("prepare", *args)
     assert res.returncode == 0, res.stderr[-2000:]
     saved = storage.read_text(f"s3://{bucket}/ds/config.yaml")
     for secret in (seaweed.secret_key, seaweed.access_key):
@@ -67,7 +56,10 @@ def test_prepare_job_on_s3_never_shows_or_saves_credentials(seaweed):
     assert json.loads(storage.read_text(f"s3://{bucket}/ds/dataset.json"))["total"] == 12
     # a wrong secret: one clear line naming the URI, no traceback, still no secret shown
     bad = run_job(
-        *args[:-1], "storage.s3_secret_access_key=NOT-the-secret-42", "prepare.overwrite=true"
+        "prepare",
+        *args[:-1],
+        "storage.s3_secret_access_key=NOT-the-secret-42",
+        "prepare.overwrite=true",
     )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert f"s3://{bucket}" in bad.stderr and "does not match the signature" in bad.stderr
@@ -77,8 +69,8 @@ def test_prepare_job_on_s3_never_shows_or_saves_credentials(seaweed):
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
-    res = run_job(f"source.uri={tmp_path / 'nope'}", f"prepare.output={tmp_path / 'ds'}")
+    res = run_job("prepare", f"source.uri={tmp_path / 'nope'}", f"prepare.output={tmp_path / 'ds'}")
     assert res.returncode == 2
     assert "no files found" in res.stderr and "nope" in res.stderr
-    res = run_job(f"prepare.output={tmp_path / 'ds'}")
+    res = run_job("prepare", f"prepare.output={tmp_path / 'ds'}")
     assert res.returncode == 2 and "'source.uri' is required" in res.stderr
