@@ -15,8 +15,16 @@ from pathlib import Path
 import numpy as np
 
 CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -43,7 +51,9 @@ def default_dir() -> str:
     """The Debian package's folder when installed, else a download into the user cache."""
     if all(os.path.exists(os.path.join(DEBIAN_DIR, f + ".gz")) for f in FILES.values()):
         return DEBIAN_DIR
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raylens" / "fashion-mnist"
+    cache = (
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "raylens" / "fashion-mnist"
+    )
     download(cache)
     return str(cache)
 

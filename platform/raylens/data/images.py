@@ -19,8 +19,27 @@ Image.MAX_IMAGE_PIXELS = None
 
 # Modes converted to RGB at decode (see to_rgb); anything else is rejected.
 CONVERTIBLE_MODES = frozenset(
-    {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB",
-     "HSV", "I", "I;16", "I;16B", "I;16L", "I;16N"}
+    {
+        "1",
+        "L",
+        "LA",
+        "La",
+        "P",
+        "PA",
+        "RGB",
+        "RGBA",
+        "RGBa",
+        "RGBX",
+        "CMYK",
+        "YCbCr",
+        "LAB",
+        "HSV",
+        "I",
+        "I;16",
+        "I;16B",
+        "I;16L",
+        "I;16N",
+    }
 )
 SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
@@ -92,7 +111,9 @@ def _load(img: Image.Image) -> None:
         raise ImageRejected("undecodable", f"{type(err).__name__}: {err}") from None
 
 
-def inspect_image(data: bytes, *, max_pixels: int = 64_000_000, max_bytes: int | None = None) -> ImageInfo:
+def inspect_image(
+    data: bytes, *, max_pixels: int = 64_000_000, max_bytes: int | None = None
+) -> ImageInfo:
     """Fully decodes ``data`` (so truncation is caught) and returns its size and mode.
 
     Raises:

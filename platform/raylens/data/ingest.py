@@ -24,7 +24,13 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raylens.data.prepare import CARD
 from raylens.data.sources import SPLITS, open_source
-from raylens.data.transforms import ImageTransform, decode_and_transform, fresh_seeds, normalize, sample_seed
+from raylens.data.transforms import (
+    ImageTransform,
+    decode_and_transform,
+    fresh_seeds,
+    normalize,
+    sample_seed,
+)
 from raylens.schema import DataConfig, PrepareConfig, RunConfig, SourceConfig
 from raylens.storage import Storage, join, split_uri
 
@@ -67,8 +73,9 @@ class _Failures:
 
 
 def _failures_actor():
-    return _Failures.options(name=FAILURES_ACTOR, get_if_exists=True, lifetime="detached",
-                             namespace="raylens").remote()
+    return _Failures.options(
+        name=FAILURES_ACTOR, get_if_exists=True, lifetime="detached", namespace="raylens"
+    ).remote()
 
 
 def ingest_failures() -> list[dict[str, str]]:
@@ -87,7 +94,9 @@ def is_prepared(dataset: str, storage: Storage) -> bool:
     return storage.exists(join(dataset, CARD))
 
 
-def read_prepared(dataset: str, split: str, storage: Storage) -> tuple[ray.data.Dataset, DatasetInfo]:
+def read_prepared(
+    dataset: str, split: str, storage: Storage
+) -> tuple[ray.data.Dataset, DatasetInfo]:
     """The rows of one split of a prepared dataset (only the shards its card lists)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
@@ -115,7 +124,12 @@ def read_prepared(dataset: str, split: str, storage: Storage) -> tuple[ray.data.
 
 
 def read_raw(
-    source_cfg: SourceConfig, split: str, storage: Storage, *, prepare_cfg: PrepareConfig, seed: int = 0
+    source_cfg: SourceConfig,
+    split: str,
+    storage: Storage,
+    *,
+    prepare_cfg: PrepareConfig,
+    seed: int = 0,
 ):
     """A raw folder or manifest read directly (no prepare step): same columns as prepared.
 
@@ -128,14 +142,23 @@ def read_raw(
     records = sorted(source.records(), key=lambda r: r.id)
     classes = source.class_order or sorted({x for r in records for x in (r.labels or [r.label])})
     index = {c: i for i, c in enumerate(classes)}
-    splits = assign_splits(records, train=prepare_cfg.train_fraction, val=prepare_cfg.val_fraction,
-                           test=prepare_cfg.test_fraction, seed=seed)
+    splits = assign_splits(
+        records,
+        train=prepare_cfg.train_fraction,
+        val=prepare_cfg.val_fraction,
+        test=prepare_cfg.test_fraction,
+        seed=seed,
+    )
     multi = any(r.labels is not None for r in records)
     counts = {s: sum(1 for r in records if splits[r.id] == s) for s in SPLITS}
     items = [
-        {"id": r.id, "uri": r.uri,
-         **({"labels": [index[x] for x in r.labels]} if multi else {"label": index[r.label]})}
-        for r in records if splits[r.id] == split
+        {
+            "id": r.id,
+            "uri": r.uri,
+            **({"labels": [index[x] for x in r.labels]} if multi else {"label": index[r.label]}),
+        }
+        for r in records
+        if splits[r.id] == split
     ]
     info = DatasetInfo(classes, "multi_label" if multi else "single_label", counts)
 
@@ -161,8 +184,14 @@ def read_raw(
 class _DecodeBatch:
     """Ray Data UDF: bytes → uint8 pixels; drops undecodable rows and records them."""
 
-    def __init__(self, transform: ImageTransform, seed: int, epoch: int | None,
-                 num_classes: int, multi_label: bool):
+    def __init__(
+        self,
+        transform: ImageTransform,
+        seed: int,
+        epoch: int | None,
+        num_classes: int,
+        multi_label: bool,
+    ):
         self.transform, self.seed, self.epoch = transform, seed, epoch
         self.num_classes, self.multi_label = num_classes, multi_label
 
@@ -175,11 +204,15 @@ class _DecodeBatch:
         else:
             seeds = np.array([sample_seed(self.seed, i, self.epoch) for i in ids], dtype=np.int64)
         pixels, kept, failures = decode_and_transform(
-            list(batch["image"]), self.transform, seeds if self.transform.train else None)
+            list(batch["image"]), self.transform, seeds if self.transform.train else None
+        )
         if failures:
             _failures_actor().add.remote([{"id": ids[i], "reason": r} for i, r in failures])
-        out = {"id": np.array([ids[i] for i in kept], dtype=object), "image": pixels,
-               "aug_seed": seeds[kept]}
+        out = {
+            "id": np.array([ids[i] for i in kept], dtype=object),
+            "image": pixels,
+            "aug_seed": seeds[kept],
+        }
         if self.multi_label:
             hot = np.zeros((len(kept), self.num_classes), dtype=np.float32)
             for row, i in enumerate(kept):
@@ -191,7 +224,11 @@ class _DecodeBatch:
 
 
 def build_split(
-    cfg: RunConfig, split: str, storage: Storage, *, train: bool | None = None,
+    cfg: RunConfig,
+    split: str,
+    storage: Storage,
+    *,
+    train: bool | None = None,
     epoch: int | None = None,
 ) -> tuple[ray.data.Dataset, DatasetInfo]:
     """The decoded, transformed dataset of one split.
@@ -204,15 +241,22 @@ def build_split(
     train = split == "train" if train is None else train
     data = cfg.data
     if not data.dataset:
-        raise ValueError("config key 'data.dataset' is required: a prepared dataset dir "
-                         "(or a raw folder / manifest)")
+        raise ValueError(
+            "config key 'data.dataset' is required: a prepared dataset dir "
+            "(or a raw folder / manifest)"
+        )
     if is_prepared(data.dataset, storage):
         ds, info = read_prepared(data.dataset, split, storage)
     else:
         raw = SourceConfig(**{**cfg.source.__dict__, "uri": data.dataset})
         ds, info = read_raw(raw, split, storage, prepare_cfg=cfg.prepare, seed=cfg.run.seed)
-    udf = _DecodeBatch(ImageTransform.from_config(data, train), cfg.run.seed, epoch,
-                       len(info.classes), info.multi_label)
+    udf = _DecodeBatch(
+        ImageTransform.from_config(data, train),
+        cfg.run.seed,
+        epoch,
+        len(info.classes),
+        info.multi_label,
+    )
     ds = ds.map_batches(udf, batch_size=data.decode_rows(), batch_format="numpy")
     return ds, info
 
@@ -230,9 +274,11 @@ class TorchCollate(NumpyBatchCollateFn):
         pixels = torch.from_numpy(np.array(batch["image"]))  # a writable copy
         if self.device:
             pixels = pixels.to(self.device, non_blocking=True)
-        out: dict[str, Any] = {"image": normalize(pixels, self.mean, self.std),
-                               "aug_seed": torch.from_numpy(np.array(batch["aug_seed"])),
-                               "id": list(batch["id"])}
+        out: dict[str, Any] = {
+            "image": normalize(pixels, self.mean, self.std),
+            "aug_seed": torch.from_numpy(np.array(batch["aug_seed"])),
+            "id": list(batch["id"]),
+        }
         for key in ("label", "labels"):
             if key in batch:
                 out[key] = torch.from_numpy(np.array(batch[key]))

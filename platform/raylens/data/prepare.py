@@ -55,8 +55,10 @@ def assign_splits(
     given = {r.id: r.split for r in records if r.split}
     if given and len(given) != len(records):
         missing = next(r.id for r in records if not r.split)
-        raise ValueError(f"some records have a split and some don't (e.g. {missing!r}); "
-                         "give every record a split, or none")
+        raise ValueError(
+            f"some records have a split and some don't (e.g. {missing!r}); "
+            "give every record a split, or none"
+        )
     present = set(given.values())
     if given and "val" in present:
         return given
@@ -116,8 +118,14 @@ def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checke
         info = inspect_image(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_file_bytes)
     except ImageRejected as rej:
         return Checked(record, reason=rej.reason, detail=rej.detail)
-    return Checked(record, data=data, width=info.width, height=info.height, mode=info.mode,
-                   conversion=info.conversion)
+    return Checked(
+        record,
+        data=data,
+        width=info.width,
+        height=info.height,
+        mode=info.mode,
+        conversion=info.conversion,
+    )
 
 
 # ----------------------------------------------------------------------------- writing
@@ -126,8 +134,15 @@ def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checke
 class ShardWriter:
     """Buffers rows of one split and writes ``part-NNNNN.parquet`` files atomically."""
 
-    def __init__(self, storage: Storage, output: str, split: str, schema: pa.Schema,
-                 max_rows: int, max_bytes: int):
+    def __init__(
+        self,
+        storage: Storage,
+        output: str,
+        split: str,
+        schema: pa.Schema,
+        max_rows: int,
+        max_bytes: int,
+    ):
         self.storage, self.output, self.split, self.schema = storage, output, split, schema
         self.max_rows, self.max_bytes = max_rows, max_bytes
         self.rows: list[dict[str, Any]] = []
@@ -149,9 +164,12 @@ class ShardWriter:
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
         buf = io.BytesIO()
         # Images are already compressed: don't spend CPU compressing them again.
-        pq.write_table(table, buf, compression={c: ("NONE" if c == "image" else "ZSTD")
-                                                for c in table.column_names},
-                       row_group_size=min(len(self.rows), 1024))
+        pq.write_table(
+            table,
+            buf,
+            compression={c: ("NONE" if c == "image" else "ZSTD") for c in table.column_names},
+            row_group_size=min(len(self.rows), 1024),
+        )
         self.storage.write_bytes(join(self.output, name), buf.getvalue())
         self.files.append(name)
         self.rows, self.nbytes = [], 0
@@ -188,10 +206,24 @@ def infer_meta_schema(source: Source, records: list[Record]) -> pa.Schema:
 
 def fingerprint(source: Source, source_cfg: SourceConfig, cfg: PrepareConfig, seed: int) -> str:
     h = hashlib.sha256()
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("overwrite", "output", "num_threads")}
-    h.update(json.dumps({"format": FORMAT, "kind": source.kind, "prepare": settings, "seed": seed,
-                         "source": {k: v for k, v in dataclasses.asdict(source_cfg).items()}},
-                        sort_keys=True, default=str).encode())
+    settings = {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("overwrite", "output", "num_threads")
+    }
+    h.update(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "kind": source.kind,
+                "prepare": settings,
+                "seed": seed,
+                "source": {k: v for k, v in dataclasses.asdict(source_cfg).items()},
+            },
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     for part in source.fingerprint_parts():
         h.update(part.encode())
         h.update(b"\n")
@@ -228,7 +260,9 @@ def prepare(
     fp = fingerprint(source, source_cfg, cfg, seed)
     existing = load_card(storage, cfg.output)
     if existing and existing.get("fingerprint") == fp and not cfg.overwrite:
-        log(f"[prepare] {cfg.output} is up to date with the source (fingerprint {fp[:12]}); nothing to do")
+        log(
+            f"[prepare] {cfg.output} is up to date with the source (fingerprint {fp[:12]}); nothing to do"
+        )
         existing["up_to_date"] = True
         return existing
 
@@ -240,37 +274,66 @@ def prepare(
     else:
         classes = sorted({lbl for r in records for lbl in (r.labels or [r.label])})
     index = {c: i for i, c in enumerate(classes)}
-    splits = assign_splits(records, train=cfg.train_fraction, val=cfg.val_fraction,
-                           test=cfg.test_fraction, seed=seed)
+    splits = assign_splits(
+        records, train=cfg.train_fraction, val=cfg.val_fraction, test=cfg.test_fraction, seed=seed
+    )
     meta_schema = infer_meta_schema(source, records)
     schema = shard_schema(multi, meta_schema)
-    writers = {s: ShardWriter(storage, cfg.output, s, schema, cfg.shard_rows, cfg.shard_bytes)
-               for s in SPLITS}
+    writers = {
+        s: ShardWriter(storage, cfg.output, s, schema, cfg.shard_rows, cfg.shard_bytes)
+        for s in SPLITS
+    }
     rejected = list(source.rejected)
     converted: list[dict[str, Any]] = []
     counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
     modes: Counter = Counter()
 
     ordered = sorted(records, key=lambda r: (SPLITS.index(splits[r.id]), r.id))
-    bar = tqdm(total=len(ordered), desc="prepare", unit="img", disable=not progress,
-               mininterval=2.0, file=sys.stderr)
+    bar = tqdm(
+        total=len(ordered),
+        desc="prepare",
+        unit="img",
+        disable=not progress,
+        mininterval=2.0,
+        file=sys.stderr,
+    )
     with ThreadPoolExecutor(max_workers=cfg.num_threads) as pool:
-        for checked in _ordered_map(pool, lambda r: check_record(r, storage, cfg), ordered,
-                                    window=cfg.num_threads * 64):
+        for checked in _ordered_map(
+            pool, lambda r: check_record(r, storage, cfg), ordered, window=cfg.num_threads * 64
+        ):
             bar.update(1)
             rec = checked.record
             if checked.reason:
-                rejected.append({"source": rec.uri, "id": rec.id, "reason": checked.reason,
-                                 "detail": storage.scrub(checked.detail)})
+                rejected.append(
+                    {
+                        "source": rec.uri,
+                        "id": rec.id,
+                        "reason": checked.reason,
+                        "detail": storage.scrub(checked.detail),
+                    }
+                )
                 continue
             split = splits[rec.id]
             modes[checked.mode] += 1
             if checked.conversion:
-                converted.append({"id": rec.id, "source": rec.uri, "mode": checked.mode,
-                                  "reason": checked.conversion})
-            row = {"id": rec.id, "image": checked.data, "split": split, "source": rec.uri,
-                   "width": checked.width, "height": checked.height, "mode": checked.mode,
-                   **rec.meta}
+                converted.append(
+                    {
+                        "id": rec.id,
+                        "source": rec.uri,
+                        "mode": checked.mode,
+                        "reason": checked.conversion,
+                    }
+                )
+            row = {
+                "id": rec.id,
+                "image": checked.data,
+                "split": split,
+                "source": rec.uri,
+                "width": checked.width,
+                "height": checked.height,
+                "mode": checked.mode,
+                **rec.meta,
+            }
             if multi:
                 row["labels"] = [index[x] for x in rec.labels]
                 counts[split].update(rec.labels)
@@ -292,9 +355,11 @@ def prepare(
         "num_classes": len(classes),
         "source": {"uri": source_cfg.uri, "kind": source.kind},
         "splits": {
-            s: {"count": writers[s].total,
+            s: {
+                "count": writers[s].total,
                 "per_class": {c: counts[s].get(c, 0) for c in classes},
-                "files": files[s]}
+                "files": files[s],
+            }
             for s in SPLITS
         },
         "total": sum(w.total for w in writers.values()),
@@ -306,14 +371,20 @@ def prepare(
         "columns": [f.name for f in schema],
         "meta_columns": [f.name for f in meta_schema],
         "seed": seed,
-        "fractions": {"train": cfg.train_fraction, "val": cfg.val_fraction, "test": cfg.test_fraction},
+        "fractions": {
+            "train": cfg.train_fraction,
+            "val": cfg.val_fraction,
+            "test": cfg.test_fraction,
+        },
         "fingerprint": fp,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - t0, 2),
     }
     storage.write_text(join(cfg.output, CARD), json.dumps(card, indent=1))
-    log(f"[prepare] wrote {card['total']} images to {cfg.output} in {card['seconds']} s "
-        f"({len(rejected)} rejected)")
+    log(
+        f"[prepare] wrote {card['total']} images to {cfg.output} in {card['seconds']} s "
+        f"({len(rejected)} rejected)"
+    )
     return card
 
 
@@ -357,14 +428,19 @@ def format_card(card: dict[str, Any]) -> str:
     width = max((len(c) for c in card["classes"]), default=5)
     lines.append(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in SPLITS))
     for c in card["classes"][:50]:
-        lines.append(f"{c:<{width}}  " + "  ".join(f"{card['splits'][s]['per_class'].get(c, 0):>6}" for s in SPLITS))
+        lines.append(
+            f"{c:<{width}}  "
+            + "  ".join(f"{card['splits'][s]['per_class'].get(c, 0):>6}" for s in SPLITS)
+        )
     lines.append(f"rejected: {len(card['rejected'])} {card['rejected_by_reason'] or ''}")
     for r in card["rejected"][:10]:
         lines.append(f"  - {r['source']}: {r['reason']} ({r['detail'][:100]})")
     lines.append(f"pixel modes: {card['modes']}")
     if card["converted"]:
-        lines.append(f"converted to RGB at decode: {len(card['converted'])} "
-                     f"{dict(Counter(c['mode'] for c in card['converted']))}")
+        lines.append(
+            f"converted to RGB at decode: {len(card['converted'])} "
+            f"{dict(Counter(c['mode'] for c in card['converted']))}"
+        )
     if card["skipped"]:
         lines.append(f"skipped: {card['skipped']}")
     return "\n".join(lines)

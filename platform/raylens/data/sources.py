@@ -27,8 +27,15 @@ from raylens.schema import SourceConfig
 from raylens.storage import Storage, join, parent, split_uri
 
 SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                 "validation": "val", "test": "test", "testing": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 @dataclass
@@ -116,8 +123,10 @@ class FolderSource(Source):
         if ignored:
             self.skipped["not_an_image_suffix"] = ignored
         top = {r.split("/")[0] for _, r in image_rels if "/" in r}
-        split_layout = bool(top) and top <= set(SPLIT_ALIASES) and all(
-            r.count("/") >= 2 for _, r in image_rels
+        split_layout = (
+            bool(top)
+            and top <= set(SPLIT_ALIASES)
+            and all(r.count("/") >= 2 for _, r in image_rels)
         )
         out = []
         for entry, rel in image_rels:
@@ -126,8 +135,9 @@ class FolderSource(Source):
             if split_layout:
                 split, parts = SPLIT_ALIASES[parts[0]], parts[1:]
             if len(parts) < 2:
-                self.rejected.append(_reject(entry.uri, "missing_label",
-                                             "file is not inside a class folder", rel))
+                self.rejected.append(
+                    _reject(entry.uri, "missing_label", "file is not inside a class folder", rel)
+                )
                 continue
             out.append(Record(id=rel, uri=entry.uri, label=parts[0], split=split))
         return out
@@ -161,7 +171,10 @@ class ManifestSource(Source):
 
     def fingerprint_parts(self) -> list[str]:
         data = self.storage.read_bytes(self.uri)
-        return [hashlib.sha256(data).hexdigest(), *listing_fingerprint(self.storage, [r.uri for r in self.records()])]
+        return [
+            hashlib.sha256(data).hexdigest(),
+            *listing_fingerprint(self.storage, [r.uri for r in self.records()]),
+        ]
 
     def _read_table(self) -> pa.Table:
         data = self.storage.read_bytes(self.uri)
@@ -170,9 +183,15 @@ class ManifestSource(Source):
             return pq.read_table(io.BytesIO(data))
         if suffix in (".csv", ".tsv"):
             opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            conv = pacsv.ConvertOptions(column_types={"path": pa.string(), "label": pa.string(),
-                                                      "labels": pa.string(), "id": pa.string(),
-                                                      "split": pa.string()})
+            conv = pacsv.ConvertOptions(
+                column_types={
+                    "path": pa.string(),
+                    "label": pa.string(),
+                    "labels": pa.string(),
+                    "id": pa.string(),
+                    "split": pa.string(),
+                }
+            )
             return pacsv.read_csv(io.BytesIO(data), parse_options=opts, convert_options=conv)
         raise ValueError(f"manifest {self.uri!r}: expected a .csv, .tsv or .parquet file")
 
@@ -190,13 +209,16 @@ class ManifestSource(Source):
         table = self._read_table()
         cols = set(table.column_names)
         if "path" not in cols:
-            raise ValueError(f"manifest {self.uri!r}: missing required column 'path' "
-                             f"(columns: {sorted(cols)})")
+            raise ValueError(
+                f"manifest {self.uri!r}: missing required column 'path' (columns: {sorted(cols)})"
+            )
         if "label" in cols and "labels" in cols:
             raise ValueError(f"manifest {self.uri!r}: has both 'label' and 'labels'; keep one")
         if "label" not in cols and "labels" not in cols:
-            raise ValueError(f"manifest {self.uri!r}: needs a 'label' column (single-label) "
-                             "or a 'labels' column (multi-label)")
+            raise ValueError(
+                f"manifest {self.uri!r}: needs a 'label' column (single-label) "
+                "or a 'labels' column (multi-label)"
+            )
         multi = "labels" in cols
         meta_cols = [c for c in table.column_names if c not in self.RESERVED]
         self.meta_schema = pa.schema([table.schema.field(c) for c in meta_cols])
@@ -241,9 +263,14 @@ class YoloSource(Source):
     def _classes(self) -> list[str]:
         if self.cfg.yolo_classes:
             return list(self.cfg.yolo_classes)
-        candidates = [self.cfg.yolo_classes_file] if self.cfg.yolo_classes_file else [
-            join(self.uri, n) for n in ("classes.txt", "classes.json", "data.yaml", "classes.yaml")
-        ]
+        candidates = (
+            [self.cfg.yolo_classes_file]
+            if self.cfg.yolo_classes_file
+            else [
+                join(self.uri, n)
+                for n in ("classes.txt", "classes.json", "data.yaml", "classes.yaml")
+            ]
+        )
         for uri in candidates:
             if uri and self.storage.exists(uri):
                 text = self.storage.read_text(uri)
@@ -265,7 +292,11 @@ class YoloSource(Source):
         files = self.storage.list_files(self.uri)
         if not files:
             raise FileNotFoundError(f"YOLO source {self.uri!r}: no files found")
-        images = [e for e in files if self._is_image(e.uri) and "/images/" in "/" + self._rel(e.uri, self.uri)]
+        images = [
+            e
+            for e in files
+            if self._is_image(e.uri) and "/images/" in "/" + self._rel(e.uri, self.uri)
+        ]
         labels = {self._rel(e.uri, self.uri): e.uri for e in files if e.uri.endswith(".txt")}
         out = []
         for entry in images:
@@ -301,8 +332,15 @@ class YoloSource(Source):
             if not names:
                 self.skipped["no_labels"] = self.skipped.get("no_labels", 0) + 1
                 continue
-            out.append(Record(id=sub, uri=entry.uri, labels=sorted(names), split=split,
-                              meta={"num_objects": boxes}))
+            out.append(
+                Record(
+                    id=sub,
+                    uri=entry.uri,
+                    labels=sorted(names),
+                    split=split,
+                    meta={"num_objects": boxes},
+                )
+            )
         self.meta_schema = pa.schema([("num_objects", pa.int32())])
         return out
 
@@ -338,9 +376,15 @@ class IdxSource(Source):
                 raise ValueError(f"IDX {split}: {len(pixels)} images but {len(targets)} labels")
             width = len(str(len(pixels)))
             for i in range(len(pixels)):
-                out.append(Record(id=f"{split}-{i:0{width}d}", uri=f"{img_uri}#{i}",
-                                  label=str(int(targets[i])), split=split,
-                                  data=encode_png(pixels[i])))
+                out.append(
+                    Record(
+                        id=f"{split}-{i:0{width}d}",
+                        uri=f"{img_uri}#{i}",
+                        label=str(int(targets[i])),
+                        split=split,
+                        data=encode_png(pixels[i]),
+                    )
+                )
         if self.cfg.idx_verify_checksum and known and all(known):
             self.class_order = list(fashion_mnist.CLASSES)
             for r in out:
@@ -351,7 +395,10 @@ class IdxSource(Source):
 
 
 KINDS: dict[str, type[Source]] = {
-    "folder": FolderSource, "manifest": ManifestSource, "yolo": YoloSource, "idx": IdxSource,
+    "folder": FolderSource,
+    "manifest": ManifestSource,
+    "yolo": YoloSource,
+    "idx": IdxSource,
 }
 
 
@@ -372,7 +419,9 @@ def detect_kind(uri: str, storage: Storage) -> str:
 def open_source(cfg: SourceConfig, storage: Storage) -> Source:
     """The source for ``cfg.uri``; ``kind=auto`` detects it."""
     if not cfg.uri:
-        raise ValueError("config key 'source.uri' is required: the folder, manifest or IDX dir to read")
+        raise ValueError(
+            "config key 'source.uri' is required: the folder, manifest or IDX dir to read"
+        )
     kind = cfg.kind if cfg.kind != "auto" else detect_kind(cfg.uri, storage)
     if kind not in KINDS:
         raise ValueError(f"source kind {kind!r}: expected one of {sorted(KINDS)}")

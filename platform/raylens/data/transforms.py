@@ -36,8 +36,11 @@ def fresh_seeds(n: int) -> np.ndarray:
 
 
 def rrc_box(
-    rng: np.random.Generator, width: int, height: int, scale: tuple[float, float],
-    ratio: tuple[float, float]
+    rng: np.random.Generator,
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
 ) -> tuple[int, int, int, int]:
     """Random-resized-crop box ``(left, top, w, h)`` (torchvision's sampling algorithm)."""
     area = width * height
@@ -75,8 +78,14 @@ class ImageTransform:
 
     @classmethod
     def from_config(cls, cfg: DataConfig, train: bool) -> ImageTransform:
-        return cls(size=cfg.image_size, train=train and cfg.augment, crop_pct=cfg.eval_crop_pct,
-                   scale=tuple(cfg.rrc_scale), ratio=tuple(cfg.rrc_ratio), hflip=cfg.hflip)
+        return cls(
+            size=cfg.image_size,
+            train=train and cfg.augment,
+            crop_pct=cfg.eval_crop_pct,
+            scale=tuple(cfg.rrc_scale),
+            ratio=tuple(cfg.rrc_ratio),
+            hflip=cfg.hflip,
+        )
 
     def __call__(self, img: Image.Image, seed: int | None = None) -> np.ndarray:
         """``uint8 [3, size, size]``; train mode needs the sample's ``seed``."""
@@ -85,8 +94,9 @@ class ImageTransform:
                 raise ValueError("train transform needs a per-sample seed")
             rng = np.random.default_rng(seed)
             left, top, w, h = rrc_box(rng, img.width, img.height, self.scale, self.ratio)
-            out = img.resize((self.size, self.size), Image.BILINEAR,
-                             box=(left, top, left + w, top + h))
+            out = img.resize(
+                (self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h)
+            )
             if rng.random() < self.hflip:
                 out = out.transpose(Image.FLIP_LEFT_RIGHT)
         else:
@@ -104,7 +114,9 @@ class ImageTransform:
 
 
 def decode_and_transform(
-    images: list[bytes], transform: ImageTransform, seeds: np.ndarray | None,
+    images: list[bytes],
+    transform: ImageTransform,
+    seeds: np.ndarray | None,
     max_pixels: int = 64_000_000,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     """Decodes and transforms a batch.
