@@ -84,7 +84,7 @@ def test_batches_are_normalized_tensors_with_the_right_labels(ray_session, prepa
         .convert("RGB")
         .resize((16, 16), Image.BILINEAR)
     )
-    assert torch.allclose(pixels, torch.from_numpy(src).permute(2, 0, 1).float(), atol=1.0)
+    assert torch.allclose(pixels, torch.tensor(src).permute(2, 0, 1).float(), atol=1.0)
 
 
 def test_augmentation_is_seeded_per_sample_and_replayable(ray_session, prepared):
