@@ -24,7 +24,7 @@ import yaml
 from raylens.data import fashion_mnist
 from raylens.data.images import encode_png
 from raylens.schema import SourceConfig
-from raylens.storage import Storage, join, parent, split_uri
+from raylens.storage import FileEntry, Storage, join, parent, split_uri
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {
@@ -93,13 +93,20 @@ class Source:
         self.skipped: dict[str, int] = {}
         self.class_order: list[str] | None = None  # fixed by the source (IDX, YOLO)
         self.meta_schema: pa.Schema = pa.schema([])
+        self._listing: list[FileEntry] | None = None
+
+    def files(self) -> list[FileEntry]:
+        """Every file under the source root, listed once (listings of buckets are slow)."""
+        if self._listing is None:
+            self._listing = self.storage.list_files(self.uri)
+        return self._listing
 
     def records(self) -> list[Record]:
         raise NotImplementedError
 
     def fingerprint_parts(self) -> list[str]:
         """Strings that change when the source's contents change."""
-        return [f"{e.uri}:{e.size}" for e in self.storage.list_files(self.uri)]
+        return [f"{e.uri}:{e.size}" for e in self.files()]
 
     def _is_image(self, uri: str) -> bool:
         return posixpath.splitext(uri)[1].lower() in {e.lower() for e in self.cfg.extensions}
@@ -114,7 +121,7 @@ class FolderSource(Source):
     kind = "folder"
 
     def records(self) -> list[Record]:
-        entries = self.storage.list_files(self.uri)
+        entries = self.files()
         if not entries:
             raise FileNotFoundError(f"folder source {self.uri!r}: no files found")
         rels = [(e, self._rel(e.uri, self.uri)) for e in entries]
@@ -170,14 +177,19 @@ class ManifestSource(Source):
     RESERVED = {"path", "label", "labels", "split", "id"}
 
     def fingerprint_parts(self) -> list[str]:
-        data = self.storage.read_bytes(self.uri)
+        data = self._manifest_bytes()
         return [
             hashlib.sha256(data).hexdigest(),
             *listing_fingerprint(self.storage, [r.uri for r in self.records()]),
         ]
 
+    def _manifest_bytes(self) -> bytes:
+        if not hasattr(self, "_manifest"):
+            self._manifest = self.storage.read_bytes(self.uri)
+        return self._manifest
+
     def _read_table(self) -> pa.Table:
-        data = self.storage.read_bytes(self.uri)
+        data = self._manifest_bytes()
         suffix = posixpath.splitext(self.uri.lower())[1]
         if suffix == ".parquet":
             return pq.read_table(io.BytesIO(data))
@@ -289,7 +301,7 @@ class YoloSource(Source):
     def records(self) -> list[Record]:
         classes = self._classes()
         self.class_order = classes
-        files = self.storage.list_files(self.uri)
+        files = self.files()
         if not files:
             raise FileNotFoundError(f"YOLO source {self.uri!r}: no files found")
         images = [
