@@ -184,3 +184,30 @@ def test_split_is_seeded_and_stratified():
             test=0.1,
             seed=0,
         )
+
+
+def test_crash_while_rewriting_leaves_no_card_that_looks_complete(tmp_path, monkeypatch):
+    from raylens.data import prepare as P
+    from raylens.storage import Storage
+
+    storage = Storage()
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "ds")
+    write_folder(storage, raw, per_class=6)
+    _prepare(storage, raw, out, shard_rows=4)
+    assert storage.exists(join(out, "dataset.json"))
+    storage.write_bytes(join(raw, "eel/new.png"), class_image(2, 77))  # source changed
+    real_flush, calls = P.ShardWriter.flush, []
+
+    def crashing_flush(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed mid-write")
+        real_flush(self)
+
+    monkeypatch.setattr(P.ShardWriter, "flush", crashing_flush)
+    with pytest.raises(RuntimeError, match="killed"):
+        _prepare(storage, raw, out, shard_rows=4)
+    assert not storage.exists(join(out, "dataset.json"))
+    monkeypatch.setattr(P.ShardWriter, "flush", real_flush)
+    card = _prepare(storage, raw, out, shard_rows=4)  # a re-run completes it
+    assert card["total"] == 19 and storage.exists(join(out, "dataset.json"))

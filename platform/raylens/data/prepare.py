@@ -265,6 +265,11 @@ def prepare(
         )
         existing["up_to_date"] = True
         return existing
+    if existing:
+        # Shards are rewritten under the same names: drop the old card first, so a crash
+        # midway leaves a dataset without a card (incomplete), never a stale card that
+        # describes a mix of old and new shards.
+        storage.delete(join(cfg.output, CARD))
 
     multi = any(r.labels is not None for r in records)
     if multi and any(r.label is not None for r in records):
