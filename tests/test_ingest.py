@@ -195,3 +195,19 @@ def test_ingest_from_gcs_converts_every_mode_to_rgb(ray_session, fake_gcs):
     rows = _collect(build_split(cfg, "train", storage, train=False)[0], cfg)
     assert len(rows) == card["total"] == 9
     assert all(r[2].shape == (3, 16, 16) and torch.isfinite(r[2]).all() for r in rows)
+
+
+def test_raw_file_that_vanished_is_dropped_and_recorded(ray_session, tmp_path):
+    storage = Storage()
+    raw = str(tmp_path / "raw")
+    write_folder(storage, raw, per_class=10)
+    cfg = _cfg(raw)
+    ds, _ = build_split(cfg, "train", storage, train=False)  # listed now, read lazily
+    victim = "dog/004.png"
+    (tmp_path / "raw" / victim).unlink()
+    clear_ingest_failures()
+    rows = _collect(ds, cfg)
+    failures = ingest_failures()
+    assert len(rows) == 23 and victim not in {r[0] for r in rows}  # 24 train files, one gone
+    assert [f["id"] for f in failures] == [victim]
+    assert failures[0]["reason"].startswith("unreadable") and "dog/004.png" in failures[0]["reason"]

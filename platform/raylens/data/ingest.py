@@ -163,16 +163,18 @@ def read_raw(
     info = DatasetInfo(classes, "multi_label" if multi else "single_label", counts)
 
     def fetch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        images = []
-        for uri in batch["uri"]:
+        images, kept, failures = [], [], []
+        for i, (rid, uri) in enumerate(zip(batch["id"], batch["uri"], strict=True)):
             try:
                 images.append(storage.read_bytes(str(uri)))
-            except OSError:
-                images.append(b"")  # recorded as a decode failure downstream
-        batch = dict(batch)
-        batch.pop("uri")
-        batch["image"] = np.array(images, dtype=object)
-        return batch
+                kept.append(i)
+            except OSError as err:  # unreadable: dropped and recorded, like a decode failure
+                failures.append({"id": str(rid), "reason": f"unreadable: {err}"})
+        if failures:
+            _failures_actor().add.remote(failures)
+        out = {k: v[kept] for k, v in batch.items() if k != "uri"}
+        out["image"] = np.array(images, dtype=object)
+        return out
 
     ds = ray.data.from_items(items).map_batches(fetch, batch_size=64)
     return ds, info
