@@ -1,0 +1,1 @@
+"""Tasks: a loss plus metrics per kind of target (classification, multi-label, ...)."""
