@@ -1,0 +1,1 @@
+"""Models: backbones (timm, Hugging Face, registered) and heads, by short name."""
