@@ -129,9 +129,11 @@ def find_blocks(net: nn.Module) -> list[nn.Module]:
         return layers
     best: list[nn.Module] = []
     for _, mod in net.named_modules():
-        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and len(mod) > len(best):
-            if len({type(x) for x in mod}) == 1:
-                best = list(mod)
+        same_type = (
+            isinstance(mod, (nn.ModuleList, nn.Sequential)) and len({type(x) for x in mod}) == 1
+        )
+        if same_type and len(mod) > len(best):
+            best = list(mod)
     if not best:
         raise ValueError(f"cannot find the blocks of {type(net).__name__}")
     return best
