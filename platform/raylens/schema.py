@@ -135,6 +135,66 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    backbone: str = opt(
+        "resnet10t", "Backbone: a timm name, 'hf:<hub id or dir>', or a registered name."
+    )
+    pretrained: bool = opt(False, "Load pretrained weights from the hub (needs network).")
+    weights: str | None = opt(None, "Weights file/dir (local, s3://, gs://) instead of the hub.")
+    head: Literal["linear", "mlp"] = opt(
+        "linear", "Head on pooled features (mlp: -> 512 -> classes)."
+    )
+    head_dropout: float = opt(0.0, "Dropout in the head.")
+    unfreeze_last_n: int | Literal["all"] = opt(
+        "all", "Trainable backbone blocks: 0 frozen, N the last N, 'all' full fine-tune."
+    )
+    channels_last: bool = opt(True, "channels_last memory format (faster convolutions).")
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["classify", "multilabel"] = opt("classify", "classify (CE) or multilabel.")
+    label_smoothing: float = opt(0.0, "classify: cross-entropy label smoothing.")
+    loss: Literal["focal", "bce"] = opt("focal", "multilabel: focal loss or plain BCE.")
+    focal_alpha: float = opt(0.65, "multilabel focal: weight of positives (negative: off).")
+    focal_gamma: float = opt(2.0, "multilabel focal: focusing exponent.")
+    threshold: float = opt(0.5, "multilabel: probability at which a label is predicted.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(10, "Training epochs.")
+    lr: float = opt(1e-3, "Peak learning rate (AdamW).")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not applied to norms and biases).")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas.")
+    warmup_epochs: float = opt(1.0, "Linear warmup length in epochs (per-step schedule).")
+    min_lr_ratio: float = opt(0.0, "Cosine floor as a fraction of lr.")
+    scheduler: Literal["cosine", "plateau"] = opt(
+        "cosine", "cosine (per step, after warmup) or plateau (ReduceLROnPlateau on the metric)."
+    )
+    grad_clip: float | None = opt(1.0, "Max gradient norm; null: no clipping.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    amp: Literal["auto", "bf16", "fp16", "off"] = opt(
+        "auto", "Mixed precision: auto = bf16 on CPU/Ampere+, fp16 on older GPUs."
+    )
+    patience: int | None = opt(None, "Early stopping: validations without improvement; null: off.")
+    val_every_n_steps: int | None = opt(None, "Validate every N steps too; null: once per epoch.")
+    best_metric: str | None = opt(
+        None,
+        "Metric selecting the best checkpoint; null: top1 (classify), f1_weighted (multilabel).",
+    )
+    max_steps_per_epoch: int | None = opt(None, "Cap steps per epoch (smoke tests).")
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("config key 'train.epochs': expected >= 1")
+        if self.grad_accum < 1:
+            raise ConfigError("config key 'train.grad_accum': expected >= 1")
+        if self.lr <= 0:
+            raise ConfigError("config key 'train.lr': expected > 0")
+
+
+@dataclass
 class RayConfig:
     address: str | None = opt(None, "Ray address; null: join the job's cluster or start local.")
     num_workers: int = opt(1, "Ray Train workers (DDP ranks).")
@@ -163,8 +223,11 @@ class RunConfig:
     source: SourceConfig = opt(SourceConfig, "Raw source read by jobs.prepare.")
     prepare: PrepareConfig = opt(PrepareConfig, "How jobs.prepare writes a dataset.")
     data: DataConfig = opt(DataConfig, "Ingest: dataset, transforms, batches.")
+    model: ModelConfig = opt(ModelConfig, "Backbone and head.")
+    task: TaskConfig = opt(TaskConfig, "Loss and metrics.")
+    train: TrainConfig = opt(TrainConfig, "Optimization loop.")
     ray: RayConfig = opt(RayConfig, "Cluster and resource budget.")
 
     def validate(self) -> None:
-        for section in (self.prepare, self.data, self.ray):
+        for section in (self.prepare, self.data, self.train, self.ray):
             section.validate()

@@ -1,0 +1,299 @@
+"""One training loop for every task (pure PyTorch; Ray is reached only through hooks).
+
+AdamW (no decay on norms and biases), per-step cosine with linear warmup or
+ReduceLROnPlateau, gradient clipping and accumulation, AMP (bf16/fp16), validation
+each epoch or every N steps, best-checkpoint selection by a metric, early stopping.
+Under DDP the caller passes ``all_reduce`` (sum over workers): metrics are computed from
+summed statistics, so 1 or N workers report the same numbers for the same predictions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from raylens.schema import TaskConfig, TrainConfig
+from raylens.tasks.classification import ClassificationMeter, classification_loss
+from raylens.tasks.multilabel import MultiLabelMeter, bce_loss, focal_loss
+
+LOWER_IS_BETTER = {"loss"}
+
+
+@dataclass
+class Task:
+    """A loss, a metric meter and the batch key holding targets."""
+
+    name: str
+    target_key: str
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    meter: Callable[[], Any]
+    best_metric: str
+
+
+def make_task(cfg: TaskConfig, num_classes: int) -> Task:
+    if num_classes < 1:
+        raise ValueError(f"task {cfg.name!r}: the dataset has no classes")
+    if cfg.name == "classify":
+        return Task(
+            "classify",
+            "label",
+            lambda z, y: classification_loss(z, y, label_smoothing=cfg.label_smoothing),
+            lambda: ClassificationMeter(num_classes),
+            "top1",
+        )
+    if cfg.loss == "focal":
+        loss = lambda z, y: focal_loss(z, y, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)  # noqa: E731
+    else:
+        loss = bce_loss
+    return Task(
+        "multilabel",
+        "labels",
+        loss,
+        lambda: MultiLabelMeter(num_classes, cfg.threshold),
+        "f1_weighted",
+    )
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; 1-d tensors (norms, biases) get no weight decay."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier per optimizer step: linear warmup to 1, cosine down to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` on ``device`` (None: full precision)."""
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16  # CPU autocast: bf16 measured 1.9x faster here (ENVIRONMENT.md)
+
+
+def is_better(metric: str, new: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return new < best if metric in LOWER_IS_BETTER or metric.endswith("loss") else new > best
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+@dataclass
+class Hooks:
+    """How the loop talks to its runner (Ray Train, or a plain process)."""
+
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    report: Callable[[dict, dict | None], None] = lambda metrics, checkpoint: None
+    log: Callable[[str], None] = print
+    is_main: bool = True
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    best: float | None = None
+    best_epoch: int | None = None
+    bad_rounds: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def evaluate(
+    model: nn.Module,
+    task: Task,
+    batches: Iterable[dict],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    hooks: Hooks,
+    channels_last: bool = False,
+) -> dict:
+    """Metrics over ``batches`` (summed over workers through ``hooks.all_reduce``)."""
+    meter = task.meter()
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            x = batch["image"].to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = batch[task.target_key].to(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(x)
+            meter.update(logits.float(), y, loss=float(task.loss(logits.float(), y)))
+    meter.load_state(hooks.all_reduce(meter.state()))
+    return meter.compute()
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    cfg: TrainConfig,
+    *,
+    train_batches: Callable[[int], Iterable[dict]],
+    val_batches: Callable[[], Iterable[dict]],
+    steps_per_epoch: int,
+    device: torch.device,
+    hooks: Hooks | None = None,
+    resume: dict | None = None,
+    channels_last: bool = False,
+) -> LoopState:
+    """Trains ``model`` for ``cfg.epochs``; reports metrics (and a checkpoint) every epoch.
+
+    Args:
+        train_batches: ``epoch -> batches`` (dicts with ``image`` and the task's target).
+        steps_per_epoch: micro-batches per epoch on this worker (sizes the schedule).
+        resume: a loaded checkpoint (``raylens.train.checkpoint.load_checkpoint``) to continue.
+    Returns:
+        The final loop state (history of per-epoch metrics, best metric and epoch).
+    """
+    hooks = hooks or Hooks()
+    metric = cfg.best_metric or task.best_metric
+    opt = build_optimizer(model, cfg)
+    updates_per_epoch = max(1, math.ceil(steps_per_epoch / cfg.grad_accum))
+    if cfg.max_steps_per_epoch:
+        updates_per_epoch = min(
+            updates_per_epoch, math.ceil(cfg.max_steps_per_epoch / cfg.grad_accum)
+        )
+    total = updates_per_epoch * cfg.epochs
+    if cfg.scheduler == "cosine":
+        sched: Any = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(total, int(cfg.warmup_epochs * updates_per_epoch), cfg.min_lr_ratio)
+        )
+    else:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min" if metric in LOWER_IS_BETTER else "max", patience=1, factor=0.3
+        )
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state = LoopState()
+    if resume:
+        model_to_load = getattr(model, "module", model)
+        model_to_load.load_state_dict(resume["model"])
+        if resume.get("optimizer"):
+            opt.load_state_dict(resume["optimizer"])
+        if resume.get("scheduler"):
+            sched.load_state_dict(resume["scheduler"])
+        extra = resume.get("extra", {})
+        state = LoopState(**{k: extra[k] for k in LoopState.__dataclass_fields__ if k in extra})
+        hooks.log(f"[train] resumed after epoch {state.epoch} (step {state.step})")
+
+    def validate_and_report(epoch_done: bool, train_loss: float, seen: int, t0: float) -> bool:
+        """Validates; returns True when early stopping says stop."""
+        metrics = evaluate(model, task, val_batches(), device, dtype, hooks, channels_last)
+        scalars = {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        row = {
+            "epoch": state.epoch + (1 if epoch_done else 0),
+            "step": state.step,
+            "train/loss": train_loss,
+            "lr": opt.param_groups[0]["lr"],
+            "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+            **scalars,
+        }
+        value = metrics[metric]
+        improved = is_better(metric, value, state.best)
+        if improved:
+            state.best, state.best_epoch, state.bad_rounds = value, row["epoch"], 0
+        else:
+            state.bad_rounds += 1
+        if cfg.scheduler == "plateau":
+            sched.step(value)
+        row["best"] = improved
+        state.history.append(row)
+        checkpoint = None
+        if epoch_done:
+            state.epoch += 1
+            checkpoint = {
+                "model": getattr(model, "module", model).state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "extra": {**state.__dict__, "metrics": metrics},
+            }
+        hooks.report(row, checkpoint)
+        if hooks.is_main:
+            hooks.log(
+                f"[train] epoch {row['epoch']} step {state.step}: train loss {train_loss:.4f}, "
+                f"val {metric} {value:.4f}{' (best)' if improved else ''}, "
+                f"{row['images_per_s']:.0f} img/s"
+            )
+        return cfg.patience is not None and state.bad_rounds >= cfg.patience
+
+    def optimizer_step() -> None:
+        if cfg.grad_clip:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if cfg.scheduler == "cosine":
+            sched.step()
+        state.step += 1
+
+    for epoch in range(state.epoch, cfg.epochs):
+        model.train()
+        t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
+        micro = 0
+        for micro, batch in enumerate(train_batches(epoch), 1):
+            if cfg.max_steps_per_epoch and micro > cfg.max_steps_per_epoch:
+                break
+            x = batch["image"].to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = batch[task.target_key].to(device)
+            last_micro = micro % cfg.grad_accum == 0
+            sync = (
+                contextlib.nullcontext()
+                if last_micro or not hasattr(model, "no_sync")
+                else model.no_sync()
+            )
+            with sync:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = model(x)
+                loss = task.loss(logits.float(), y)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            if last_micro:
+                optimizer_step()
+                if cfg.val_every_n_steps and state.step % cfg.val_every_n_steps == 0:
+                    if validate_and_report(False, loss_sum / max(n_loss, 1), seen, t0):
+                        return state
+                    model.train()
+            seen += x.shape[0]
+            loss_sum += loss.item()
+            n_loss += 1
+        if micro % cfg.grad_accum:  # a partial accumulation at the epoch's end still counts
+            optimizer_step()
+        if validate_and_report(True, loss_sum / max(n_loss, 1), seen, t0):
+            hooks.log(f"[train] early stop: no {metric} improvement in {cfg.patience} validations")
+            break
+    return state
