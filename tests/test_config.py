@@ -101,3 +101,10 @@ def test_decode_batch_rows_scale_with_image_size():
     assert DataConfig(image_size=224).decode_rows() == 111  # ~16 MiB of pixels
     assert DataConfig(image_size=2048).decode_rows() == 32  # floor
     assert DataConfig(image_size=224, decode_batch_size=8).decode_rows() == 8
+
+
+def test_yaml_boolean_words_map_back_to_string_options():
+    assert C.load(RunConfig, None, ["train.amp=off"]).train.amp == "off"
+    assert C.load(RunConfig, "train:\n  amp: off\n").train.amp == "off"
+    with pytest.raises(C.ConfigError, match="'train.amp'"):
+        C.load(RunConfig, None, ["train.amp=yes"])  # no matching option: still an error

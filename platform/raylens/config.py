@@ -80,7 +80,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise bad
     if origin is Literal:
-        if value in get_args(tp):
+        options = get_args(tp)
+        if isinstance(value, bool):
+            # YAML 1.1 reads off/on/no/yes as booleans; map back to a matching option.
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((w for w in words if w in options), value)
+        if value in options:
             return value
         raise bad
     if tp is bool:

@@ -117,6 +117,7 @@ class DataConfig:
         None, "Rows per Ray Data decode batch; null: ~16 MiB of decoded pixels (32-4096 rows)."
     )
     prefetch_batches: int = opt(2, "Batches prefetched by each worker's iterator.")
+    shuffle_buffer: int = opt(2048, "Train: rows in each worker's local shuffle buffer (0: off).")
 
     def decode_rows(self) -> int:
         """Rows per decode batch: fewer, larger Ray Data tasks amortize per-task overhead

@@ -259,6 +259,8 @@ def build_split(
         len(info.classes),
         info.multi_label,
     )
+    if train:
+        ds = ds.randomize_block_order()  # a new block order each epoch (each execution)
     ds = ds.map_batches(udf, batch_size=data.decode_rows(), batch_format="numpy")
     return ds, info
 

@@ -230,6 +230,10 @@ def fingerprint(source: Source, source_cfg: SourceConfig, cfg: PrepareConfig, se
     return h.hexdigest()
 
 
+def _order_key(seed: int, rid: str) -> bytes:
+    return hashlib.blake2b(f"{seed}:{rid}".encode(), digest_size=8).digest()
+
+
 def load_card(storage: Storage, output: str) -> dict[str, Any] | None:
     uri = join(output, CARD)
     if not storage.exists(uri):
@@ -293,7 +297,9 @@ def prepare(
     counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
     modes: Counter = Counter()
 
-    ordered = sorted(records, key=lambda r: (SPLITS.index(splits[r.id]), r.id))
+    # Rows go out in a seeded pseudo-random order, so every shard (and every Ray Data
+    # block read from it) mixes classes, even for sources listed class by class.
+    ordered = sorted(records, key=lambda r: (SPLITS.index(splits[r.id]), _order_key(seed, r.id)))
     bar = tqdm(
         total=len(ordered),
         desc="prepare",

@@ -99,7 +99,9 @@ class ClassificationMeter:
         fp = cm.sum(axis=0) - tp
         fn = support - tp
         precision, recall, f1 = prf_from_counts(tp, fp, fn)
-        out: dict = {f"top{k}": self.hits[i] / max(self.count, 1) for i, k in enumerate(self.topk)}
+        out: dict = {
+            f"top{k}": float(self.hits[i] / max(self.count, 1)) for i, k in enumerate(self.topk)
+        }
         for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
             out[f"{name}_macro"], out[f"{name}_weighted"] = averaged(values, support)
         if self.loss_sum or self.count:

@@ -7,6 +7,7 @@ train workers run, so ingest can't starve (no deadlock on a 2-CPU machine).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,17 @@ from raylens.schema import RayConfig, RunConfig
 from raylens.train.resources import ResourcePlan, plan_resources
 
 log = logging.getLogger("raylens")
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Joins ``ray.address`` / ``RAY_ADDRESS`` (as under ``ray job submit``), else starts local Ray."""
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=cfg.local_num_cpus, include_dashboard=False)
 
 
 def budget(cfg: RayConfig) -> ResourcePlan:

@@ -212,7 +212,7 @@ def fit(
     def validate_and_report(epoch_done: bool, train_loss: float, seen: int, t0: float) -> bool:
         """Validates; returns True when early stopping says stop."""
         metrics = evaluate(model, task, val_batches(), device, dtype, hooks, channels_last)
-        scalars = {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+        scalars = {f"val/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         row = {
             "epoch": state.epoch + (1 if epoch_done else 0),
             "step": state.step,
@@ -221,8 +221,8 @@ def fit(
             "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
             **scalars,
         }
-        value = metrics[metric]
-        improved = is_better(metric, value, state.best)
+        value = float(metrics[metric])
+        improved = bool(is_better(metric, value, state.best))
         if improved:
             state.best, state.best_epoch, state.bad_rounds = value, row["epoch"], 0
         else:
@@ -252,7 +252,11 @@ def fit(
     def optimizer_step() -> None:
         if cfg.grad_clip:
             scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # foreach=False on CPU: torch 2.15's foreach norm returned garbage (6e16 for a true
+            # norm of 5) under CPU DDP + bf16 autocast, and the run went NaN.
+            nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.grad_clip, foreach=None if device.type == "cuda" else False
+            )
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)

@@ -1,0 +1,42 @@
+"""Fine-tune a backbone + head on a prepared dataset with Ray Train (DDP, AMP).
+
+    python -m jobs.finetune --config jobs/configs/fashion_mnist.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m jobs.finetune --config jobs/configs/<x>.yaml
+
+Re-running with the same run.name resumes from the run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from raylens.cli import parse_job_args
+from raylens.config import ConfigError
+from raylens.models.backbones import UnknownBackbone
+from raylens.train.launch import init_ray
+from raylens.train.run import finetune
+
+PROG = "python -m jobs.finetune"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg, _ = parse_job_args(
+        argv,
+        prog=PROG,
+        description=__doc__,
+        sections=["run", "storage", "data", "model", "task", "train", "ray"],
+    )
+    init_ray(cfg.ray)
+    try:
+        out = finetune(cfg)
+    except (ConfigError, UnknownBackbone, ValueError, FileNotFoundError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    best = out["best"] or {}
+    print(f"\nrun dir: {out['run_dir']}")
+    print(f"best: epoch {best.get('epoch')} {best.get('metrics')}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

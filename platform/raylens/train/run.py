@@ -1,0 +1,190 @@
+"""A fine-tuning run on Ray Train: the per-worker function and the driver that launches it.
+
+Run directory (``<run.output_dir>/<run.name>``, local, ``s3://`` or ``gs://``)::
+
+    config.yaml  labels.json  metrics.jsonl  best.json
+    checkpoints/epoch=N/{model,optimizer}.safetensors + state.json
+
+Ray Train keeps its own run state in the same directory, so re-running the same command
+with the same run name resumes from the last checkpoint, and a worker that dies is
+replaced and resumes from it too (``FailureConfig(max_failures)``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from raylens import config as C
+from raylens.data.ingest import DatasetInfo, TorchCollate, build_split
+from raylens.models.classifier import build_model
+from raylens.schema import RunConfig
+from raylens.storage import Storage, join, split_uri
+from raylens.train.checkpoint import load_checkpoint, save_checkpoint
+from raylens.train.launch import build_trainer
+from raylens.train.loop import Hooks, fit, make_task
+
+
+def run_dir(cfg: RunConfig) -> str:
+    return join(cfg.run.output_dir, cfg.run.name)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: builds the model, consumes its dataset shards, runs :func:`fit`."""
+    cfg: RunConfig = config["cfg"]
+    info: DatasetInfo = config["info"]
+    storage = Storage(cfg.storage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model, len(info.classes), storage)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    task = make_task(cfg.task, len(info.classes))
+    collate = TorchCollate(cfg.data)
+    bs = cfg.data.batch_size
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    def batches(shard, shuffle: bool = False):
+        return shard.iter_torch_batches(
+            batch_size=bs,
+            collate_fn=collate,
+            prefetch_batches=cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer
+            if shuffle and cfg.data.shuffle_buffer
+            else None,
+        )
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            resume = load_checkpoint(Storage(), path)
+    out = run_dir(cfg)
+    history: list[dict] = list((resume or {}).get("extra", {}).get("history", []))
+
+    def report(metrics: dict, ck: dict | None) -> None:
+        if rank == 0:
+            history.append(metrics)
+            storage.write_text(
+                join(out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history)
+            )
+            if metrics.get("best"):
+                storage.write_text(
+                    join(out, "best.json"),
+                    json.dumps(
+                        {
+                            "epoch": metrics["epoch"],
+                            "checkpoint": f"checkpoints/epoch={metrics['epoch']}",
+                            "metrics": {k: v for k, v in metrics.items() if k.startswith("val/")},
+                        },
+                        indent=1,
+                    ),
+                )
+        if ck is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_checkpoint(
+                    Storage(),
+                    tmp,
+                    model=ck["model"],
+                    optimizer=ck["optimizer"],
+                    scheduler=ck["scheduler"],
+                    extra=ck["extra"],
+                )
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+                checkpoint_dir_name=f"checkpoints/epoch={ck['extra']['epoch']}",
+            )
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        if world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    fit(
+        model,
+        task,
+        cfg.train,
+        train_batches=lambda epoch: batches(train_shard, shuffle=True),
+        val_batches=lambda: batches(val_shard),
+        steps_per_epoch=math.ceil(info.num_rows["train"] / world / bs),
+        device=device,
+        hooks=Hooks(
+            all_reduce=all_reduce,
+            report=report,
+            is_main=rank == 0,
+            log=print if rank == 0 else (lambda m: None),
+        ),
+        resume=resume,
+        channels_last=cfg.model.channels_last,
+    )
+
+
+def check_config(cfg: RunConfig, info: DatasetInfo, storage: Storage) -> None:
+    """Fails before any worker starts, naming the problem (backbone, unfreeze, task/data)."""
+    if not info.classes:
+        raise ValueError(f"dataset {cfg.data.dataset!r} has zero classes")
+    if cfg.task.name == "multilabel" and not info.multi_label:
+        raise ValueError(
+            f"config key 'task.name': multilabel needs a multi-label dataset; "
+            f"{cfg.data.dataset!r} is single-label"
+        )
+    if cfg.task.name == "classify" and info.multi_label:
+        raise ValueError(
+            f"config key 'task.name': classify needs single labels; "
+            f"{cfg.data.dataset!r} is multi-label (use task.name=multilabel)"
+        )
+    if not cfg.run.name:
+        raise ValueError("config key 'run.name' is required: the run dir is <output_dir>/<name>")
+    build_model(cfg.model, len(info.classes), storage)  # unknown backbone, bad unfreeze_last_n
+
+
+def finetune(cfg: RunConfig, *, max_failures: int = 1) -> dict[str, Any]:
+    """Runs (or resumes) a fine-tuning run; returns ``{"run_dir", "best", "result"}``."""
+    storage = Storage(cfg.storage)
+    train_ds, info = build_split(cfg, "train", storage)
+    val_ds, _ = build_split(cfg, "val", storage)
+    check_config(cfg, info, storage)
+    out = run_dir(cfg)
+    storage.write_text(join(out, "config.yaml"), C.to_yaml(cfg))
+    storage.write_text(
+        join(out, "labels.json"), json.dumps({"classes": info.classes, "task": info.task}, indent=1)
+    )
+    scheme, path = split_uri(cfg.run.output_dir)
+    run_config = ray.train.RunConfig(
+        name=cfg.run.name,
+        storage_path=path,
+        storage_filesystem=storage.arrow_fs(scheme),
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+    )
+    trainer, plan = build_trainer(
+        train_worker,
+        {"cfg": cfg, "info": info},
+        {"train": train_ds, "val": val_ds},
+        cfg,
+        run_config=run_config,
+        split=["train", "val"],
+    )
+    print(f"[finetune] {plan.describe()}; run dir {out}")
+    result = trainer.fit()
+    best = (
+        json.loads(storage.read_text(join(out, "best.json")))
+        if storage.exists(join(out, "best.json"))
+        else None
+    )
+    return {"run_dir": out, "best": best, "result": result}

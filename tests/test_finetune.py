@@ -1,0 +1,131 @@
+"""Fine-tuning on the shared 2-CPU Ray: 2 DDP workers with bf16 autocast, run dir on real S3,
+resume by re-running the same run name, and bad configs refused before any worker starts."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+import yaml
+from conftest import s3_storage
+from raylens import config as C
+from raylens.data.prepare import prepare
+from raylens.schema import PrepareConfig, RunConfig, SourceConfig
+from raylens.storage import Storage, join
+from raylens.train.checkpoint import load_checkpoint
+from raylens.train.run import finetune
+from sourcegen import write_folder, write_manifest
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    storage = Storage()
+    write_folder(storage, str(root / "raw"), per_class=30)
+    prepare(
+        SourceConfig(uri=str(root / "raw")),
+        PrepareConfig(output=str(root / "ds")),
+        storage,
+        progress=False,
+        log=lambda m: None,
+    )
+    return str(root / "ds")
+
+
+def _cfg(dataset, *extra):
+    return C.load(
+        RunConfig,
+        None,
+        [
+            f"data.dataset={dataset}",
+            "data.image_size=16",
+            "data.batch_size=16",
+            "model.backbone=resnet10t",
+            "train.lr=0.003",
+            "train.epochs=2",
+            "ray.num_workers=2",
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.timeout(600)
+def test_two_workers_train_and_resume_with_the_run_dir_on_s3(ray_session, seaweed, dataset):
+    bucket = f"runs-{uuid.uuid4().hex[:8]}"
+    seaweed.create_bucket(bucket)
+    storage = s3_storage(seaweed)
+    s3 = [
+        f"storage.s3_endpoint_url={seaweed.endpoint_url}",
+        f"storage.s3_access_key_id={seaweed.access_key}",
+        f"storage.s3_secret_access_key={seaweed.secret_key}",
+    ]
+    cfg = _cfg(dataset, "run.name=fm", f"run.output_dir=s3://{bucket}/runs", *s3)
+    out = finetune(cfg)
+    run = f"s3://{bucket}/runs/fm"
+    assert out["run_dir"] == run
+    metrics = [json.loads(x) for x in storage.read_text(join(run, "metrics.jsonl")).splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics[-1]["val/top1"] >= 0.9 and metrics[-1]["train/loss"] == metrics[-1]["train/loss"]
+    saved = storage.read_text(join(run, "config.yaml"))
+    assert (
+        seaweed.secret_key not in saved
+        and yaml.safe_load(saved)["model"]["backbone"] == "resnet10t"
+    )
+    assert json.loads(storage.read_text(join(run, "labels.json")))["classes"] == [
+        "cat",
+        "dog",
+        "eel",
+    ]
+    best = json.loads(storage.read_text(join(run, "best.json")))
+    ck = load_checkpoint(storage, join(run, best["checkpoint"]))
+    assert ck["extra"]["epoch"] == best["epoch"] and "head.1.weight" in ck["model"]
+    # the same command with more epochs resumes after epoch 2 instead of starting over
+    finetune(
+        _cfg(dataset, "run.name=fm", f"run.output_dir=s3://{bucket}/runs", "train.epochs=3", *s3)
+    )
+    metrics = [json.loads(x) for x in storage.read_text(join(run, "metrics.jsonl")).splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert storage.exists(join(run, "checkpoints/epoch=3/state.json"))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.backbone=resnet_nope", "unknown backbone 'resnet_nope'"),
+        (
+            "model.unfreeze_last_n=9",
+            "'model.unfreeze_last_n': unfreeze_last_n=9: expected 'all' or 0..4",
+        ),
+        ("task.name=multilabel", "'task.name': multilabel needs a multi-label dataset"),
+    ],
+)
+def test_bad_config_fails_before_any_worker_starts(
+    ray_session, dataset, override, message, monkeypatch
+):
+    import raylens.train.run as R
+
+    started = []
+    monkeypatch.setattr(R, "build_trainer", lambda *a, **k: started.append(1))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        finetune(_cfg(dataset, "run.name=bad", override))
+    assert not started
+
+
+def test_classify_on_a_multilabel_dataset_is_refused(ray_session, tmp_path, monkeypatch):
+    import raylens.train.run as R
+
+    storage = Storage()
+    uri, _ = write_manifest(storage, str(tmp_path / "raw"), "csv", multi=True)
+    prepare(
+        SourceConfig(uri=uri),
+        PrepareConfig(output=str(tmp_path / "ds")),
+        storage,
+        progress=False,
+        log=lambda m: None,
+    )
+    monkeypatch.setattr(R, "build_trainer", lambda *a, **k: pytest.fail("trainer started"))
+    with pytest.raises(ValueError, match="'task.name': classify needs single labels"):
+        finetune(_cfg(str(tmp_path / "ds"), "run.name=bad"))
