@@ -1,5 +1,5 @@
 # raylens: two commands on a fresh machine.
-#   make demo   install, then prepare Fashion-MNIST locally and print its dataset card
+#   make demo   install, prepare Fashion-MNIST locally, fine-tune the CPU default on local Ray
 #   make test   install (with test extras), then run the whole test suite
 # Each target installs what it needs into .venv (Python 3.10+ with venv required).
 
@@ -27,6 +27,7 @@ data:
 
 demo: install data
 	$(PY) -m jobs.prepare --config jobs/configs/fashion_mnist.yaml
+	$(PY) -m jobs.finetune --config jobs/configs/fashion_mnist.yaml
 
 test: install data
 	$(PY) -m pytest -q

@@ -34,7 +34,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     best = out["best"] or {}
     print(f"\nrun dir: {out['run_dir']}")
-    print(f"best: epoch {best.get('epoch')} {best.get('metrics')}")
+    val = best.get("metrics", {})
+    print(f"best: epoch {best.get('epoch')}, " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
+    if out.get("test"):
+        t = out["test"]
+        main = "top1" if "top1" in t else "f1_weighted"
+        print(f"test ({t['count']} images, best checkpoint): {main}={t[main]:.4f}")
     return out
 
 

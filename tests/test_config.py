@@ -108,3 +108,16 @@ def test_yaml_boolean_words_map_back_to_string_options():
     assert C.load(RunConfig, "train:\n  amp: off\n").train.amp == "off"
     with pytest.raises(C.ConfigError, match="'train.amp'"):
         C.load(RunConfig, None, ["train.amp=yes"])  # no matching option: still an error
+
+
+def test_finetune_help_lists_model_task_and_train_keys():
+    res = run_job("finetune", "--help")
+    assert res.returncode == 0
+    for key in (
+        "model.backbone = 'resnet10t'",
+        "task.focal_gamma = 2.0",
+        "train.amp = 'auto'",
+        "model.unfreeze_last_n = 'all'",
+    ):
+        assert key in res.stdout
+    assert "prepare.shard_rows" not in res.stdout  # only the sections this job reads

@@ -82,6 +82,9 @@ def test_two_workers_train_and_resume_with_the_run_dir_on_s3(ray_session, seawee
     best = json.loads(storage.read_text(join(run, "best.json")))
     ck = load_checkpoint(storage, join(run, best["checkpoint"]))
     assert ck["extra"]["epoch"] == best["epoch"] and "head.1.weight" in ck["model"]
+    test = json.loads(storage.read_text(join(run, "test_metrics.json")))
+    assert test["split"] == "test" and test["count"] == 9 and test["top1"] >= 0.8
+    assert out["test"]["top1"] == test["top1"]
     # the same command with more epochs resumes after epoch 2 instead of starting over
     finetune(
         _cfg(dataset, "run.name=fm", f"run.output_dir=s3://{bucket}/runs", "train.epochs=3", *s3)

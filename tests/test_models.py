@@ -38,7 +38,9 @@ def hf_dirs(tmp_path_factory):
     return {k: (root / k, _tiny_hf(k, root / k)) for k in ("dinov3", "clip")}
 
 
-@pytest.mark.parametrize("name", ["test_vit", "test_convnext", "resnet10t", "hf:dinov3", "hf:clip"])
+@pytest.mark.parametrize(
+    "name", ["test_vit", "test_convnext", "resnet10t", "vgg_s16", "hf:dinov3", "hf:clip"]
+)
 def test_every_backbone_honours_the_contract(name, hf_dirs):
     if name.startswith("hf:"):
         name = f"hf:{hf_dirs[name[3:]][0]}"

@@ -260,7 +260,7 @@ def build_split(
         info.multi_label,
     )
     if train:
-        ds = ds.randomize_block_order()  # a new block order each epoch (each execution)
+        ds = ds.randomize_block_order(seed=cfg.run.seed)  # rows reshuffle per epoch on workers
     ds = ds.map_batches(udf, batch_size=data.decode_rows(), batch_format="numpy")
     return ds, info
 

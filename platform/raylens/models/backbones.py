@@ -253,6 +253,8 @@ def create_backbone(
     Raises:
         UnknownBackbone: listing the registered names and how to name timm/HF models.
     """
+    import raylens.models.small  # noqa: F401  (registers the built-in small CNNs)
+
     if name in BACKBONES:
         return BACKBONES[name](pretrained=pretrained, weights=weights, storage=storage)
     if name.startswith(HF_PREFIX):

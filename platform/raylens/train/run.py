@@ -30,7 +30,7 @@ from raylens.schema import RunConfig
 from raylens.storage import Storage, join, split_uri
 from raylens.train.checkpoint import load_checkpoint, save_checkpoint
 from raylens.train.launch import build_trainer
-from raylens.train.loop import Hooks, fit, make_task
+from raylens.train.loop import Hooks, amp_dtype, evaluate, fit, make_task
 
 
 def run_dir(cfg: RunConfig) -> str:
@@ -56,14 +56,16 @@ def train_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
-    def batches(shard, shuffle: bool = False):
+    def batches(shard, epoch: int | None = None):
+        """Train batches (``epoch`` given) shuffle with a seed per (run seed, epoch, rank), so
+        a run is reproducible and epochs differ; validation batches don't shuffle."""
+        shuffle = epoch is not None and cfg.data.shuffle_buffer > 0
         return shard.iter_torch_batches(
             batch_size=bs,
             collate_fn=collate,
             prefetch_batches=cfg.data.prefetch_batches,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer
-            if shuffle and cfg.data.shuffle_buffer
-            else None,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer if shuffle else None,
+            local_shuffle_seed=cfg.run.seed * 1_000_003 + epoch * 1009 + rank if shuffle else None,
         )
 
     resume = None
@@ -120,7 +122,7 @@ def train_worker(config: dict[str, Any]) -> None:
         model,
         task,
         cfg.train,
-        train_batches=lambda epoch: batches(train_shard, shuffle=True),
+        train_batches=lambda epoch: batches(train_shard, epoch),
         val_batches=lambda: batches(val_shard),
         steps_per_epoch=math.ceil(info.num_rows["train"] / world / bs),
         device=device,
@@ -187,4 +189,30 @@ def finetune(cfg: RunConfig, *, max_failures: int = 1) -> dict[str, Any]:
         if storage.exists(join(out, "best.json"))
         else None
     )
-    return {"run_dir": out, "best": best, "result": result}
+    test = (
+        evaluate_split(cfg, info, join(out, best["checkpoint"]), "test", storage) if best else None
+    )
+    if test is not None:
+        storage.write_text(join(out, "test_metrics.json"), json.dumps(test, indent=1))
+    return {"run_dir": out, "best": best, "test": test, "result": result}
+
+
+def evaluate_split(
+    cfg: RunConfig, info: DatasetInfo, checkpoint: str, split: str, storage: Storage
+) -> dict | None:
+    """Metrics of a checkpoint on one split (eval transform), on the driver; None if empty.
+
+    The test split is only ever evaluated here, after training: never for model selection.
+    """
+    if not info.num_rows.get(split):
+        return None
+    ds, _ = build_split(cfg, split, storage, train=False)
+    model = build_model(cfg.model, len(info.classes), storage)
+    model.load_state_dict(load_checkpoint(storage, checkpoint, with_optimizer=False)["model"])
+    task = make_task(cfg.task, len(info.classes))
+    batches = ds.iter_torch_batches(batch_size=256, collate_fn=TorchCollate(cfg.data))
+    cpu = torch.device("cpu")
+    metrics = evaluate(
+        model, task, batches, cpu, amp_dtype(cfg.train.amp, cpu), Hooks(log=lambda m: None)
+    )
+    return {"split": split, "checkpoint": checkpoint, **metrics}
