@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from imagegen import class_image
+from raylens.data.prepare import prepare
+from raylens.schema import PrepareConfig, SourceConfig
 from raylens.storage import Storage, join
 
 CLASSES = ["cat", "dog", "eel"]
@@ -114,3 +116,16 @@ def read_prepared(storage: Storage, out: str) -> tuple[dict, list[dict]]:
         for f in card["splits"][split]["files"]:
             rows.extend(pq.read_table(io.BytesIO(storage.read_bytes(join(out, f)))).to_pylist())
     return card, rows
+
+
+def prepare_quiet(storage: Storage, src: str, out: str, **kw) -> dict:
+    """``prepare`` without progress or log output; source keys (kind, ...) go to SourceConfig."""
+    source_keys = ("kind", "idx_verify_checksum", "yolo_classes")
+    source_kw = {k: kw.pop(k) for k in list(kw) if k in source_keys}
+    return prepare(
+        SourceConfig(uri=src, **source_kw),
+        PrepareConfig(output=out, **kw),
+        storage,
+        progress=False,
+        log=lambda m: None,
+    )

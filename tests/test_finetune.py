@@ -10,12 +10,11 @@ import pytest
 import yaml
 from conftest import s3_storage
 from raylens import config as C
-from raylens.data.prepare import prepare
-from raylens.schema import PrepareConfig, RunConfig, SourceConfig
+from raylens.schema import RunConfig
 from raylens.storage import Storage, join
 from raylens.train.checkpoint import load_checkpoint
 from raylens.train.run import finetune
-from sourcegen import write_folder, write_manifest
+from sourcegen import prepare_quiet, write_folder, write_manifest
 
 pytestmark = pytest.mark.ray
 
@@ -25,13 +24,7 @@ def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
     storage = Storage()
     write_folder(storage, str(root / "raw"), per_class=30)
-    prepare(
-        SourceConfig(uri=str(root / "raw")),
-        PrepareConfig(output=str(root / "ds")),
-        storage,
-        progress=False,
-        log=lambda m: None,
-    )
+    prepare_quiet(storage, str(root / "raw"), str(root / "ds"))
     return str(root / "ds")
 
 
@@ -122,13 +115,7 @@ def test_classify_on_a_multilabel_dataset_is_refused(ray_session, tmp_path, monk
 
     storage = Storage()
     uri, _ = write_manifest(storage, str(tmp_path / "raw"), "csv", multi=True)
-    prepare(
-        SourceConfig(uri=uri),
-        PrepareConfig(output=str(tmp_path / "ds")),
-        storage,
-        progress=False,
-        log=lambda m: None,
-    )
+    prepare_quiet(storage, uri, str(tmp_path / "ds"))
     monkeypatch.setattr(R, "build_trainer", lambda *a, **k: pytest.fail("trainer started"))
     with pytest.raises(ValueError, match="'task.name': classify needs single labels"):
         finetune(_cfg(str(tmp_path / "ds"), "run.name=bad"))

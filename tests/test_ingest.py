@@ -14,11 +14,10 @@ import torch
 from conftest import s3_storage
 from raylens import config as C
 from raylens.data.ingest import TorchCollate, build_split, clear_ingest_failures, ingest_failures
-from raylens.data.prepare import prepare
 from raylens.data.transforms import sample_seed
-from raylens.schema import PrepareConfig, RunConfig, SourceConfig
+from raylens.schema import RunConfig
 from raylens.storage import Storage, join
-from sourcegen import CLASSES, write_folder
+from sourcegen import CLASSES, prepare_quiet, write_folder
 
 pytestmark = pytest.mark.ray
 
@@ -54,13 +53,7 @@ def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("ingest")
     storage = Storage()
     truth = write_folder(storage, str(root / "raw"), per_class=10)
-    prepare(
-        SourceConfig(uri=str(root / "raw")),
-        PrepareConfig(output=str(root / "ds")),
-        storage,
-        progress=False,
-        log=lambda m: None,
-    )
+    prepare_quiet(storage, str(root / "raw"), str(root / "ds"))
     return storage, str(root / "ds"), str(root / "raw"), truth
 
 
@@ -149,13 +142,7 @@ def test_two_train_workers_on_two_cpus_finish(ray_session, seaweed, tmp_path):
     seaweed.create_bucket(bucket)
     storage = s3_storage(seaweed)
     write_folder(storage, f"s3://{bucket}/raw", per_class=20)
-    prepare(
-        SourceConfig(uri=f"s3://{bucket}/raw"),
-        PrepareConfig(output=f"s3://{bucket}/ds"),
-        storage,
-        progress=False,
-        log=lambda m: None,
-    )
+    prepare_quiet(storage, f"s3://{bucket}/raw", f"s3://{bucket}/ds")
     cfg = _cfg(f"s3://{bucket}/ds", "ray.num_workers=2")
     ds, info = build_split(cfg, "train", storage)
     out = str(tmp_path / "ranks")
@@ -181,14 +168,13 @@ def test_ingest_from_gcs_converts_every_mode_to_rgb(ray_session, fake_gcs):
     for name, (data, outcome, _) in bad_files().items():
         if outcome == "converted":
             storage.write_bytes(f"gs://{bucket}/raw/eel/{name}", data)
-    card = prepare(
-        SourceConfig(uri=f"gs://{bucket}/raw"),
-        PrepareConfig(
-            output=f"gs://{bucket}/ds", train_fraction=1.0, val_fraction=0.0, test_fraction=0.0
-        ),
+    card = prepare_quiet(
         storage,
-        progress=False,
-        log=lambda m: None,
+        f"gs://{bucket}/raw",
+        f"gs://{bucket}/ds",
+        train_fraction=1.0,
+        val_fraction=0.0,
+        test_fraction=0.0,
     )
     assert sorted(c["mode"] for c in card["converted"]) == ["CMYK", "I;16", "RGBA"]
     cfg = _cfg(f"gs://{bucket}/ds")

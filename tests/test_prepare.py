@@ -8,24 +8,20 @@ from collections import Counter
 import pytest
 from imagegen import bad_files, class_image
 from raylens.data import fashion_mnist
-from raylens.data.prepare import assign_splits, prepare
+from raylens.data.prepare import assign_splits
 from raylens.data.sources import Record
-from raylens.schema import PrepareConfig, SourceConfig
 from raylens.storage import join
-from sourcegen import CLASSES, read_prepared, write_folder, write_idx, write_manifest, write_yolo
+from sourcegen import (
+    CLASSES,
+    prepare_quiet,
+    read_prepared,
+    write_folder,
+    write_idx,
+    write_manifest,
+    write_yolo,
+)
 
-
-def _prepare(storage, src, out, **kw):
-    source_kw = {
-        k: kw.pop(k) for k in list(kw) if k in ("kind", "idx_verify_checksum", "yolo_classes")
-    }
-    return prepare(
-        SourceConfig(uri=src, **source_kw),
-        PrepareConfig(output=out, **kw),
-        storage,
-        progress=False,
-        log=lambda m: None,
-    )
+_prepare = prepare_quiet
 
 
 def test_folder_source(store):

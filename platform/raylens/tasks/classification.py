@@ -38,13 +38,45 @@ def averaged(values: np.ndarray, support: np.ndarray) -> tuple[float, float]:
     return macro, weighted
 
 
-class ClassificationMeter:
+class SumMeter:
+    """Statistics that add up over batches and over workers.
+
+    Subclasses keep integer count arrays, named in ``COUNTS``; this base class adds the
+    loss sum and the sample count, and packs everything into one float64 vector.
+    """
+
+    COUNTS: tuple[str, ...] = ()
+
+    def _add_batch(self, b: int, loss: float | None) -> None:
+        if loss is not None:
+            self.loss_sum += float(loss) * b
+        self.count += b
+
+    def state(self) -> torch.Tensor:
+        """Every statistic as one float64 vector, to ``all_reduce(SUM)`` across workers."""
+        parts = [getattr(self, name).ravel().astype(np.float64) for name in self.COUNTS]
+        return torch.from_numpy(np.concatenate([*parts, [self.loss_sum, float(self.count)]]))
+
+    def load_state(self, state: torch.Tensor) -> None:
+        s = state.double().cpu().numpy()
+        offset = 0
+        for name in self.COUNTS:
+            current = getattr(self, name)
+            values = np.rint(s[offset : offset + current.size]).astype(np.int64)
+            setattr(self, name, values.reshape(current.shape))
+            offset += current.size
+        self.loss_sum, self.count = float(s[-2]), int(round(s[-1]))
+
+
+class ClassificationMeter(SumMeter):
     """Accumulates predictions of a single-label classifier.
 
     Args:
         num_classes: number of classes ``c``.
         topk: the k of the top-k accuracies reported (``top1``, ``top5``); k > c is clipped.
     """
+
+    COUNTS = ("confusion", "hits")
 
     def __init__(self, num_classes: int, topk: tuple[int, ...] = (1, 5)):
         self.num_classes = num_classes
@@ -68,28 +100,7 @@ class ClassificationMeter:
         for i, k in enumerate(self.topk):
             self.hits[i] += int(correct[:, : min(k, kmax)].any(dim=1).sum())
         np.add.at(self.confusion, (target.numpy(), top[:, 0].numpy()), 1)
-        if loss is not None:
-            self.loss_sum += float(loss) * b
-        self.count += b
-
-    def state(self) -> torch.Tensor:
-        """Every statistic as one float64 vector, to ``all_reduce(SUM)`` across workers."""
-        return torch.from_numpy(
-            np.concatenate(
-                [
-                    self.confusion.ravel().astype(np.float64),
-                    self.hits.astype(np.float64),
-                    [self.loss_sum, float(self.count)],
-                ]
-            )
-        )
-
-    def load_state(self, state: torch.Tensor) -> None:
-        s = state.double().cpu().numpy()
-        n = self.num_classes**2
-        self.confusion = np.rint(s[:n]).astype(np.int64).reshape(self.num_classes, -1)
-        self.hits = np.rint(s[n : n + len(self.topk)]).astype(np.int64)
-        self.loss_sum, self.count = float(s[-2]), int(round(s[-1]))
+        self._add_batch(b, loss)
 
     def compute(self) -> dict:
         """Scalars (``top1``, ``top5``, ``loss``, macro/weighted P/R/F1) plus per-class arrays."""

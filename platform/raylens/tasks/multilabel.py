@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from raylens.tasks.classification import averaged, prf_from_counts
+from raylens.tasks.classification import SumMeter, averaged, prf_from_counts
 
 
 def focal_loss(
@@ -49,8 +49,10 @@ def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
 
-class MultiLabelMeter:
+class MultiLabelMeter(SumMeter):
     """Accumulates multi-label predictions; a class is predicted when p >= ``threshold``."""
+
+    COUNTS = ("tp", "fp", "fn", "exact")
 
     def __init__(self, num_classes: int, threshold: float = 0.5):
         self.num_classes = num_classes
@@ -60,7 +62,7 @@ class MultiLabelMeter:
     def reset(self) -> None:
         c = self.num_classes
         self.tp, self.fp, self.fn = (np.zeros(c, np.int64) for _ in range(3))
-        self.exact = 0
+        self.exact = np.zeros(1, np.int64)  # samples with every label right
         self.loss_sum = 0.0
         self.count = 0
 
@@ -75,30 +77,7 @@ class MultiLabelMeter:
         self.fp += (pred & ~true).sum(0).numpy()
         self.fn += (~pred & true).sum(0).numpy()
         self.exact += int((pred == true).all(1).sum())
-        b = true.shape[0]
-        if loss is not None:
-            self.loss_sum += float(loss) * b
-        self.count += b
-
-    def state(self) -> torch.Tensor:
-        """Every statistic as one float64 vector, to ``all_reduce(SUM)`` across workers."""
-        return torch.from_numpy(
-            np.concatenate(
-                [self.tp, self.fp, self.fn, [self.exact, self.loss_sum, self.count]]
-            ).astype(np.float64)
-        )
-
-    def load_state(self, state: torch.Tensor) -> None:
-        s = state.double().cpu().numpy()
-        c = self.num_classes
-        self.tp, self.fp, self.fn = (
-            np.rint(s[i * c : (i + 1) * c]).astype(np.int64) for i in range(3)
-        )
-        self.exact, self.loss_sum, self.count = (
-            int(round(s[3 * c])),
-            float(s[3 * c + 1]),
-            int(round(s[3 * c + 2])),
-        )
+        self._add_batch(true.shape[0], loss)
 
     def compute(self, class_names: list[str] | None = None) -> dict:
         """Macro/weighted P/R/F1 (weights: true support), subset accuracy, per-class F1,
@@ -109,7 +88,7 @@ class MultiLabelMeter:
         out: dict = {}
         for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
             out[f"{name}_macro"], out[f"{name}_weighted"] = averaged(values, support)
-        out["subset_accuracy"] = self.exact / max(self.count, 1)
+        out["subset_accuracy"] = float(self.exact[0] / max(self.count, 1))
         if self.loss_sum or self.count:
             out["loss"] = self.loss_sum / max(self.count, 1)
         out["count"] = self.count
