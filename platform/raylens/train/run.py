@@ -12,6 +12,7 @@ replaced and resumes from it too (``FailureConfig(max_failures)``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -156,8 +157,20 @@ def check_config(cfg: RunConfig, info: DatasetInfo, storage: Storage) -> None:
     build_model(cfg.model, len(info.classes), storage)  # unknown backbone, bad unfreeze_last_n
 
 
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Local paths made absolute on the driver: Ray workers run in other directories."""
+    run = cfg.run
+    if split_uri(run.output_dir)[0] == "file":
+        run = dataclasses.replace(run, output_dir=split_uri(run.output_dir)[1])
+    data = cfg.data
+    if data.dataset and split_uri(data.dataset)[0] == "file":
+        data = dataclasses.replace(data, dataset=split_uri(data.dataset)[1])
+    return dataclasses.replace(cfg, run=run, data=data)
+
+
 def finetune(cfg: RunConfig, *, max_failures: int = 1) -> dict[str, Any]:
-    """Runs (or resumes) a fine-tuning run; returns ``{"run_dir", "best", "result"}``."""
+    """Runs (or resumes) a fine-tuning run; returns ``{"run_dir", "best", "test", "result"}``."""
+    cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)
     train_ds, info = build_split(cfg, "train", storage)
     val_ds, _ = build_split(cfg, "val", storage)
