@@ -168,3 +168,24 @@ def test_warmup_cosine_shape():
     f = warmup_cosine(100, 10, 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.55, abs=0.01) and f(100) == pytest.approx(0.1)
+
+
+def test_a_mid_epoch_best_carries_its_own_checkpoint():
+    x, y = _data()
+    reports = []
+    fit(
+        _model(),
+        make_task(TaskConfig(), 4),
+        _cfg(epochs=2, val_every_n_steps=3),
+        train_batches=_batches(x, y, "label"),
+        val_batches=_batches(*_data(seed=1), "label"),
+        steps_per_epoch=8,
+        device=DEV,
+        hooks=Hooks(report=lambda m, ck: reports.append((m, ck)), log=lambda m: None),
+    )
+    assert any(m["best"] and "step=" in m["checkpoint"] for m, _ in reports)  # mid-epoch best
+    for m, ck in reports:
+        if m["best"]:
+            assert ck is not None and ck["name"] == m["checkpoint"]
+        if ck is not None:
+            assert ck["name"].startswith(f"checkpoints/epoch={ck['extra']['epoch']}")

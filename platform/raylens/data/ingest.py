@@ -3,7 +3,7 @@
     ds, info = build_split(cfg, "train", storage, train=True)
     # on a Ray Train worker:
     for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=64, collate_fn=TorchCollate(info, cfg.data)):
+            batch_size=64, collate_fn=TorchCollate(cfg.data)):
         batch["image"]  # float32 [b, 3, s, s], normalized
         batch["label"]  # int64 [b]   (multi-label: batch["labels"] float32 [b, C])
 
@@ -23,7 +23,7 @@ import ray
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raylens.data.prepare import CARD
-from raylens.data.sources import SPLITS, open_source
+from raylens.data.sources import SPLITS, label_space, open_source
 from raylens.data.transforms import (
     ImageTransform,
     decode_and_transform,
@@ -140,7 +140,7 @@ def read_raw(
 
     source = open_source(source_cfg, storage)
     records = sorted(source.records(), key=lambda r: r.id)
-    classes = source.class_order or sorted({x for r in records for x in (r.labels or [r.label])})
+    classes, multi = label_space(source, records)
     index = {c: i for i, c in enumerate(classes)}
     splits = assign_splits(
         records,
@@ -149,7 +149,6 @@ def read_raw(
         test=prepare_cfg.test_fraction,
         seed=seed,
     )
-    multi = any(r.labels is not None for r in records)
     counts = {s: sum(1 for r in records if splits[r.id] == s) for s in SPLITS}
     items = [
         {

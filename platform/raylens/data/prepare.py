@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from raylens.data.images import ImageRejected, inspect_image
-from raylens.data.sources import SPLITS, Record, Source, open_source
+from raylens.data.sources import SPLITS, Record, Source, label_space, open_source
 from raylens.schema import PrepareConfig, SourceConfig
 from raylens.storage import Storage, join
 
@@ -275,13 +275,7 @@ def prepare(
         # describes a mix of old and new shards.
         storage.delete(join(cfg.output, CARD))
 
-    multi = any(r.labels is not None for r in records)
-    if multi and any(r.label is not None for r in records):
-        raise ValueError("source mixes single-label and multi-label records")
-    if source.class_order is not None:
-        classes = list(source.class_order)
-    else:
-        classes = sorted({lbl for r in records for lbl in (r.labels or [r.label])})
+    classes, multi = label_space(source, records)
     index = {c: i for i, c in enumerate(classes)}
     splits = assign_splits(
         records, train=cfg.train_fraction, val=cfg.val_fraction, test=cfg.test_fraction, seed=seed

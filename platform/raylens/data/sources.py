@@ -406,6 +406,21 @@ class IdxSource(Source):
         return out
 
 
+def label_space(source: Source, records: list[Record]) -> tuple[list[str], bool]:
+    """``(classes, multi_label)`` of listed records: the source's own class order (IDX,
+    YOLO) or the sorted label names.
+
+    Raises:
+        ValueError: when single-label and multi-label records are mixed.
+    """
+    multi = any(r.labels is not None for r in records)
+    if multi and any(r.label is not None for r in records):
+        raise ValueError("source mixes single-label and multi-label records")
+    if source.class_order is not None:
+        return list(source.class_order), multi
+    return sorted({lbl for r in records for lbl in (r.labels or [r.label])}), multi
+
+
 KINDS: dict[str, type[Source]] = {
     "folder": FolderSource,
     "manifest": ManifestSource,

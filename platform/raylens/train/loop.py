@@ -23,8 +23,6 @@ from raylens.schema import TaskConfig, TrainConfig
 from raylens.tasks.classification import ClassificationMeter, classification_loss
 from raylens.tasks.multilabel import MultiLabelMeter, bce_loss, focal_loss
 
-LOWER_IS_BETTER = {"loss"}
-
 
 @dataclass
 class Task:
@@ -102,10 +100,15 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16  # CPU autocast: bf16 measured 1.9x faster here (ENVIRONMENT.md)
 
 
+def lower_is_better(metric: str) -> bool:
+    """Losses are minimized; every other metric (top1, f1_weighted, ...) is maximized."""
+    return metric.endswith("loss")
+
+
 def is_better(metric: str, new: float, best: float | None) -> bool:
     if best is None:
         return True
-    return new < best if metric in LOWER_IS_BETTER or metric.endswith("loss") else new > best
+    return new < best if lower_is_better(metric) else new > best
 
 
 # ----------------------------------------------------------------------------- loop
@@ -193,7 +196,7 @@ def fit(
         )
     else:
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min" if metric in LOWER_IS_BETTER else "max", patience=1, factor=0.3
+            opt, mode="min" if lower_is_better(metric) else "max", patience=1, factor=0.3
         )
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -234,7 +237,13 @@ def fit(
         checkpoint = None
         if epoch_done:
             state.epoch += 1
+        if epoch_done or improved:  # a mid-epoch best gets its own checkpoint too
+            name = (
+                f"epoch={state.epoch}" if epoch_done else f"epoch={state.epoch}-step={state.step}"
+            )
+            row["checkpoint"] = f"checkpoints/{name}"
             checkpoint = {
+                "name": row["checkpoint"],
                 "model": getattr(model, "module", model).state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),

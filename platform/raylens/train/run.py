@@ -89,7 +89,7 @@ def train_worker(config: dict[str, Any]) -> None:
                     json.dumps(
                         {
                             "epoch": metrics["epoch"],
-                            "checkpoint": f"checkpoints/epoch={metrics['epoch']}",
+                            "checkpoint": metrics["checkpoint"],
                             "metrics": {k: v for k, v in metrics.items() if k.startswith("val/")},
                         },
                         indent=1,
@@ -111,7 +111,7 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
-                checkpoint_dir_name=f"checkpoints/epoch={ck['extra']['epoch']}",
+                checkpoint_dir_name=ck["name"],
             )
 
     def all_reduce(t: torch.Tensor) -> torch.Tensor:
