@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
         t = out["test"]
         main = "top1" if "top1" in t else "f1_weighted"
         print(f"test ({t['count']} images, best checkpoint): {main}={t[main]:.4f}")
+    if out.get("report"):
+        print(f"report: {out['report']}")
+    print(f"tensorboard: tensorboard --logdir {out['run_dir']}/tensorboard")
     return out
 
 

@@ -78,6 +78,14 @@ def test_two_workers_train_and_resume_with_the_run_dir_on_s3(ray_session, seawee
     assert ck["extra"]["epoch"] == best["epoch"] and "head.1.weight" in ck["model"]
     test = json.loads(storage.read_text(join(run, "test_metrics.json")))
     assert test["split"] == "test" and test["count"] == 9 and test["top1"] >= 0.8
+    assert out["report"] == join(run, "report", "report.md")
+    md = storage.read_text(out["report"])
+    for png in ("learning_curves", "confusion_matrix", "per_class_f1", "val_samples"):
+        assert storage.read_bytes(join(run, "report", f"{png}.png"))[:4] == b"\x89PNG"
+        assert f"({png}.png)" in md
+    assert f"{test['top1']:.4f}" in md  # the test column of the metrics table
+    events = [f for f in storage.list_files(join(run, "tensorboard")) if "tfevents" in f.uri]
+    assert events and all(f.size > 100 for f in events)
     assert out["test"]["top1"] == test["top1"]
     # the same command with more epochs resumes after epoch 2 instead of starting over
     finetune(

@@ -8,34 +8,15 @@ import uuid
 import pytest
 import torch
 from conftest import s3_storage
+from modelgen import tiny_hf
 from raylens.models.backbones import UnknownBackbone, create_backbone
 from raylens.models.heads import create_head
-
-
-def _tiny_hf(kind: str, path):
-    from transformers import CLIPVisionConfig, CLIPVisionModel, DINOv3ViTConfig, DINOv3ViTModel
-
-    kw = dict(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-    )
-    model = (
-        DINOv3ViTModel(DINOv3ViTConfig(**kw))
-        if kind == "dinov3"
-        else CLIPVisionModel(CLIPVisionConfig(**kw))
-    )
-    model.save_pretrained(path)
-    return model
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {k: (root / k, _tiny_hf(k, root / k)) for k in ("dinov3", "clip")}
+    return {k: (root / k, tiny_hf(k, root / k)) for k in ("dinov3", "clip")}
 
 
 @pytest.mark.parametrize(

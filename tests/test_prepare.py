@@ -207,3 +207,66 @@ def test_crash_while_rewriting_leaves_no_card_that_looks_complete(tmp_path, monk
     monkeypatch.setattr(P.ShardWriter, "flush", real_flush)
     card = _prepare(storage, raw, out, shard_rows=4)  # a re-run completes it
     assert card["total"] == 19 and storage.exists(join(out, "dataset.json"))
+
+
+def test_mosaics_label_sets_match_their_pixels_and_never_cross_splits(store):
+    storage, root = store
+    import io
+
+    import numpy as np
+    from imagegen import PALETTE
+    from PIL import Image
+
+    write_folder(storage, join(root, "raw"), per_class=20)
+    plain = _prepare(storage, join(root, "raw"), join(root, "plain"))
+    _, plain_rows = read_prepared(storage, join(root, "plain"))
+    split_of = {r["id"]: r["split"] for r in plain_rows}
+    card = _prepare(
+        storage, join(root, "raw"), join(root, "mosaic"), mosaic_grid=2, mosaic_skew=0.5,
+        mosaic_ratio=2.0,
+    )  # fmt: skip
+    assert card["task"] == "multi_label" and card["classes"] == CLASSES
+    assert card["mosaic"]["grid"] == 2 and plain["fingerprint"] != card["fingerprint"]
+    _, rows = read_prepared(storage, join(root, "mosaic"))
+    # 2 uses per image / 4 cells: 20 mosaics from 40 train images, 5 from 10 val, ...
+    counts = {s: card["splits"][s]["count"] for s in ("train", "val", "test")}
+    assert counts == {s: round(2 * plain["splits"][s]["count"] / 4) for s in counts}
+    for row in rows:
+        members = row["members"].split(";")
+        assert len(members) == 4 and any(members)
+        assert {split_of[m] for m in members if m} == {row["split"]}  # no leakage
+        img = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"), dtype=np.float64)
+        assert img.shape == (48, 48, 3)  # 2 x 24 px cells
+        seen = set()
+        for k in range(4):
+            cell = img[(k // 2) * 24 : (k // 2 + 1) * 24, (k % 2) * 24 : (k % 2 + 1) * 24]
+            mean = cell.reshape(-1, 3).mean(0)
+            if not members[k]:
+                assert mean.max() == 0  # an empty cell is black
+                continue
+            dist = [np.abs(mean - np.array(c)).sum() for c in PALETTE[:3]]
+            seen.add(int(np.argmin(dist)))
+        assert sorted(seen) == row["labels"], row["id"]
+    per_class = card["splits"]["train"]["per_class"]
+    assert per_class["cat"] > per_class["dog"] > per_class["eel"] > 0  # skew 0.5: eel rare
+    again = _prepare(
+        storage, join(root, "raw"), join(root, "mosaic"), mosaic_grid=2, mosaic_skew=0.5,
+        mosaic_ratio=2.0,
+    )  # fmt: skip
+    assert again.get("up_to_date")  # same source and settings: same mosaics, nothing rewritten
+
+
+def test_mosaic_settings_and_sources_are_checked(tmp_path):
+    from raylens.config import ConfigError
+    from raylens.schema import PrepareConfig
+
+    for bad, key in ((dict(mosaic_grid=1), "mosaic_grid"), (dict(mosaic_empty=1.0), "mosaic_empty"),
+                     (dict(mosaic_skew=0), "mosaic_skew")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"prepare.{key}"):
+            PrepareConfig(output="x", **bad).validate()
+    from raylens.storage import Storage
+
+    storage = Storage()
+    uri, _ = write_manifest(storage, str(tmp_path / "src"), "csv", multi=True)
+    with pytest.raises(ValueError, match="prepare.mosaic_grid.*multi-label"):
+        _prepare(storage, uri, str(tmp_path / "out"), mosaic_grid=2)

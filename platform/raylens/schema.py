@@ -81,6 +81,18 @@ class PrepareConfig:
     )
     max_file_bytes: int = opt(64 * 2**20, "Files larger than this are rejected as too_large.")
     overwrite: bool = opt(False, "Rebuild even when the output is up to date with the source.")
+    mosaic_grid: int = opt(
+        0,
+        "Build multi-label mosaics: N x N tiles of a single-label source's images, labels = "
+        "the classes present (0 = off; 2 = 2x2).",
+    )
+    mosaic_skew: float = opt(
+        0.7, "Mosaics: the k-th class is drawn with weight skew**k (< 1: later classes rare)."
+    )
+    mosaic_empty: float = opt(0.25, "Mosaics: probability a cell is left empty (black).")
+    mosaic_ratio: float = opt(
+        1.0, "Mosaics per split = ratio x images in the split / cells (each image used ~ratio x)."
+    )
 
     def validate(self) -> None:
         fracs = {
@@ -99,6 +111,21 @@ class PrepareConfig:
         for key in ("shard_rows", "shard_bytes", "num_threads", "max_image_pixels"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'prepare.{key}': expected a positive int")
+        if self.mosaic_grid == 1 or not 0 <= self.mosaic_grid <= 8:
+            raise ConfigError(
+                f"config key 'prepare.mosaic_grid': expected 0 (off) or 2..8, got {self.mosaic_grid}"
+            )
+        if not 0.0 <= self.mosaic_empty < 1.0:
+            raise ConfigError(
+                f"config key 'prepare.mosaic_empty': expected a probability in [0, 1), "
+                f"got {self.mosaic_empty}"
+            )
+        for key in ("mosaic_skew", "mosaic_ratio"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(
+                    f"config key 'prepare.{key}': expected a positive number, "
+                    f"got {getattr(self, key)}"
+                )
 
 
 @dataclass

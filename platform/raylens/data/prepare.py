@@ -10,6 +10,8 @@ Rows: ``id`` (str), ``image`` (encoded bytes, as in the source), ``label`` (int3
 ``mode``, then the source's metadata columns. ``dataset.json`` holds the classes, counts
 per split and class, every rejected input with its reason, inputs whose pixel format is
 converted at decode, and a fingerprint of source + settings that makes re-runs idempotent.
+With ``prepare.mosaic_grid`` the rows are multi-label mosaics of the source's images
+(:mod:`raylens.data.mosaic`), with a ``members`` column naming the source ids per cell.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from raylens.data.images import ImageRejected, inspect_image
+from raylens.data.mosaic import build_mosaics, compose
 from raylens.data.sources import SPLITS, Record, Source, label_space, open_source
 from raylens.schema import PrepareConfig, SourceConfig
 from raylens.storage import Storage, join
@@ -111,9 +114,14 @@ class Checked:
 def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checked:
     """Reads and fully decodes one input; never raises for bad input."""
     try:
-        data = record.data if record.data is not None else storage.read_bytes(record.uri)
+        if record.parts is not None:
+            data = compose(record, storage, cfg.max_image_pixels)
+        else:
+            data = record.data if record.data is not None else storage.read_bytes(record.uri)
     except FileNotFoundError as err:
         return Checked(record, reason="missing_file", detail=str(err))
+    except ImageRejected as rej:  # a mosaic member that does not decode
+        return Checked(record, reason=rej.reason, detail=rej.detail)
     try:
         info = inspect_image(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_file_bytes)
     except ImageRejected as rej:
@@ -276,6 +284,22 @@ def prepare(
         storage.delete(join(cfg.output, CARD))
 
     classes, multi = label_space(source, records)
+    if cfg.mosaic_grid:
+        if multi:
+            raise ValueError(
+                "config key 'prepare.mosaic_grid': mosaics need a single-label source; "
+                f"{source_cfg.uri!r} is multi-label"
+            )
+        base = assign_splits(
+            records,
+            train=cfg.train_fraction,
+            val=cfg.val_fraction,
+            test=cfg.test_fraction,
+            seed=seed,
+        )
+        records = build_mosaics(records, base, classes, cfg, seed)
+        multi = True
+        log(f"[prepare] {len(records)} {cfg.mosaic_grid}x{cfg.mosaic_grid} mosaics")
     index = {c: i for i, c in enumerate(classes)}
     splits = assign_splits(
         records, train=cfg.train_fraction, val=cfg.val_fraction, test=cfg.test_fraction, seed=seed
@@ -359,6 +383,16 @@ def prepare(
         "classes": classes,
         "num_classes": len(classes),
         "source": {"uri": source_cfg.uri, "kind": source.kind},
+        "mosaic": (
+            {
+                "grid": cfg.mosaic_grid,
+                "skew": cfg.mosaic_skew,
+                "empty": cfg.mosaic_empty,
+                "ratio": cfg.mosaic_ratio,
+            }
+            if cfg.mosaic_grid
+            else None
+        ),
         "splits": {
             s: {
                 "count": writers[s].total,

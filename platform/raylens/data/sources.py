@@ -49,6 +49,8 @@ class Record:
     split: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     data: bytes | None = None  # set when the bytes come with the listing (IDX)
+    parts: list[Record | None] | None = None  # a mosaic's member records (None: empty cell)
+    grid: int = 0  # a mosaic's side, in cells
 
 
 def _reject(uri: str, reason: str, detail: str, id: str | None = None) -> dict[str, str]:

@@ -142,8 +142,12 @@ def evaluate(
     dtype: torch.dtype | None,
     hooks: Hooks,
     channels_last: bool = False,
+    on_batch: Callable[[dict, torch.Tensor], None] | None = None,
 ) -> dict:
-    """Metrics over ``batches`` (summed over workers through ``hooks.all_reduce``)."""
+    """Metrics over ``batches`` (summed over workers through ``hooks.all_reduce``).
+
+    ``on_batch(batch, logits)`` sees every batch's float logits (e.g. to keep samples).
+    """
     meter = task.meter()
     model.eval()
     with torch.no_grad():
@@ -155,6 +159,8 @@ def evaluate(
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(x)
             meter.update(logits.float(), y, loss=float(task.loss(logits.float(), y)))
+            if on_batch is not None:
+                on_batch(batch, logits.float())
     meter.load_state(hooks.all_reduce(meter.state()))
     return meter.compute()
 
@@ -219,6 +225,7 @@ def fit(
         row = {
             "epoch": state.epoch + (1 if epoch_done else 0),
             "step": state.step,
+            "epoch_end": epoch_done,
             "train/loss": train_loss,
             "lr": opt.param_groups[0]["lr"],
             "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),

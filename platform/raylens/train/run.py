@@ -2,8 +2,11 @@
 
 Run directory (``<run.output_dir>/<run.name>``, local, ``s3://`` or ``gs://``)::
 
-    config.yaml  labels.json  metrics.jsonl  best.json
+    config.yaml  labels.json  metrics.jsonl  best.json  test_metrics.json
     checkpoints/epoch=N/{model,optimizer}.safetensors + state.json
+    tensorboard/events.out.tfevents.*
+    report/report.md + learning_curves.png, confusion_matrix.png, per_class_f1.png,
+           val_samples.png
 
 Ray Train keeps its own run state in the same directory, so re-running the same command
 with the same run name resumes from the last checkpoint, and a worker that dies is
@@ -18,6 +21,7 @@ import math
 import tempfile
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -27,9 +31,11 @@ import torch.distributed as dist
 from raylens import config as C
 from raylens.data.ingest import DatasetInfo, TorchCollate, build_split
 from raylens.models.classifier import build_model
+from raylens.report import Samples, write_report
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join, split_uri
 from raylens.train.checkpoint import load_checkpoint, save_checkpoint
+from raylens.train.events import EventLog
 from raylens.train.launch import build_trainer
 from raylens.train.loop import Hooks, amp_dtype, evaluate, fit, make_task
 
@@ -76,10 +82,12 @@ def train_worker(config: dict[str, Any]) -> None:
             resume = load_checkpoint(Storage(), path)
     out = run_dir(cfg)
     history: list[dict] = list((resume or {}).get("extra", {}).get("history", []))
+    events = EventLog(storage, out) if rank == 0 else None
 
     def report(metrics: dict, ck: dict | None) -> None:
         if rank == 0:
             history.append(metrics)
+            events.add(metrics)
             storage.write_text(
                 join(out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history)
             )
@@ -136,6 +144,8 @@ def train_worker(config: dict[str, Any]) -> None:
         resume=resume,
         channels_last=cfg.model.channels_last,
     )
+    if events is not None:
+        events.close()
 
 
 def check_config(cfg: RunConfig, info: DatasetInfo, storage: Storage) -> None:
@@ -202,20 +212,65 @@ def finetune(cfg: RunConfig, *, max_failures: int = 1) -> dict[str, Any]:
         if storage.exists(join(out, "best.json"))
         else None
     )
-    test = (
-        evaluate_split(cfg, info, join(out, best["checkpoint"]), "test", storage) if best else None
-    )
+    splits: dict[str, dict] = {}
+    samples = None
+    if best:
+        checkpoint = join(out, best["checkpoint"])
+        samples = Samples(np.zeros((0, 1, 1, 3), np.uint8))
+        for split in ("val", "test"):
+            metrics = evaluate_split(
+                cfg, info, checkpoint, split, storage, samples if split == "val" else None
+            )
+            if metrics is not None:
+                splits[split] = metrics
+    test = splits.get("test")
     if test is not None:
         storage.write_text(join(out, "test_metrics.json"), json.dumps(test, indent=1))
-    return {"run_dir": out, "best": best, "test": test, "result": result}
+    report = None
+    if best:
+        history = [
+            json.loads(line)
+            for line in storage.read_text(join(out, "metrics.jsonl")).splitlines()
+            if line.strip()
+        ]
+        report = write_report(
+            storage,
+            out,
+            history=history,
+            metric=cfg.train.best_metric or make_task(cfg.task, len(info.classes)).best_metric,
+            best=best,
+            splits=splits,
+            classes=info.classes,
+            multi_label=info.multi_label,
+            samples=samples,
+            summary={
+                "dataset": f"`{cfg.data.dataset}` ({len(info.classes)} classes, "
+                + ", ".join(f"{k} {v}" for k, v in info.num_rows.items())
+                + ")",
+                "task": cfg.task.name
+                + (f" ({cfg.task.loss} loss)" if cfg.task.name == "multilabel" else ""),
+                "model": f"{cfg.model.backbone} + {cfg.model.head} head",
+                "epochs run": max((r["epoch"] for r in history), default=0),
+                "workers": cfg.ray.num_workers,
+            },
+        )
+    return {"run_dir": out, "best": best, "test": test, "report": report, "result": result}
 
 
 def evaluate_split(
-    cfg: RunConfig, info: DatasetInfo, checkpoint: str, split: str, storage: Storage
+    cfg: RunConfig,
+    info: DatasetInfo,
+    checkpoint: str,
+    split: str,
+    storage: Storage,
+    samples: Samples | None = None,
+    max_samples: int = 32,
 ) -> dict | None:
     """Metrics of a checkpoint on one split (eval transform), on the driver; None if empty.
 
     The test split is only ever evaluated here, after training: never for model selection.
+    ``samples``, when given, receives the split's first ``max_samples`` images (un-normalized)
+    with their true and predicted labels.
     """
     if not info.num_rows.get(split):
         return None
@@ -225,7 +280,43 @@ def evaluate_split(
     task = make_task(cfg.task, len(info.classes))
     batches = ds.iter_torch_batches(batch_size=256, collate_fn=TorchCollate(cfg.data))
     cpu = torch.device("cpu")
+    mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
+    kept: list[np.ndarray] = []
+
+    def names(row: torch.Tensor) -> str:
+        if info.multi_label:
+            return ",".join(info.classes[i] for i in row.nonzero().flatten().tolist()) or "-"
+        return info.classes[int(row)]
+
+    def keep(batch: dict, logits: torch.Tensor) -> None:
+        room = max_samples - sum(len(k) for k in kept)
+        if samples is None or room <= 0:
+            return
+        x = batch["image"][:room].float() * std + mean
+        kept.append((x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
+        y = batch[task.target_key][:room]
+        if info.multi_label:
+            pred = torch.sigmoid(logits[:room]) >= cfg.task.threshold
+        else:
+            pred = logits[:room].argmax(1)
+        samples.true.extend(names(t) for t in y)
+        samples.pred.extend(names(p) for p in pred)
+
     metrics = evaluate(
-        model, task, batches, cpu, amp_dtype(cfg.train.amp, cpu), Hooks(log=lambda m: None)
+        model,
+        task,
+        batches,
+        cpu,
+        amp_dtype(cfg.train.amp, cpu),
+        Hooks(log=lambda m: None),
+        on_batch=keep,
     )
+    if samples is not None and kept:
+        samples.images = np.concatenate(kept)
+    if info.multi_label and "per_class" in metrics:  # index keys -> class names
+        metrics["per_class"] = dict(zip(info.classes, metrics["per_class"].values(), strict=True))
+        by_name = dict(enumerate(info.classes))
+        for key in ("best5", "worst5"):
+            metrics[key] = [(by_name[int(c)], f) for c, f in metrics[key]]
     return {"split": split, "checkpoint": checkpoint, **metrics}
