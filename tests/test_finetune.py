@@ -93,6 +93,7 @@ def test_two_workers_train_and_resume_with_the_run_dir_on_s3(ray_session, seawee
     )
     metrics = [json.loads(x) for x in storage.read_text(join(run, "metrics.jsonl")).splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["resumes"] for m in metrics] == [0, 0, 0, 1]
     assert storage.exists(join(run, "checkpoints/epoch=4/state.json"))
 
 
@@ -140,3 +141,66 @@ def test_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
     assert cfg.data.dataset == str(tmp_path / "data" / "ds")
     remote = absolute_paths(C.load(RunConfig, None, ["run.output_dir=s3://b/runs"]))
     assert remote.run.output_dir == "s3://b/runs"
+
+
+@pytest.mark.timeout(600)
+def test_a_sigkilled_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(
+    ray_session, dataset, tmp_path
+):
+    """SIGKILL the train worker after 2 epochs are reported; with max_failures=1 Ray Train
+    starts a new worker that resumes from the last committed checkpoint (not from scratch)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+    import ray
+
+    # this test session's raylet: its children are this session's workers only (other Ray
+    # instances may run on the machine)
+    raylet = psutil.Process(ray._private.worker._global_node.all_processes["raylet"][0].process.pid)
+
+    metrics_path = tmp_path / "runs" / "kill" / "metrics.jsonl"
+    killed: dict = {}
+
+    def killer() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            if len(rows) >= 2:  # epoch 1's checkpoint is committed: mid-epoch 3 now
+                workers = [
+                    p for p in raylet.children(recursive=True) if "RayTrainWorker" in p.name()
+                ]
+                if workers:
+                    os.kill(workers[0].pid, signal.SIGKILL)
+                    killed.update(pid=workers[0].pid, rows_before=len(rows))
+                    return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    out = finetune(
+        _cfg(
+            dataset,
+            "run.name=kill",
+            f"run.output_dir={tmp_path / 'runs'}",
+            "ray.num_workers=1",
+            "ray.max_failures=1",
+            "data.batch_size=2",  # 36 steps an epoch: the kill lands mid-run
+            "train.epochs=4",
+        )
+    )
+    thread.join(timeout=5)
+    assert killed and killed["rows_before"] < 4, killed  # killed before the run ended
+    metrics = [json.loads(x) for x in metrics_path.read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]  # continues, no epoch run twice
+    # rows before the kill come from the first worker (resumes 0), the rest from its
+    # replacement, which resumed from a checkpoint written before the kill
+    resumes = [m["resumes"] for m in metrics]
+    first_after = resumes.index(1)
+    assert 1 <= first_after <= killed["rows_before"] and resumes[first_after:] == [1] * (
+        4 - first_after
+    ), (resumes, killed)
+    assert metrics[first_after]["step"] > metrics[first_after - 1]["step"]  # step continues
+    assert out["test"]["top1"] >= 0.8

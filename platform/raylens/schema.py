@@ -236,10 +236,15 @@ class RayConfig:
     local_num_cpus: int | None = opt(
         None, "Logical CPUs for a local ray.init; null: the machine's cores."
     )
+    max_failures: int = opt(
+        1, "Times a dead worker group is restarted from the last checkpoint (-1: unlimited)."
+    )
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("config key 'ray.num_workers': expected >= 1")
+        if self.max_failures < -1:
+            raise ConfigError("config key 'ray.max_failures': expected -1 (unlimited) or >= 0")
 
 
 @dataclass

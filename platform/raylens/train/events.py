@@ -13,7 +13,7 @@ import tempfile
 
 from raylens.storage import Storage, join, split_uri
 
-SKIP = {"epoch", "step", "best", "epoch_end"}
+SKIP = {"epoch", "step", "best", "epoch_end", "resumes"}
 
 
 class EventLog:

@@ -131,6 +131,7 @@ class LoopState:
     best: float | None = None
     best_epoch: int | None = None
     bad_rounds: int = 0
+    resumes: int = 0  # times this run continued from a checkpoint (restarts, re-runs)
     history: list[dict] = field(default_factory=list)
 
 
@@ -216,6 +217,7 @@ def fit(
             sched.load_state_dict(resume["scheduler"])
         extra = resume.get("extra", {})
         state = LoopState(**{k: extra[k] for k in LoopState.__dataclass_fields__ if k in extra})
+        state.resumes += 1
         hooks.log(f"[train] resumed after epoch {state.epoch} (step {state.step})")
 
     def validate_and_report(epoch_done: bool, train_loss: float, seen: int, t0: float) -> bool:
@@ -226,6 +228,7 @@ def fit(
             "epoch": state.epoch + (1 if epoch_done else 0),
             "step": state.step,
             "epoch_end": epoch_done,
+            "resumes": state.resumes,
             "train/loss": train_loss,
             "lr": opt.param_groups[0]["lr"],
             "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),

@@ -10,7 +10,7 @@ Run directory (``<run.output_dir>/<run.name>``, local, ``s3://`` or ``gs://``)::
 
 Ray Train keeps its own run state in the same directory, so re-running the same command
 with the same run name resumes from the last checkpoint, and a worker that dies is
-replaced and resumes from it too (``FailureConfig(max_failures)``).
+replaced and resumes from it too (``FailureConfig(ray.max_failures)``).
 """
 
 from __future__ import annotations
@@ -85,41 +85,44 @@ def train_worker(config: dict[str, Any]) -> None:
     events = EventLog(storage, out) if rank == 0 else None
 
     def report(metrics: dict, ck: dict | None) -> None:
-        if rank == 0:
-            history.append(metrics)
-            events.add(metrics)
-            storage.write_text(
-                join(out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history)
-            )
-            if metrics.get("best"):
-                storage.write_text(
-                    join(out, "best.json"),
-                    json.dumps(
-                        {
-                            "epoch": metrics["epoch"],
-                            "checkpoint": metrics["checkpoint"],
-                            "metrics": {k: v for k, v in metrics.items() if k.startswith("val/")},
-                        },
-                        indent=1,
-                    ),
-                )
+        """Reports to Ray Train (with the checkpoint), then rank 0 writes metrics.jsonl and
+        best.json: they never name a checkpoint that was not persisted first."""
         if ck is None:
             ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                save_checkpoint(
-                    Storage(),
-                    tmp,
-                    model=ck["model"],
-                    optimizer=ck["optimizer"],
-                    scheduler=ck["scheduler"],
-                    extra=ck["extra"],
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    save_checkpoint(
+                        Storage(),
+                        tmp,
+                        model=ck["model"],
+                        optimizer=ck["optimizer"],
+                        scheduler=ck["scheduler"],
+                        extra=ck["extra"],
+                    )
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+                    checkpoint_dir_name=ck["name"],
                 )
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
-                checkpoint_dir_name=ck["name"],
+        if rank != 0:
+            return
+        history.append(metrics)
+        events.add(metrics)
+        storage.write_text(
+            join(out, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history)
+        )
+        if metrics.get("best"):
+            storage.write_text(
+                join(out, "best.json"),
+                json.dumps(
+                    {
+                        "epoch": metrics["epoch"],
+                        "checkpoint": metrics["checkpoint"],
+                        "metrics": {k: v for k, v in metrics.items() if k.startswith("val/")},
+                    },
+                    indent=1,
+                ),
             )
 
     def all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -178,7 +181,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, run=run, data=data)
 
 
-def finetune(cfg: RunConfig, *, max_failures: int = 1) -> dict[str, Any]:
+def finetune(cfg: RunConfig) -> dict[str, Any]:
     """Runs (or resumes) a fine-tuning run; returns ``{"run_dir", "best", "test", "result"}``."""
     cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)
@@ -195,7 +198,7 @@ def finetune(cfg: RunConfig, *, max_failures: int = 1) -> dict[str, Any]:
         name=cfg.run.name,
         storage_path=path,
         storage_filesystem=storage.arrow_fs(scheme),
-        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
     )
     trainer, plan = build_trainer(
         train_worker,
