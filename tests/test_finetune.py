@@ -131,6 +131,17 @@ def test_classify_on_a_multilabel_dataset_is_refused(ray_session, tmp_path, monk
         finetune(_cfg(str(tmp_path / "ds"), "run.name=bad"))
 
 
+def test_a_dataset_with_zero_classes_is_refused(ray_session, tmp_path, monkeypatch):
+    import raylens.train.run as R
+
+    storage = Storage()
+    storage.write_text(str(tmp_path / "raw" / "README.txt"), "no images here")
+    prepare_quiet(storage, str(tmp_path / "raw"), str(tmp_path / "ds"))
+    monkeypatch.setattr(R, "build_trainer", lambda *a, **k: pytest.fail("trainer started"))
+    with pytest.raises(ValueError, match="has zero classes"):
+        finetune(_cfg(str(tmp_path / "ds"), "run.name=bad"))
+
+
 def test_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
     """Workers run in Ray's own directories: a relative run dir would land there."""
     from raylens.train.run import absolute_paths

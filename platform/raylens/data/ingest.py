@@ -103,6 +103,12 @@ def read_prepared(
     card = json.loads(storage.read_text(join(dataset, CARD)))
     files = [join(dataset, f) for f in card["splits"][split]["files"]]
     info = DatasetInfo.from_card(card)
+    if not info.classes:
+        rejected = len(card.get("rejected", []))
+        raise ValueError(
+            f"dataset {dataset!r} has zero classes (no usable labelled images; "
+            f"{rejected} rejected, skipped {card.get('skipped', {})}: see its {CARD})"
+        )
     if not files:
         raise ValueError(f"dataset {dataset!r} has no rows in split {split!r}")
     fs, _ = storage.resolve(files[0])
