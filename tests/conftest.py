@@ -90,6 +90,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a cluster `ray start` left running on this machine
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,

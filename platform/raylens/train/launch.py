@@ -31,7 +31,9 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.local_num_cpus, include_dashboard=False)
+        # "local": always a fresh local instance. A bare ray.init() would silently join a
+        # cluster that `ray start` left running on this machine (and refuse num_cpus).
+        ray.init(address="local", num_cpus=cfg.local_num_cpus, include_dashboard=False)
 
 
 def budget(cfg: RayConfig) -> ResourcePlan:
