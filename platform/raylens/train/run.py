@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import tempfile
 from typing import Any
 
@@ -42,6 +43,13 @@ from raylens.train.loop import Hooks, amp_dtype, evaluate, fit, make_task
 
 def run_dir(cfg: RunConfig) -> str:
     return join(cfg.run.output_dir, cfg.run.name)
+
+
+def _say(message: str) -> None:
+    """One progress line on the worker's stdout (shown once by the driver). Not ``print``:
+    Ray Train patches it into a logger whose output reached the driver twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -142,7 +150,7 @@ def train_worker(config: dict[str, Any]) -> None:
             all_reduce=all_reduce,
             report=report,
             is_main=rank == 0,
-            log=print if rank == 0 else (lambda m: None),
+            log=_say if rank == 0 else (lambda m: None),
         ),
         resume=resume,
         channels_last=cfg.model.channels_last,
