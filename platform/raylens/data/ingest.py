@@ -142,19 +142,13 @@ def read_raw(
     Splits come from the source or a seeded stratified split, as in prepare. Unreadable
     files are dropped at decode time and recorded like any other decode failure.
     """
-    from raylens.data.prepare import assign_splits
+    from raylens.data.prepare import splits_for
 
     source = open_source(source_cfg, storage)
     records = sorted(source.records(), key=lambda r: r.id)
     classes, multi = label_space(source, records)
     index = {c: i for i, c in enumerate(classes)}
-    splits = assign_splits(
-        records,
-        train=prepare_cfg.train_fraction,
-        val=prepare_cfg.val_fraction,
-        test=prepare_cfg.test_fraction,
-        seed=seed,
-    )
+    splits = splits_for(records, prepare_cfg, seed)
     counts = {s: sum(1 for r in records if splits[r.id] == s) for s in SPLITS}
     items = [
         {

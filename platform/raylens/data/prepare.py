@@ -96,6 +96,13 @@ def assign_splits(
     return out
 
 
+def splits_for(records: list[Record], cfg: PrepareConfig, seed: int) -> dict[str, str]:
+    """:func:`assign_splits` with the fractions of ``cfg``."""
+    return assign_splits(
+        records, train=cfg.train_fraction, val=cfg.val_fraction, test=cfg.test_fraction, seed=seed
+    )
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -290,20 +297,12 @@ def prepare(
                 "config key 'prepare.mosaic_grid': mosaics need a single-label source; "
                 f"{source_cfg.uri!r} is multi-label"
             )
-        base = assign_splits(
-            records,
-            train=cfg.train_fraction,
-            val=cfg.val_fraction,
-            test=cfg.test_fraction,
-            seed=seed,
-        )
+        base = splits_for(records, cfg, seed)
         records = build_mosaics(records, base, classes, cfg, seed)
         multi = True
         log(f"[prepare] {len(records)} {cfg.mosaic_grid}x{cfg.mosaic_grid} mosaics")
     index = {c: i for i, c in enumerate(classes)}
-    splits = assign_splits(
-        records, train=cfg.train_fraction, val=cfg.val_fraction, test=cfg.test_fraction, seed=seed
-    )
+    splits = splits_for(records, cfg, seed)
     meta_schema = infer_meta_schema(source, records)
     schema = shard_schema(multi, meta_schema)
     writers = {
