@@ -190,6 +190,37 @@ class TaskConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = opt("", "Teacher run dir (local, s3://, gs://): its best checkpoint is used.")
+    store: str = opt(
+        "", "Teacher top-k store (written by jobs.teacher_logits, read by jobs.distill)."
+    )
+    aug_epochs: int = opt(
+        10, "Augmentation epochs stored by the teacher pass; student epoch e replays e % E."
+    )
+    topk: int = opt(5, "Teacher classes kept per sample (k); the rest share 1 - sum(top-k).")
+    mode: Literal["stored", "online"] = opt(
+        "stored", "stored: top-k targets from the store; online: teacher forward every step."
+    )
+    loss: Literal["soft_ce", "kl"] = opt(
+        "soft_ce", "soft_ce: TinyViT soft-target CE; kl: T^2 KL(teacher_T||student_T) + alpha CE."
+    )
+    temperature: float = opt(4.0, "kl: softmax temperature T.")
+    alpha: float = opt(0.5, "kl: weight of the cross-entropy on hard labels.")
+    teacher_batch_size: int = opt(256, "Teacher pass: images per teacher forward.")
+    teacher_concurrency: int = opt(1, "Teacher pass: Ray Data actors holding the teacher.")
+    teacher_num_gpus: float = opt(0.0, "Teacher pass: GPUs per teacher actor.")
+    check_samples: int = opt(256, "teacher_logits --check: samples replayed per epoch.")
+
+    def validate(self) -> None:
+        for key in ("aug_epochs", "topk", "teacher_batch_size", "teacher_concurrency"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'distill.{key}': expected >= 1")
+        if self.temperature <= 0:
+            raise ConfigError("config key 'distill.temperature': expected > 0")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = opt(10, "Training epochs.")
     lr: float = opt(1e-3, "Peak learning rate (AdamW).")
@@ -259,8 +290,9 @@ class RunConfig:
     model: ModelConfig = opt(ModelConfig, "Backbone and head.")
     task: TaskConfig = opt(TaskConfig, "Loss and metrics.")
     train: TrainConfig = opt(TrainConfig, "Optimization loop.")
+    distill: DistillConfig = opt(DistillConfig, "Teacher targets and distillation loss.")
     ray: RayConfig = opt(RayConfig, "Cluster and resource budget.")
 
     def validate(self) -> None:
-        for section in (self.prepare, self.data, self.train, self.ray):
+        for section in (self.prepare, self.data, self.train, self.distill, self.ray):
             section.validate()

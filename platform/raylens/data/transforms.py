@@ -21,17 +21,17 @@ from PIL import Image
 from raylens.data.images import ImageRejected, decode_rgb
 from raylens.schema import DataConfig
 
-SEED_BITS = 63
+SEED_BITS = 32  # 4 bytes a sample in a distillation store; plenty for augmentation draws
 
 
 def sample_seed(base_seed: int, sample_id: str, epoch: int) -> int:
-    """A stable 63-bit augmentation seed for (run seed, sample, epoch)."""
+    """A stable 32-bit augmentation seed for (run seed, sample, epoch)."""
     digest = hashlib.blake2b(f"{base_seed}:{epoch}:{sample_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> (64 - SEED_BITS)
 
 
 def fresh_seeds(n: int) -> np.ndarray:
-    """``n`` random 63-bit seeds from OS entropy (recorded, so still replayable)."""
+    """``n`` random 32-bit seeds from OS entropy (recorded, so still replayable)."""
     return np.random.default_rng().integers(0, 2**SEED_BITS, size=n, dtype=np.int64)
 
 
