@@ -20,17 +20,23 @@ PROG = "python -m jobs.finetune"
 
 
 def main(argv: list[str] | None = None) -> dict:
+    return run(argv, prog=PROG, description=__doc__, distill=False)
+
+
+def run(argv: list[str] | None, *, prog: str, description: str, distill: bool) -> dict:
+    """The fine-tune (or, with ``distill``, the distillation) job's command line."""
+    sections = ["run", "storage", "data", "model", "task", "train", "ray"]
     cfg, _ = parse_job_args(
         argv,
-        prog=PROG,
-        description=__doc__,
-        sections=["run", "storage", "data", "model", "task", "train", "ray"],
+        prog=prog,
+        description=description,
+        sections=sections + (["distill"] if distill else []),
     )
     init_ray(cfg.ray)
     try:
-        out = finetune(cfg)
+        out = finetune(cfg, distill=distill)
     except (ConfigError, UnknownBackbone, ValueError, FileNotFoundError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     best = out["best"] or {}
     print(f"\nrun dir: {out['run_dir']}")

@@ -109,3 +109,110 @@ def test_a_store_that_does_not_fit_the_student_is_named(card, kw, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         TS.check_compatible(card, **args)
     TS.check_compatible(_card(), **{**args, "data": {**args["data"], "image_size": 28}})
+
+
+# ----------------------------------------------------------------------------- on Ray
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A tiny prepared dataset and a teacher trained on it by finetune (vgg_s16, 16 px)."""
+    from raylens import config as C
+    from raylens.schema import RunConfig
+    from raylens.train.run import finetune
+    from sourcegen import prepare_quiet, write_folder
+
+    root = tmp_path_factory.mktemp("distill")
+    storage = Storage()
+    write_folder(storage, str(root / "raw"), per_class=30)
+    prepare_quiet(storage, str(root / "raw"), str(root / "ds"))
+    base = [
+        f"data.dataset={root / 'ds'}", "data.image_size=16", "data.batch_size=8",
+        "data.rrc_scale=[0.6,1.0]", f"run.output_dir={root / 'runs'}", "train.lr=0.005",
+        "train.warmup_epochs=0.5", "ray.num_workers=1",
+    ]  # fmt: skip
+    import ray
+
+    if not ray.is_initialized():
+        pytest.skip("needs the ray_session fixture")
+    out = finetune(C.load(RunConfig, None, [*base, "run.name=teacher", "model.backbone=vgg_s16",
+                                            "train.epochs=2"]))  # fmt: skip
+    return root, base, out["run_dir"]
+
+
+def _distill_cfg(base, teacher, store, *extra):
+    from raylens import config as C
+    from raylens.schema import RunConfig
+
+    return C.load(
+        RunConfig,
+        None,
+        [*base, "model.backbone=vgg_s16", f"distill.teacher={teacher}", f"distill.store={store}",
+         "distill.aug_epochs=2", "distill.topk=2", *extra],
+    )  # fmt: skip
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_teacher_pass_check_replay_and_stored_distillation(ray_session, teacher_run):
+    import json
+    from pathlib import Path
+
+    from raylens.train.run import finetune
+    from raylens.train.teacher import check_store, teacher_pass
+
+    root, base, teacher = teacher_run
+    storage, store = Storage(), str(root / "store")
+    cfg = _distill_cfg(base, teacher, store, "run.name=student")
+    card = teacher_pass(cfg, storage, log=lambda m: None)
+    assert card["epochs"] == 2 and card["k"] == 2 and card["rows_per_epoch"] == 72
+    b = card["bytes_per_sample_epoch"]
+    assert b["without_id"] <= 1.1 * b["bound"] == 1.1 * 12, b
+    # epochs differ (fresh augmentation per epoch), and every seed is re-derivable
+    e0, e1 = (TS.read_epoch(storage, store, e, 2) for e in (0, 1))
+    assert list(e0.ids) == list(e1.ids) and (e0.seeds != e1.seeds).mean() > 0.9
+    report = check_store(_distill_cfg(base, teacher, store, "distill.check_samples=40"),
+                         storage, log=lambda m: None)  # fmt: skip
+    assert report["samples"] == 40 and report["seed_mismatches"] == 0
+    assert report["index_mismatch_rate"] == 0.0 and report["mean_abs_prob_error"] < 1e-3
+    # the student: 3 epochs over 2 stored ones (epoch 2 replays stored epoch 0)
+    out = finetune(_distill_cfg(base, teacher, store, "run.name=student", "train.epochs=3"),
+                   distill=True)  # fmt: skip
+    rows = [json.loads(x) for x in Path(out["run_dir"], "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["val/top1"] >= 0.8, rows
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"]
+    assert "distilled (stored, soft_ce, k=2)" in Path(out["report"]).read_text()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_online_distillation_and_bad_stores_fail_before_training(
+    ray_session, teacher_run, monkeypatch
+):
+    import raylens.train.run as R
+    from raylens.train.run import finetune
+    from raylens.train.teacher import teacher_pass
+
+    root, base, teacher = teacher_run
+    storage, store = Storage(), str(root / "store-bad")
+    out = finetune(_distill_cfg(base, teacher, store, "run.name=online", "distill.mode=online",
+                                "train.epochs=1", "distill.loss=kl"), distill=True)  # fmt: skip
+    assert out["test"]["count"] == 9
+    teacher_pass(_distill_cfg(base, teacher, store, "run.name=x"), storage, log=lambda m: None)
+    monkeypatch.setattr(R, "build_trainer", lambda *a, **k: pytest.fail("trainer started"))
+    with pytest.raises(ValueError, match="'distill.topk': 3, but .* keeps k=2"):
+        finetune(_distill_cfg(base, teacher, store, "run.name=x", "distill.topk=3"), distill=True)
+    # a store that misses some train ids
+    t = TS.read_epoch(storage, store, 1, 2)
+    keep = slice(5, None)
+    TS.write_epoch(storage, store, TS.encode(list(t.ids[keep]), 1, t.seeds[keep], t.idx[keep],
+                                             t.prob[keep]))  # fmt: skip
+    with pytest.raises(ValueError, match="does not cover the dataset: epoch 1 lacks 5 of 72"):
+        finetune(_distill_cfg(base, teacher, store, "run.name=x"), distill=True)
+    # the dataset changed since the store was written (another version)
+    from sourcegen import prepare_quiet
+
+    prepare_quiet(storage, str(root / "raw"), str(root / "ds"), train_fraction=0.7,
+                  val_fraction=0.2)  # fmt: skip
+    with pytest.raises(ValueError, match="another version of the dataset"):
+        finetune(_distill_cfg(base, teacher, store, "run.name=x"), distill=True)

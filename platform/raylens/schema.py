@@ -254,6 +254,46 @@ class TrainConfig:
 
 
 @dataclass
+class EmbedConfig:
+    model: str = opt(
+        "",
+        "A run dir (local, s3://, gs://; its best checkpoint) or a backbone name (vgg_s32, ...).",
+    )
+    checkpoint: str | None = opt(
+        None, "Run dir model: checkpoint dir relative to it (checkpoints/epoch=3); null: best.json."
+    )
+    output: str = opt("", "Output dir: Parquet files + _manifest.json (local, s3://, gs://).")
+    splits: list[str] = opt([], "Dataset splits to embed (train, val, test); empty: all of them.")
+    normalize: bool = opt(False, "L2-normalize each embedding to unit length.")
+    include_logits: bool = opt(False, "Also write logits and probs columns (run-dir classifier).")
+    image_size: int | None = opt(
+        None, "Input side in pixels; null: the run's data.image_size or the backbone's own size."
+    )
+    amp: Literal["off", "bf16", "fp16"] = opt("off", "Autocast for the forward; off: exact fp32.")
+    batch_size: int = opt(256, "Images per model forward, per actor.")
+    concurrency: int = opt(1, "Model actors (each holds one copy of the model).")
+    num_cpus: float = opt(1.0, "CPUs reserved per model actor; its torch threads = max(1, int).")
+    num_gpus: float = opt(0.0, "GPUs per model actor (1 on a GPU cluster; 0: CPU).")
+    rows_per_file: int = opt(1_000_000, "At most this many rows per output Parquet file.")
+
+    def validate(self) -> None:
+        for key in ("batch_size", "concurrency", "rows_per_file"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'embed.{key}': expected >= 1")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ConfigError("config keys 'embed.num_cpus/num_gpus': expected >= 0")
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError(
+                f"config key 'embed.image_size': expected >= 8, got {self.image_size}"
+            )
+        bad = [s for s in self.splits if s not in ("train", "val", "test")]
+        if bad:
+            raise ConfigError(
+                f"config key 'embed.splits': unknown split(s) {bad}; train, val, test"
+            )
+
+
+@dataclass
 class RayConfig:
     address: str | None = opt(None, "Ray address; null: join the job's cluster or start local.")
     num_workers: int = opt(1, "Ray Train workers (DDP ranks).")
@@ -290,6 +330,7 @@ class RunConfig:
     model: ModelConfig = opt(ModelConfig, "Backbone and head.")
     task: TaskConfig = opt(TaskConfig, "Loss and metrics.")
     train: TrainConfig = opt(TrainConfig, "Optimization loop.")
+    embed: EmbedConfig = opt(EmbedConfig, "Batch inference: embeddings (jobs.embed).")
     distill: DistillConfig = opt(DistillConfig, "Teacher targets and distillation loss.")
     ray: RayConfig = opt(RayConfig, "Cluster and resource budget.")
 

@@ -31,7 +31,7 @@ from raylens.data.transforms import (
     normalize,
     sample_seed,
 )
-from raylens.schema import DataConfig, PrepareConfig, RunConfig, SourceConfig
+from raylens.schema import DataConfig, PrepareConfig, RunConfig, SourceConfig, StorageConfig
 from raylens.storage import Storage, join, split_uri
 
 FAILURES_ACTOR = "raylens_ingest_failures"
@@ -85,6 +85,49 @@ def ingest_failures() -> list[dict[str, str]]:
 
 def clear_ingest_failures() -> None:
     ray.get(_failures_actor().clear.remote())
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+@ray.remote(num_cpus=0)
+class EpochClock:
+    """The training epoch, set by the train loop before each epoch and read by the decode
+    tasks, which derive each sample's augmentation seed (and teacher targets) from it."""
+
+    def __init__(self):
+        self.epoch = -1
+
+    def set(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def get(self) -> int:
+        return self.epoch
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    """Where a student's decode tasks find the teacher's stored top-k targets."""
+
+    clock: str  # EpochClock actor name (namespace "raylens")
+    store: str
+    storage: StorageConfig
+    k: int
+    seed: int  # the store's augmentation base seed
+    epochs: int  # E: student epoch e replays stored epoch e % E
+
+
+_TARGETS_CACHE: dict[tuple[str, int], Any] = {}
+
+
+def _epoch_targets(spec: TeacherTargets, epoch: int):
+    from raylens.data import teacher_store as TS
+
+    key = (spec.store, epoch)
+    if key not in _TARGETS_CACHE:
+        _TARGETS_CACHE.clear()  # one epoch at a time per process
+        _TARGETS_CACHE[key] = TS.read_epoch(Storage(spec.storage), spec.store, epoch, spec.k)
+    return _TARGETS_CACHE[key]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -192,13 +235,26 @@ class _DecodeBatch:
         epoch: int | None,
         num_classes: int,
         multi_label: bool,
+        targets: TeacherTargets | None = None,
     ):
         self.transform, self.seed, self.epoch = transform, seed, epoch
         self.num_classes, self.multi_label = num_classes, multi_label
+        self.targets = targets
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["id"]]
-        if not self.transform.train:
+        stored = None
+        if self.targets is not None:  # distillation: replay the teacher's epoch
+            clock = ray.get_actor(self.targets.clock, namespace="raylens")
+            train_epoch = ray.get(clock.get.remote())
+            if train_epoch < 0:
+                raise RuntimeError("distillation: the train loop did not set the epoch clock")
+            replay = train_epoch % self.targets.epochs
+            seeds = np.array(
+                [sample_seed(self.targets.seed, i, replay) for i in ids], dtype=np.int64
+            )
+            stored = _epoch_targets(self.targets, replay)
+        elif not self.transform.train:
             seeds = np.zeros(len(ids), dtype=np.int64)
         elif self.epoch is None:
             seeds = fresh_seeds(len(ids))
@@ -214,6 +270,16 @@ class _DecodeBatch:
             "image": pixels,
             "aug_seed": seeds[kept],
         }
+        if stored is not None:
+            rows = stored.rows([ids[i] for i in kept])
+            if not np.array_equal(stored.seeds[rows].astype(np.int64), out["aug_seed"]):
+                raise RuntimeError(
+                    f"teacher store {self.targets.store!r}: stored augmentation seeds differ "
+                    "from the replayed ones (a store from another run.seed?)"
+                )
+            out["teacher_idx"] = stored.idx[rows]
+            out["teacher_prob"] = stored.prob[rows]
+            out["aug_epoch"] = np.full(len(kept), replay, dtype=np.int64)
         if self.multi_label:
             hot = np.zeros((len(kept), self.num_classes), dtype=np.float32)
             for row, i in enumerate(kept):
@@ -231,6 +297,7 @@ def build_split(
     *,
     train: bool | None = None,
     epoch: int | None = None,
+    targets: TeacherTargets | None = None,
 ) -> tuple[ray.data.Dataset, DatasetInfo]:
     """The decoded, transformed dataset of one split.
 
@@ -238,6 +305,9 @@ def build_split(
         train: augment (default: ``split == "train"``).
         epoch: derive each sample's augmentation seed from ``(run.seed, id, epoch)``; None
             draws fresh seeds each pass (recorded in ``aug_seed`` either way).
+        targets: distillation: each pass reads the epoch from ``targets.clock``, replays the
+            teacher's augmentation of epoch ``e % E`` and adds ``teacher_idx``,
+            ``teacher_prob`` and ``aug_epoch`` columns from the store.
     """
     train = split == "train" if train is None else train
     data = cfg.data
@@ -257,6 +327,7 @@ def build_split(
         epoch,
         len(info.classes),
         info.multi_label,
+        targets,
     )
     if train:
         ds = ds.randomize_block_order(seed=cfg.run.seed)  # rows reshuffle per epoch on workers
@@ -282,7 +353,7 @@ class TorchCollate(NumpyBatchCollateFn):
             "aug_seed": torch.from_numpy(np.array(batch["aug_seed"])),
             "id": list(batch["id"]),
         }
-        for key in ("label", "labels"):
+        for key in ("label", "labels", "teacher_idx", "teacher_prob", "aug_epoch"):
             if key in batch:
                 out[key] = torch.from_numpy(np.array(batch[key]))
         return out

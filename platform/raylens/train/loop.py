@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from raylens.schema import TaskConfig, TrainConfig
+from raylens.schema import DistillConfig, TaskConfig, TrainConfig
 from raylens.tasks.classification import ClassificationMeter, classification_loss
+from raylens.tasks.distill import dense_from_topk, kd_kl, soft_target_ce
 from raylens.tasks.multilabel import MultiLabelMeter, bce_loss, focal_loss
 
 
@@ -33,6 +34,9 @@ class Task:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     meter: Callable[[], Any]
     best_metric: str
+    # training loss from (logits, batch, model input) when it needs more than the target,
+    # e.g. distillation's teacher targets; validation always uses ``loss``
+    train_loss: Callable[[torch.Tensor, dict, torch.Tensor], torch.Tensor] | None = None
 
 
 def make_task(cfg: TaskConfig, num_classes: int) -> Task:
@@ -56,6 +60,40 @@ def make_task(cfg: TaskConfig, num_classes: int) -> Task:
         loss,
         lambda: MultiLabelMeter(num_classes, cfg.threshold),
         "f1_weighted",
+    )
+
+
+def make_distill_task(
+    cfg: DistillConfig,
+    num_classes: int,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Task:
+    """Classification validated on hard labels, trained against the teacher: stored top-k
+    targets (``teacher_idx``/``teacher_prob`` in the batch) or, with ``teacher`` (online
+    mode), the teacher's full softmax on the same input."""
+
+    def train_loss(logits: torch.Tensor, batch: dict, x: torch.Tensor) -> torch.Tensor:
+        if teacher is not None:
+            with torch.no_grad():
+                target = torch.softmax(teacher(x).float(), dim=1)
+        else:
+            target = dense_from_topk(
+                batch["teacher_idx"].to(logits.device),
+                batch["teacher_prob"].to(logits.device),
+                num_classes,
+            )
+        if cfg.loss == "soft_ce":
+            return soft_target_ce(logits, target)
+        labels = batch["label"].to(logits.device)
+        return kd_kl(logits, target, labels, temperature=cfg.temperature, alpha=cfg.alpha)
+
+    return Task(
+        "distill",
+        "label",
+        lambda z, y: classification_loss(z, y),
+        lambda: ClassificationMeter(num_classes),
+        "top1",
+        train_loss,
     )
 
 
@@ -303,7 +341,10 @@ def fit(
             with sync:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     logits = model(x)
-                loss = task.loss(logits.float(), y)
+                if task.train_loss is not None:
+                    loss = task.train_loss(logits.float(), batch, x)
+                else:
+                    loss = task.loss(logits.float(), y)
                 scaler.scale(loss / cfg.grad_accum).backward()
             if last_micro:
                 optimizer_step()

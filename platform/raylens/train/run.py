@@ -20,6 +20,7 @@ import json
 import math
 import sys
 import tempfile
+import uuid
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,13 @@ import torch
 import torch.distributed as dist
 
 from raylens import config as C
-from raylens.data.ingest import DatasetInfo, TorchCollate, build_split
+from raylens.data.ingest import (
+    DatasetInfo,
+    EpochClock,
+    TeacherTargets,
+    TorchCollate,
+    build_split,
+)
 from raylens.models.classifier import build_model
 from raylens.report import Samples, write_report
 from raylens.schema import RunConfig
@@ -38,7 +45,8 @@ from raylens.storage import Storage, join, split_uri
 from raylens.train.checkpoint import load_checkpoint, save_checkpoint
 from raylens.train.events import EventLog
 from raylens.train.launch import build_trainer
-from raylens.train.loop import Hooks, amp_dtype, evaluate, fit, make_task
+from raylens.train.loop import Hooks, amp_dtype, evaluate, fit, make_distill_task, make_task
+from raylens.train.teacher import TeacherInput, load_teacher
 
 
 def run_dir(cfg: RunConfig) -> str:
@@ -66,6 +74,10 @@ def train_worker(config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     task = make_task(cfg.task, len(info.classes))
+    targets: TeacherTargets | None = config.get("targets")
+    if config.get("distill"):
+        task = make_distill_task(cfg.distill, len(info.classes), _online_teacher(cfg, device))
+    clock = ray.get_actor(targets.clock, namespace="raylens") if targets else None
     collate = TorchCollate(cfg.data)
     bs = cfg.data.batch_size
     train_shard = ray.train.get_dataset_shard("train")
@@ -75,13 +87,18 @@ def train_worker(config: dict[str, Any]) -> None:
         """Train batches (``epoch`` given) shuffle with a seed per (run seed, epoch, rank), so
         a run is reproducible and epochs differ; validation batches don't shuffle."""
         shuffle = epoch is not None and cfg.data.shuffle_buffer > 0
-        return shard.iter_torch_batches(
+        if clock is not None and epoch is not None:
+            ray.get(clock.set.remote(epoch))  # the decode tasks replay the teacher's epoch
+        it = shard.iter_torch_batches(
             batch_size=bs,
             collate_fn=collate,
             prefetch_batches=cfg.data.prefetch_batches,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer if shuffle else None,
             local_shuffle_seed=cfg.run.seed * 1_000_003 + epoch * 1009 + rank if shuffle else None,
         )
+        if clock is None or epoch is None:
+            return it
+        return _replayed(it, epoch % targets.epochs)
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -159,6 +176,90 @@ def train_worker(config: dict[str, Any]) -> None:
         events.close()
 
 
+def _replayed(batches, replay: int):
+    """Train batches of a distillation run, checked to replay the expected teacher epoch."""
+    for batch in batches:
+        if not bool((batch["aug_epoch"] == replay).all()):
+            raise RuntimeError(
+                f"distillation: a batch replays teacher epoch(s) "
+                f"{sorted(set(batch['aug_epoch'].tolist()))}, expected {replay}"
+            )
+        yield batch
+
+
+def _online_teacher(cfg: RunConfig, device: torch.device):
+    """Online distillation: the teacher's logits on the student's (normalized) input."""
+    if cfg.distill.mode != "online":
+        return None
+    model, teacher_cfg, _ = load_teacher(cfg.distill.teacher, Storage(cfg.storage))
+    model.to(device)
+    to_input = TeacherInput(teacher_cfg)
+    mean = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1) * 255.0
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        return model(to_input(x.float() * std + mean))
+
+    return teacher
+
+
+def distill_setup(
+    cfg: RunConfig, info: DatasetInfo, storage: Storage
+) -> tuple[TeacherTargets | None, Any]:
+    """Checks the teacher (online) or its store (stored) against the student's run before
+    any worker starts; for a store, creates the epoch clock the decode tasks read."""
+    from raylens.data import teacher_store as TS
+    from raylens.data.prepare import load_card
+
+    d = cfg.distill
+    if info.multi_label:
+        raise ValueError(f"distillation needs a single-label dataset; {cfg.data.dataset!r} is not")
+    if d.mode == "online":
+        _, _, classes = load_teacher(d.teacher, storage)
+        if len(classes) != len(info.classes):
+            raise ValueError(
+                f"teacher {d.teacher!r} has {len(classes)} classes, the student {len(info.classes)}"
+            )
+        return None, None
+    if not d.store:
+        raise ValueError("config key 'distill.store' is required (or distill.mode=online)")
+    card = TS.load_card(storage, d.store)
+    dataset_card = load_card(storage, cfg.data.dataset)
+    TS.check_compatible(
+        card,
+        dataset_card=dataset_card,
+        data=dataclasses.asdict(cfg.data),
+        topk=d.topk,
+        num_classes=len(info.classes),
+        seed=cfg.run.seed,
+        aug_epochs=d.aug_epochs,
+    )
+    train_ids = _train_ids(cfg.data.dataset, dataset_card, storage)
+    for epoch in range(d.aug_epochs):
+        missing = train_ids - TS.read_ids(storage, d.store, epoch)
+        if missing:
+            raise ValueError(
+                f"teacher store {d.store!r} does not cover the dataset: epoch {epoch} lacks "
+                f"{len(missing)} of {len(train_ids)} train ids (e.g. {sorted(missing)[:3]})"
+            )
+    name = f"raylens-clock-{uuid.uuid4().hex[:12]}"
+    clock = EpochClock.options(name=name, namespace="raylens").remote()
+    targets = TeacherTargets(name, d.store, cfg.storage, d.topk, card["seed"], d.aug_epochs)
+    return targets, clock
+
+
+def _train_ids(dataset: str, card: dict, storage: Storage) -> set[str]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    ids: set[str] = set()
+    for f in card["splits"]["train"]["files"]:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(join(dataset, f))), columns=["id"])
+        ids.update(table.column("id").to_pylist())
+    return ids
+
+
 def check_config(cfg: RunConfig, info: DatasetInfo, storage: Storage) -> None:
     """Fails before any worker starts, naming the problem (backbone, unfreeze, task/data)."""
     if not info.classes:
@@ -186,16 +287,28 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     data = cfg.data
     if data.dataset and split_uri(data.dataset)[0] == "file":
         data = dataclasses.replace(data, dataset=split_uri(data.dataset)[1])
-    return dataclasses.replace(cfg, run=run, data=data)
+    distill = cfg.distill
+    for key in ("teacher", "store"):
+        value = getattr(distill, key)
+        if value and split_uri(value)[0] == "file":
+            distill = dataclasses.replace(distill, **{key: split_uri(value)[1]})
+    return dataclasses.replace(cfg, run=run, data=data, distill=distill)
 
 
-def finetune(cfg: RunConfig) -> dict[str, Any]:
-    """Runs (or resumes) a fine-tuning run; returns ``{"run_dir", "best", "test", "result"}``."""
+def finetune(cfg: RunConfig, *, distill: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) a fine-tuning run; returns ``{"run_dir", "best", "test", "result"}``.
+
+    ``distill``: train against a teacher (``cfg.distill``: stored top-k targets replayed
+    with the teacher's augmentation, or an online teacher); validated on hard labels.
+    """
     cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)
     train_ds, info = build_split(cfg, "train", storage)
     val_ds, _ = build_split(cfg, "val", storage)
     check_config(cfg, info, storage)
+    targets, clock = distill_setup(cfg, info, storage) if distill else (None, None)
+    if targets is not None:
+        train_ds, _ = build_split(cfg, "train", storage, targets=targets)
     out = run_dir(cfg)
     storage.write_text(join(out, "config.yaml"), C.to_yaml(cfg))
     storage.write_text(
@@ -210,7 +323,7 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
     )
     trainer, plan = build_trainer(
         train_worker,
-        {"cfg": cfg, "info": info},
+        {"cfg": cfg, "info": info, "distill": distill, "targets": targets},
         {"train": train_ds, "val": val_ds},
         cfg,
         run_config=run_config,
@@ -218,6 +331,7 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
     )
     print(f"[finetune] {plan.describe()}; run dir {out}")
     result = trainer.fit()
+    del clock  # the epoch clock lives as long as the run
     best = (
         json.loads(storage.read_text(join(out, "best.json")))
         if storage.exists(join(out, "best.json"))
@@ -259,7 +373,13 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
                 + ", ".join(f"{k} {v}" for k, v in info.num_rows.items())
                 + ")",
                 "task": cfg.task.name
-                + (f" ({cfg.task.loss} loss)" if cfg.task.name == "multilabel" else ""),
+                + (f" ({cfg.task.loss} loss)" if cfg.task.name == "multilabel" else "")
+                + (
+                    f", distilled ({cfg.distill.mode}, {cfg.distill.loss}, k={cfg.distill.topk}) "
+                    f"from `{cfg.distill.teacher}`"
+                    if distill
+                    else ""
+                ),
                 "model": f"{cfg.model.backbone} + {cfg.model.head} head",
                 "epochs run": max((r["epoch"] for r in history), default=0),
                 "workers": cfg.ray.num_workers,
