@@ -1,0 +1,156 @@
+"""Distillation cost: a student epoch on stored top-k targets vs with an online teacher.
+
+    .venv/bin/python benchmarks/distill.py [--steps 40 --reps 3 --write]
+
+Same student (vgg_s16), same teacher (vgg_s32, the CPU default; random init: the cost
+does not depend on the weights), same in-memory batches, same loop
+(``raylens.train.loop.fit`` with ``make_distill_task``): stored mode reads each batch's
+top-k targets, online mode runs the teacher forward on every step. Rounds interleave
+(stored, online, ...) and medians are compared, because the machine is shared.
+Also reports the bytes a sample and epoch of a real store (``--store``), vs 4 + 4k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from raylens import config as C
+from raylens.models.classifier import build_model
+from raylens.schema import RunConfig
+from raylens.tasks.distill import topk_sparse
+from raylens.train.loop import Hooks, fit, make_distill_task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(mode: str, batches: list[dict], teacher, steps: int, cfg: RunConfig) -> float:
+    """Images/s of one epoch of ``steps`` steps (after 3 untimed warm-up steps)."""
+    torch.manual_seed(0)
+    student = build_model(cfg.model, 10)
+    task = make_distill_task(cfg.distill, 10, teacher if mode == "online" else None)
+    times: list[float] = []
+
+    def timed(epoch):
+        for i in range(steps + 3):
+            if i == 3:
+                times.append(time.perf_counter())
+            yield batches[i % len(batches)]
+        times.append(time.perf_counter())
+
+    fit(
+        student,
+        task,
+        cfg.train,
+        train_batches=timed,
+        val_batches=lambda: batches[:1],
+        steps_per_epoch=steps + 3,
+        device=torch.device("cpu"),
+        hooks=Hooks(log=lambda m: None),
+        channels_last=True,
+    )
+    return steps * batches[0]["image"].shape[0] / (times[1] - times[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--store", default=os.path.join(REPO, "data", "fashion-mnist-teacher-top5"))
+    ap.add_argument("--write", action="store_true", help="append the result to RESULTS.md")
+    args = ap.parse_args()
+    cfg = C.load(
+        RunConfig,
+        None,
+        [
+            "model.backbone=vgg_s16",
+            "train.epochs=1",
+            "train.warmup_epochs=0",
+            "train.grad_clip=null",
+            "train.amp=auto",
+            "distill.topk=5",
+        ],
+    )
+    g = torch.Generator().manual_seed(0)
+    teacher_model = build_model(
+        C.load(RunConfig, None, ["model.backbone=vgg_s32"]).model, 10
+    ).eval()
+    teacher_model = teacher_model.to(memory_format=torch.channels_last)
+
+    def teacher(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return teacher_model(x.contiguous(memory_format=torch.channels_last))
+
+    batches = []
+    for _ in range(8):
+        x = torch.randn(args.batch_size, 3, 28, 28, generator=g)
+        with torch.no_grad():
+            idx, prob = topk_sparse(teacher(x).float(), 5)
+        batches.append(
+            {
+                "image": x,
+                "label": torch.randint(0, 10, (args.batch_size,), generator=g),
+                "teacher_idx": idx,
+                "teacher_prob": prob,
+            }
+        )
+    results: dict[str, list[float]] = {"stored": [], "online": []}
+    for rep in range(args.reps):
+        for mode in ("stored", "online") if rep % 2 == 0 else ("online", "stored"):
+            results[mode].append(run(mode, batches, teacher, args.steps, cfg))
+            print(f"round {rep + 1} {mode}: {results[mode][-1]:,.0f} img/s", flush=True)
+    med = {m: statistics.median(v) for m, v in results.items()}
+    ratio = med["online"] / med["stored"]  # epoch time stored / online
+    store_line = "no store found (run jobs.teacher_logits first)"
+    store_card = os.path.join(args.store, "store.json")
+    if os.path.exists(store_card):
+        with open(store_card) as f:
+            card = json.load(f)
+        b = card["bytes_per_sample_epoch"]
+        cols = ", ".join(f"{c} {v:.2f}" for c, v in b["by_column"].items())
+        store_line = (
+            f"`{os.path.relpath(args.store, REPO)}`: {card['rows_per_epoch']:,} samples x "
+            f"{card['epochs']} epochs, k={card['k']}: **{b['without_id']:.2f} bytes** a sample "
+            f"and epoch besides the id (bound 4 + 4k = {b['bound']}, 1.1x = "
+            f"{1.1 * b['bound']:.1f}); per column: {cols}"
+        )
+    cpu = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    text = f"""
+## Distillation (benchmarks/distill.py)
+
+Command: `.venv/bin/python benchmarks/distill.py --steps {args.steps} --reps {args.reps} --write`
+Date: {time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime())}
+Machine: {cpu} CPUs, no GPU; Python {platform.python_version()}, torch {torch.__version__}
+
+Student `vgg_s16` trained by `raylens.train.loop.fit` (bf16 autocast, channels_last) on the
+same {len(batches)} in-memory batches of {args.batch_size} 28 px images, {args.steps} timed
+steps after 3 warm-up steps; teacher `vgg_s32` (bf16 autocast, random init: cost only).
+
+| mode | median images/s | runs |
+|---|---:|---|
+| stored top-5 targets | {med["stored"]:,.0f} | {", ".join(f"{v:,.0f}" for v in results["stored"])} |
+| online teacher | {med["online"]:,.0f} | {", ".join(f"{v:,.0f}" for v in results["online"])} |
+
+| ratio | value | target | |
+|---|---:|---:|---|
+| epoch time, stored / online | {ratio:.2f} | <= 0.6 | {"met" if ratio <= 0.6 else "NOT met"} |
+
+Store size: {store_line}.
+"""
+    print(text)
+    if args.write:
+        with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
+            f.write(text)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
