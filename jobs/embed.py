@@ -17,7 +17,7 @@ import sys
 
 from raylens.cli import parse_job_args
 from raylens.config import ConfigError
-from raylens.infer.embed import MANIFEST, plan_embed, run_embed
+from raylens.infer.embed import MANIFEST, NotCommitted, plan_embed, run_embed
 from raylens.storage import Storage, StorageError, join
 from raylens.train.launch import init_ray
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         manifest = run_embed(plan, storage)
     except ConfigError as err:  # an actor pool the cluster can't hold
         _fail(storage, err, 2)
-    except StorageError as err:
+    except (StorageError, NotCommitted) as err:
         _fail(storage, err, 1)
     print(
         f"\nembeddings: {plan.output}  ({manifest['rows']:,} rows, dim {manifest['dim']}, "

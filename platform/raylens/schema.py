@@ -274,7 +274,7 @@ class EmbedConfig:
     concurrency: int = opt(1, "Model actors (each holds one copy of the model).")
     num_cpus: float = opt(1.0, "CPUs reserved per model actor; its torch threads = max(1, int).")
     num_gpus: float = opt(0.0, "GPUs per model actor (1 on a GPU cluster; 0: CPU).")
-    rows_per_file: int = opt(1_000_000, "At most this many rows per output Parquet file.")
+    rows_per_file: int = opt(100_000, "Target rows per output Parquet file (held by a writer).")
 
     def validate(self) -> None:
         for key in ("batch_size", "concurrency", "rows_per_file"):

@@ -6,10 +6,11 @@
 One Ray Data graph over every selected split::
 
     read (prepared Parquet shards with all their columns; a raw folder/manifest: its listing)
-      → decode + eval transform            tasks, uint8 pixels (as training's ingest)
+      → decode + eval transform            uint8 pixels (as training's ingest); without GPUs
+                                           fused into the model actors, else CPU tasks
       → model forward                      actor pool: embed.concurrency actors, each loads
                                            the model once (embed.num_cpus / num_gpus each)
-      → write_parquet                      <output>/_staging-<uuid>/
+      → write_parquet                      <output>/_staging-<run id>/
       → commit                             old _manifest.json removed, staged files moved to
                                            <output>/part-NNNNN.parquet, files of an earlier
                                            run deleted, _manifest.json written last
@@ -24,6 +25,8 @@ names, so the staging dir and the manifest are never read as data. The manifest 
 commit marker: a run that fails before the commit leaves the previous output as it was; a
 crash during the commit (moves and deletes, seconds) leaves an output without a manifest,
 which the next run repairs. Re-running replaces the output: one row per image, always.
+Two runs on one output at once: the later one started (``_writer.json``) wins; the
+earlier one commits nothing.
 """
 
 from __future__ import annotations
@@ -54,9 +57,14 @@ from raylens.storage import Storage, join, split_uri
 
 FORMAT = "raylens.embeddings/1"
 MANIFEST = "_manifest.json"
+WRITER = "_writer.json"  # the run writing this output now: a later run supersedes it
 STAGING_PREFIX = "_staging-"
 PIXELS = "_pixels"  # decoded uint8 [3, s, s] between the decode and model stages
 FIRST = ("id", "split", "source")
+
+
+class NotCommitted(RuntimeError):
+    """The run's output was not committed (superseded by a later run, or inconsistent)."""
 
 
 def _say(message: str) -> None:
@@ -94,7 +102,7 @@ def _check_output(output: str, dataset: str, model: ModelSource, storage: Storag
             f"config key 'embed.output': {output!r} is (inside) a prepared dataset; "
             "write embeddings to a directory of their own"
         )
-    if model.kind == "run" and (output == model.name or storage.exists(join(output, "labels.json"))):
+    if output == model.name or storage.exists(join(output, "labels.json")):
         raise ValueError(
             f"config key 'embed.output': {output!r} is a run dir; write embeddings to a "
             "directory of their own"
@@ -310,11 +318,16 @@ def build_dataset(plan: EmbedPlan, storage: Storage) -> ray.data.Dataset:
         ds = ray.data.from_arrow(
             [table.slice(i, rows_per_batch) for i in range(0, table.num_rows, rows_per_batch)]
         )
+    # Without a GPU the decode asks for the actors' CPUs, so Ray Data fuses it into them:
+    # each actor decodes its own batches (no pixel hop through the object store, no extra
+    # process competing for the cores). With GPUs it stays a CPU task stage of its own,
+    # so the GPU actors only run the model.
     ds = ds.map_batches(
         _decode_batch,
         batch_size=rows_per_batch,
         batch_format="pyarrow",
         fn_kwargs={"transform": plan.model.transform(), "storage": storage},
+        num_cpus=e.num_cpus if not e.num_gpus else 1,
     )
     return ds.map_batches(
         EmbedBatch,
@@ -340,8 +353,11 @@ def run_embed(plan: EmbedPlan, storage: Storage | None = None) -> dict[str, Any]
         f"{e.concurrency} actor(s) x {e.num_cpus:g} CPU"
         + (f" + {e.num_gpus:g} GPU" if e.num_gpus else "")
     )
-    _remove_staging(storage, plan.output)  # leftovers of a run that crashed
-    staging = join(plan.output, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
+    run_id = uuid.uuid4().hex[:12]
+    writer = {"run": run_id, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_text(join(plan.output, WRITER), json.dumps(writer))
+    _remove_staging(storage, plan.output)  # leftovers of a run that crashed (or was superseded)
+    staging = join(plan.output, f"{STAGING_PREFIX}{run_id}")
     try:
         fs, path = storage.resolve(staging)
         build_dataset(plan, storage).write_parquet(
@@ -381,7 +397,7 @@ def run_embed(plan: EmbedPlan, storage: Storage | None = None) -> dict[str, Any]
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(seconds, 2),
         }
-        return commit(storage, plan.output, staged, manifest)
+        return commit(storage, plan.output, staged, manifest, writer=run_id)
     finally:
         _delete_dir(storage, staging)
 
@@ -392,7 +408,7 @@ def _check_rows(
     """Rows per split of the written files; input ids missing from them (undecodable).
 
     Raises:
-        RuntimeError: when an id was written twice (never expected; nothing is committed).
+        NotCommitted: when an id was written twice (never expected; nothing is committed).
     """
     written: list[str] = []
     counts: Counter = Counter()
@@ -403,7 +419,7 @@ def _check_rows(
         counts.update(t.column("split").to_pylist())
     if len(set(written)) != len(written):
         dup = next(i for i, n in Counter(written).items() if n > 1)
-        raise RuntimeError(f"embedding output has duplicate rows (e.g. id {dup!r}); not committed")
+        raise NotCommitted(f"embedding output has duplicate rows (e.g. id {dup!r}); not committed")
     if len(written) == plan.input_rows:
         return {s: counts.get(s, 0) for s in plan.splits}, []
     if plan.raw is not None:
@@ -420,10 +436,27 @@ def _check_rows(
 # ----------------------------------------------------------------------------- commit
 
 
-def commit(storage: Storage, output: str, staged: list[str], manifest: dict) -> dict:
+def commit(
+    storage: Storage, output: str, staged: list[str], manifest: dict, *, writer: str | None = None
+) -> dict:
     """Moves staged files into ``output`` as ``part-NNNNN.parquet``, deletes files of an
-    earlier run, and writes ``_manifest.json`` last; returns the manifest written."""
+    earlier run, and writes ``_manifest.json`` last; returns the manifest written.
+
+    Raises:
+        NotCommitted: ``writer`` (this run's id) no longer owns ``_writer.json``: a later
+            run started on the same output; its result wins and this one commits nothing.
+    """
+    if writer is not None:
+        owner = _writer(storage, output)
+        if owner != writer:
+            raise NotCommitted(
+                f"another jobs.embed run started writing to {output!r} after this one "
+                f"(run {owner or '?'}); this run's result is not committed"
+            )
     previous = load_manifest(storage, output)
+    if split_uri(output)[0] == "file":  # renames need the folder; object stores have none
+        fs, path = storage.resolve(output)
+        fs.create_dir(path, recursive=True)
     storage.delete(join(output, MANIFEST))  # from here until the end: not committed
     names = [f"part-{i:05d}.parquet" for i in range(len(staged))]
     for src, name in zip(sorted(staged), names, strict=True):
@@ -439,6 +472,7 @@ def commit(storage: Storage, output: str, staged: list[str], manifest: dict) -> 
         storage.delete(uri)
     manifest = {**manifest, "files": names}
     storage.write_text(join(output, MANIFEST), json.dumps(manifest, indent=1))
+    storage.delete(join(output, WRITER))
     _say(
         f"committed {manifest['rows']:,} rows in {len(names)} file(s) to {output}"
         + (f"; removed {len(stale)} file(s) of an earlier run" if stale else "")
@@ -452,6 +486,13 @@ def load_manifest(storage: Storage, output: str) -> dict | None:
     if not storage.exists(uri):
         return None
     return json.loads(storage.read_text(uri))
+
+
+def _writer(storage: Storage, output: str) -> str | None:
+    try:
+        return json.loads(storage.read_text(join(output, WRITER)))["run"]
+    except FileNotFoundError:
+        return None
 
 
 def _move(storage: Storage, src: str, dst: str) -> None:
@@ -486,4 +527,3 @@ def embed(cfg: RunConfig, storage: Storage | None = None) -> dict[str, Any]:
     """:func:`plan_embed` + :func:`run_embed` (Ray must be initialized)."""
     storage = storage or Storage(cfg.storage)
     return run_embed(plan_embed(cfg, storage), storage)
-
