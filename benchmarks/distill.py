@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+import results_md  # benchmarks/results_md.py
 import torch
 from raylens import config as C
 from raylens.models.classifier import build_model
@@ -147,8 +148,9 @@ Store size: {store_line}.
 """
     print(text)
     if args.write:
-        with open(os.path.join(REPO, "benchmarks", "RESULTS.md"), "a") as f:
-            f.write(text)
+        results_md.write_section(
+            results_md.RESULTS, "## Distillation (benchmarks/distill.py)", text.lstrip("\n")
+        )
     sys.exit(0)
 
 

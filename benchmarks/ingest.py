@@ -48,6 +48,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import results_md  # benchmarks/results_md.py (the script's own folder is on sys.path)
+
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
@@ -484,16 +486,8 @@ def render(args, info, date, prep, n, rates, cold, trainer, notes) -> str:
 
 
 def write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = re.search(r"^## ", old[start + len(SECTION) :], flags=re.M)
-        end = start + len(SECTION) + nxt.start() if nxt else len(old)
-        new = old[:start] + text + ("\n" + old[end:] if nxt else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    """Replaces this script's section of ``path`` (appends it if absent); others kept."""
+    results_md.write_section(path, SECTION, text)
 
 
 # ----------------------------------------------------------------------------- main

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -52,6 +51,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import results_md  # benchmarks/results_md.py (the script's own folder is on sys.path)
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
@@ -503,15 +504,7 @@ def render(args, date, machine, runs, gpu, notes) -> str:
 
 def write_section(path: Path, text: str) -> None:
     """Replaces this script's section of ``path`` (appends it if absent); others kept."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = re.search(r"^## ", old[start + len(SECTION) :], flags=re.M)
-        end = start + len(SECTION) + nxt.start() if nxt else len(old)
-        new = old[:start] + text + ("\n" + old[end:] if nxt else "")
-    path.write_text(new)
+    results_md.write_section(path, SECTION, text)
 
 
 def default_notes(args, runs, discarded) -> list[str]:
