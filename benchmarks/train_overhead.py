@@ -533,8 +533,9 @@ def default_notes(args, runs, discarded) -> list[str]:
         "cores) and its speed drifts by about +-10 % between windows even when idle, so "
         "windows are interleaved and medians compared; a single window proves little. A "
         f"window during which the rest of the machine used more than {args.max_other:g} "
-        f"cores was discarded and repeated (up to {args.retries} times; the last attempt is "
-        "kept either way): discarded "
+        f"cores was discarded and repeated once the machine was idle again (up to "
+        f"{args.retries} times, waiting up to {args.retry_wait:g} s; the last attempt is kept "
+        "either way): discarded "
         + ", ".join(f"{v} {len(d)}" for v, d in discarded.items())
         + "; kept but disturbed "
         + ", ".join(f"{v} {sum(r['disturbed'] for r in rs)}" for v, rs in runs.items())
@@ -577,6 +578,7 @@ def main() -> int:
         help="a window during which the rest of the machine used more cores is repeated",
     )
     p.add_argument("--retries", type=int, default=3, help="repeats of a disturbed window")
+    p.add_argument("--retry-wait", type=float, default=600, help="max s to wait for idle then")
     p.add_argument("--gpu", action="store_true", help="also tiny_vit_5m_224 bf16 vs fp32")
     p.add_argument("--gpu-device", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke test
     p.add_argument("--gpu-steps", type=int, default=60)
@@ -623,7 +625,9 @@ def main() -> int:
                 order[0], order[1] = order[1], order[0]
             for v in order:
                 for attempt in range(args.retries + 1):
-                    bg = wait_quiet(args.quiet_max, args.quiet_wait)
+                    bg = wait_quiet(
+                        args.quiet_max, args.quiet_wait if not attempt else args.retry_wait
+                    )
                     if v in ("plain", "thread"):
                         r = run_plain(cfg1, images, labels, args.steps, args.warmup, v == "thread")
                     else:

@@ -28,7 +28,7 @@ from torch import nn
 
 from raylens import config as C
 from raylens.data.transforms import ImageTransform, decode_and_transform, normalize
-from raylens.models.backbones import HF_PREFIX, Backbone, create_backbone
+from raylens.models.backbones import BACKBONES, HF_PREFIX, Backbone, create_backbone
 from raylens.models.classifier import Classifier, build_model
 from raylens.schema import DataConfig, ModelConfig, RunConfig
 from raylens.storage import Storage, join, split_uri
@@ -100,7 +100,7 @@ def resolve_model(
     image_size: int | None = None,
     seed: int = 0,
 ) -> ModelSource:
-    """Checks a model spec and describes it; reads no checkpoint weights.
+    """Checks a model spec and describes it: builds the architecture, reads no checkpoint.
 
     Args:
         spec: a run dir (local path, ``s3://``, ``gs://``) or a backbone name (registered,
@@ -123,6 +123,8 @@ def resolve_model(
         backbone = create_backbone(
             spec, pretrained=False, weights=_arch_weights(mcfg), storage=storage
         )
+        if spec in BACKBONES and (mcfg.pretrained or mcfg.weights):  # small: check them now
+            create_backbone(spec, pretrained=mcfg.pretrained, weights=mcfg.weights, storage=storage)
         pre = backbone.preprocess
         data = DataConfig(
             image_size=image_size or pre.size,
