@@ -1,6 +1,7 @@
 """Fine-tune a backbone + head on a prepared dataset with Ray Train (DDP, AMP).
 
     python -m jobs.finetune --config jobs/configs/fashion_mnist.yaml [key=value ...]
+    python -m jobs.finetune --config jobs/configs/metric_fashion_mnist.yaml  # task.name=metric
     ray job submit --working-dir . -- python -m jobs.finetune --config jobs/configs/<x>.yaml
 
 Re-running with the same run.name resumes from the run's last checkpoint.
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(argv: list[str] | None, *, prog: str, description: str, distill: bool) -> dict:
     """The fine-tune (or, with ``distill``, the distillation) job's command line."""
-    sections = ["run", "storage", "data", "model", "task", "train", "ray"]
+    sections = ["run", "storage", "data", "model", "task", "train", "metric", "ray"]
     cfg, _ = parse_job_args(
         argv,
         prog=prog,
@@ -42,7 +43,18 @@ def run(argv: list[str] | None, *, prog: str, description: str, distill: bool) -
     print(f"\nrun dir: {out['run_dir']}")
     val = best.get("metrics", {})
     print(f"best: epoch {best.get('epoch')}, " + ", ".join(f"{k}={v:.4f}" for k, v in val.items()))
-    if out.get("test"):
+    if out.get("baseline") is not None:  # metric learning
+        for split, t in (out.get("test") or {}).items():
+            raw = out["baseline"].get(split, {})
+            print(
+                f"{split} ({t['count']:.0f} images): "
+                + ", ".join(
+                    f"{k}={v:.4f} (raw {raw.get(k, float('nan')):.4f})"
+                    for k, v in t.items()
+                    if k != "count"
+                )
+            )
+    elif out.get("test"):
         t = out["test"]
         main = "top1" if "top1" in t else "f1_weighted"
         print(f"test ({t['count']} images, best checkpoint): {main}={t[main]:.4f}")

@@ -218,8 +218,12 @@ def write_report(
     multi_label: bool,
     samples: Samples | None,
     summary: dict[str, Any],
+    extra_images: dict[str, bytes] | None = None,
 ) -> str:
-    """Writes the PNGs and ``report.md`` under ``<run_dir>/report/``; returns the md's URI."""
+    """Writes the PNGs and ``report.md`` under ``<run_dir>/report/``; returns the md's URI.
+
+    ``extra_images``: more PNGs (name -> bytes) a task drew, e.g. an embedding projection.
+    """
     out = join(run_dir, REPORT_DIR)
     images: list[str] = []
 
@@ -244,6 +248,8 @@ def write_report(
             "val_samples.png",
             sample_grid(samples.images, samples.true, samples.pred, "validation samples"),
         )
+    for name, png in (extra_images or {}).items():
+        put(name, png)
     md = render_markdown(
         run=run_dir,
         summary=summary,

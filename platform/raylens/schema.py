@@ -181,7 +181,10 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["classify", "multilabel"] = opt("classify", "classify (CE) or multilabel.")
+    name: Literal["classify", "multilabel", "metric"] = opt(
+        "classify",
+        "classify (CE), multilabel, or metric (ProxyAnchor over frozen features: metric.*).",
+    )
     label_smoothing: float = opt(0.0, "classify: cross-entropy label smoothing.")
     loss: Literal["focal", "bce"] = opt("focal", "multilabel: focal loss or plain BCE.")
     focal_alpha: float = opt(0.65, "multilabel focal: weight of positives (negative: off).")
@@ -218,6 +221,60 @@ class DistillConfig:
                 raise ConfigError(f"config key 'distill.{key}': expected >= 1")
         if self.temperature <= 0:
             raise ConfigError("config key 'distill.temperature': expected > 0")
+
+
+@dataclass
+class MetricConfig:
+    backbones: list[str] = opt(
+        [],
+        "Frozen backbones whose pooled features are fused: registered/timm/hf: names or run "
+        "dirs (their trained backbone), each at its own input size and normalization.",
+    )
+    cache: str = opt(
+        "cache/features",
+        "Feature cache root (local, s3://, gs://): one dir per (dataset version, backbone, "
+        "preprocessing); reused while they are unchanged, recomputed when any changes.",
+    )
+    train_classes: list[str] = opt(
+        [],
+        "Classes (names) trained on; the others are held out for retrieval evaluation. "
+        "Empty: all classes are trained on.",
+    )
+    embedding_dim: int = opt(512, "Output embedding size (L2-normalized).")
+    fusion: Literal["minimal", "medium", "deep"] = opt(
+        "minimal", "Fusion head hidden widths: minimal 1024-512, medium 2048-1024-512, deep 4096-.."
+    )
+    fusion_hidden: list[int] = opt([], "Explicit fusion head hidden widths (overrides fusion).")
+    gate: bool = opt(False, "Gating head: element-wise sigmoid weights over the features.")
+    gate_hidden: int = opt(512, "Gating head hidden width.")
+    dropout: float = opt(0.3, "Dropout in the fusion head.")
+    activation: Literal["gelu", "relu", "silu"] = opt("gelu", "Fusion head activation.")
+    margin: float = opt(0.1, "ProxyAnchor margin.")
+    alpha: float = opt(32.0, "ProxyAnchor alpha (scale).")
+    proxy_lr_mult: float = opt(100.0, "Proxies' learning rate as a multiple of train.lr.")
+    miner: Literal["none", "multi_similarity"] = opt(
+        "none", "Hard-example miner feeding ProxyAnchor (PML reweights mined samples)."
+    )
+    miner_epsilon: float = opt(0.1, "MultiSimilarityMiner epsilon.")
+    recall_ks: list[int] = opt([1, 2, 4, 8], "Recall@K values reported.")
+    cache_batch_size: int = opt(256, "Feature cache: images per backbone forward.")
+    cache_concurrency: int = opt(1, "Feature cache: model actors per backbone.")
+    cache_num_cpus: float = opt(1.0, "Feature cache: CPUs per model actor.")
+    cache_num_gpus: float = opt(0.0, "Feature cache: GPUs per model actor.")
+
+    def validate(self) -> None:
+        if self.embedding_dim < 2:
+            raise ConfigError("config key 'metric.embedding_dim': expected >= 2")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("config key 'metric.dropout': expected a value in [0, 1)")
+        if any(w < 1 for w in self.fusion_hidden):
+            raise ConfigError("config key 'metric.fusion_hidden': expected positive widths")
+        if not self.recall_ks or min(self.recall_ks) < 1:
+            raise ConfigError("config key 'metric.recall_ks': expected positive integers")
+        if self.proxy_lr_mult <= 0:
+            raise ConfigError("config key 'metric.proxy_lr_mult': expected > 0")
+        if len(set(self.backbones)) != len(self.backbones):
+            raise ConfigError("config key 'metric.backbones': a backbone is listed twice")
 
 
 @dataclass
@@ -332,8 +389,9 @@ class RunConfig:
     train: TrainConfig = opt(TrainConfig, "Optimization loop.")
     embed: EmbedConfig = opt(EmbedConfig, "Batch inference: embeddings (jobs.embed).")
     distill: DistillConfig = opt(DistillConfig, "Teacher targets and distillation loss.")
+    metric: MetricConfig = opt(MetricConfig, "Metric learning over frozen backbone features.")
     ray: RayConfig = opt(RayConfig, "Cluster and resource budget.")
 
     def validate(self) -> None:
-        for section in (self.prepare, self.data, self.train, self.distill, self.ray):
+        for section in (self.prepare, self.data, self.train, self.distill, self.metric, self.ray):
             section.validate()

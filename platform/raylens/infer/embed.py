@@ -340,8 +340,11 @@ def build_dataset(plan: EmbedPlan, storage: Storage) -> ray.data.Dataset:
     )
 
 
-def run_embed(plan: EmbedPlan, storage: Storage | None = None) -> dict[str, Any]:
-    """Runs the Ray Data job and commits the output; returns the manifest."""
+def run_embed(
+    plan: EmbedPlan, storage: Storage | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Runs the Ray Data job and commits the output; returns the manifest (``extra``
+    fields added to it, e.g. a feature cache's key)."""
     storage = storage or Storage(plan.cfg.storage)
     e = plan.cfg.embed
     check_resources(e, ray.cluster_resources())
@@ -396,6 +399,7 @@ def run_embed(plan: EmbedPlan, storage: Storage | None = None) -> dict[str, Any]
             "amp": e.amp,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(seconds, 2),
+            **(extra or {}),
         }
         return commit(storage, plan.output, staged, manifest, writer=run_id)
     finally:

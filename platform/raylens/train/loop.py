@@ -37,6 +37,7 @@ class Task:
     # training loss from (logits, batch, model input) when it needs more than the target,
     # e.g. distillation's teacher targets; validation always uses ``loss``
     train_loss: Callable[[torch.Tensor, dict, torch.Tensor], torch.Tensor] | None = None
+    input_key: str = "image"  # the batch key fed to the model (metric tasks: "features")
 
 
 def make_task(cfg: TaskConfig, num_classes: int) -> Task:
@@ -101,16 +102,32 @@ def make_distill_task(
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; 1-d tensors (norms, biases) get no weight decay."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas))
+    """AdamW over trainable parameters; 1-d tensors (norms, biases) get no weight decay.
+
+    A model may name parameter prefixes with their own LR multiplier through
+    ``lr_multipliers() -> {prefix: multiplier}`` (e.g. ProxyAnchor's proxies at 100x);
+    schedulers scale every group's LR by the same factor.
+    """
+    inner = getattr(model, "module", model)
+    mults = inner.lr_multipliers() if hasattr(inner, "lr_multipliers") else {}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in inner.named_parameters():
+        if not p.requires_grad:
+            continue
+        mult = next((m for prefix, m in mults.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((mult, p.ndim <= 1), []).append(p)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "lr": cfg.lr * mult,
+                "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+            }
+            for (mult, no_decay), params in sorted(groups.items(), key=lambda kv: kv[0])
+        ],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+    )
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -191,7 +208,7 @@ def evaluate(
     model.eval()
     with torch.no_grad():
         for batch in batches:
-            x = batch["image"].to(device, non_blocking=True)
+            x = batch[task.input_key].to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch[task.target_key].to(device)
@@ -328,7 +345,7 @@ def fit(
         for micro, batch in enumerate(train_batches(epoch), 1):
             if cfg.max_steps_per_epoch and micro > cfg.max_steps_per_epoch:
                 break
-            x = batch["image"].to(device, non_blocking=True)
+            x = batch[task.input_key].to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch[task.target_key].to(device)

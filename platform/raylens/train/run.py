@@ -105,13 +105,45 @@ def train_worker(config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as path:
             resume = load_checkpoint(Storage(), path)
+    report, events = make_reporter(cfg, storage, rank, resume)
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        if world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    fit(
+        model,
+        task,
+        cfg.train,
+        train_batches=lambda epoch: batches(train_shard, epoch),
+        val_batches=lambda: batches(val_shard),
+        steps_per_epoch=math.ceil(info.num_rows["train"] / world / bs),
+        device=device,
+        hooks=Hooks(
+            all_reduce=all_reduce,
+            report=report,
+            is_main=rank == 0,
+            log=_say if rank == 0 else (lambda m: None),
+        ),
+        resume=resume,
+        channels_last=cfg.model.channels_last,
+    )
+    if events is not None:
+        events.close()
+
+
+def make_reporter(cfg: RunConfig, storage: Storage, rank: int, resume: dict | None):
+    """The loop's ``report`` hook on a Train worker, and rank 0's TensorBoard log.
+
+    ``report(metrics, checkpoint)`` reports to Ray Train (with the checkpoint), then rank 0
+    writes metrics.jsonl and best.json: they never name a checkpoint not persisted first.
+    """
     out = run_dir(cfg)
     history: list[dict] = list((resume or {}).get("extra", {}).get("history", []))
     events = EventLog(storage, out) if rank == 0 else None
 
     def report(metrics: dict, ck: dict | None) -> None:
-        """Reports to Ray Train (with the checkpoint), then rank 0 writes metrics.jsonl and
-        best.json: they never name a checkpoint that was not persisted first."""
         if ck is None:
             ray.train.report(metrics)
         else:
@@ -150,30 +182,7 @@ def train_worker(config: dict[str, Any]) -> None:
                 ),
             )
 
-    def all_reduce(t: torch.Tensor) -> torch.Tensor:
-        if world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    fit(
-        model,
-        task,
-        cfg.train,
-        train_batches=lambda epoch: batches(train_shard, epoch),
-        val_batches=lambda: batches(val_shard),
-        steps_per_epoch=math.ceil(info.num_rows["train"] / world / bs),
-        device=device,
-        hooks=Hooks(
-            all_reduce=all_reduce,
-            report=report,
-            is_main=rank == 0,
-            log=_say if rank == 0 else (lambda m: None),
-        ),
-        resume=resume,
-        channels_last=cfg.model.channels_last,
-    )
-    if events is not None:
-        events.close()
+    return report, events
 
 
 def _replayed(batches, replay: int):
@@ -301,6 +310,10 @@ def finetune(cfg: RunConfig, *, distill: bool = False) -> dict[str, Any]:
     ``distill``: train against a teacher (``cfg.distill``: stored top-k targets replayed
     with the teacher's augmentation, or an online teacher); validated on hard labels.
     """
+    if cfg.task.name == "metric":
+        from raylens.train.metric_run import metric_learn
+
+        return metric_learn(cfg)
     cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)
     train_ds, info = build_split(cfg, "train", storage)
