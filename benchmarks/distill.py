@@ -1,13 +1,17 @@
 """Distillation cost: a student epoch on stored top-k targets vs with an online teacher.
 
     .venv/bin/python benchmarks/distill.py [--steps 40 --reps 3 --write]
+        [--runs STORED_RUN_DIR ONLINE_RUN_DIR]
 
-Same student (vgg_s16), same teacher (vgg_s32, the CPU default; random init: the cost
-does not depend on the weights), same in-memory batches, same loop
-(``raylens.train.loop.fit`` with ``make_distill_task``): stored mode reads each batch's
-top-k targets, online mode runs the teacher forward on every step. Rounds interleave
-(stored, online, ...) and medians are compared, because the machine is shared.
-Also reports the bytes a sample and epoch of a real store (``--store``), vs 4 + 4k.
+Same student (``--student``, default vgg_s8 as in jobs/configs/distill_fashion_mnist.yaml),
+same teacher (``--teacher``, default vgg_s32, the CPU default; random init: the cost does
+not depend on the weights), same in-memory batches, same loop (``raylens.train.loop.fit``
+with ``make_distill_task``): stored mode reads each batch's top-k targets, online mode runs
+the teacher forward on every step. Rounds interleave (stored, online, ...) and medians are
+compared, because the machine is shared. Also reports the bytes a sample and epoch of a real
+store (``--store``), vs 4 + 4k, and, with ``--runs``, the end-to-end training images/s
+(Ray Data decode + augmentation + loop, from each run's metrics.jsonl) of two real
+``jobs.distill`` runs, one with ``distill.mode=stored`` and one with ``distill.mode=online``.
 """
 
 from __future__ import annotations
@@ -60,19 +64,29 @@ def run(mode: str, batches: list[dict], teacher, steps: int, cfg: RunConfig) -> 
     return steps * batches[0]["image"].shape[0] / (times[1] - times[0])
 
 
+def epoch_rates(run_dir: str) -> list[float]:
+    """Training images/s of each epoch after the first (warm-up) from a run's metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r["images_per_s"] for r in rows if r.get("epoch_end") and r["epoch"] > 1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--store", default=os.path.join(REPO, "data", "fashion-mnist-teacher-top5"))
-    ap.add_argument("--write", action="store_true", help="append the result to RESULTS.md")
+    ap.add_argument("--student", default="vgg_s8")
+    ap.add_argument("--teacher", default="vgg_s32")
+    ap.add_argument("--runs", nargs=2, metavar=("STORED", "ONLINE"), help="two jobs.distill runs")
+    ap.add_argument("--write", action="store_true", help="replace this section of RESULTS.md")
     args = ap.parse_args()
     cfg = C.load(
         RunConfig,
         None,
         [
-            "model.backbone=vgg_s16",
+            f"model.backbone={args.student}",
             "train.epochs=1",
             "train.warmup_epochs=0",
             "train.grad_clip=null",
@@ -82,7 +96,7 @@ def main() -> None:
     )
     g = torch.Generator().manual_seed(0)
     teacher_model = build_model(
-        C.load(RunConfig, None, ["model.backbone=vgg_s32"]).model, 10
+        C.load(RunConfig, None, [f"model.backbone={args.teacher}"]).model, 10
     ).eval()
     teacher_model = teacher_model.to(memory_format=torch.channels_last)
 
@@ -123,17 +137,34 @@ def main() -> None:
             f"and epoch besides the id (bound 4 + 4k = {b['bound']}, 1.1x = "
             f"{1.1 * b['bound']:.1f}); per column: {cols}"
         )
+    runs_text = ""
+    if args.runs:
+        e2e = {m: epoch_rates(d) for m, d in zip(("stored", "online"), args.runs, strict=True)}
+        e2e_med = {m: statistics.median(v) for m, v in e2e.items()}
+        e2e_ratio = e2e_med["online"] / e2e_med["stored"]
+        runs_text = f"""
+End to end (`jobs.distill`, Ray Data decode + augmentation + the loop, 1 Train worker;
+training images/s per epoch from each run's `metrics.jsonl`, epochs 2 onward):
+
+| run | `distill.mode` | median images/s | epochs |
+|---|---|---:|---|
+| `{os.path.relpath(args.runs[0], REPO)}` | stored | {e2e_med["stored"]:,.0f} | {", ".join(f"{v:,.0f}" for v in e2e["stored"])} |
+| `{os.path.relpath(args.runs[1], REPO)}` | online | {e2e_med["online"]:,.0f} | {", ".join(f"{v:,.0f}" for v in e2e["online"])} |
+
+Epoch time stored / online, end to end: **{e2e_ratio:.2f}** (target <= 0.6:
+{"met" if e2e_ratio <= 0.6 else "NOT met"}).
+"""
     cpu = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
     text = f"""
 ## Distillation (benchmarks/distill.py)
 
-Command: `.venv/bin/python benchmarks/distill.py --steps {args.steps} --reps {args.reps} --write`
+Command: `.venv/bin/python benchmarks/distill.py {" ".join(sys.argv[1:])}`
 Date: {time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime())}
 Machine: {cpu} CPUs, no GPU; Python {platform.python_version()}, torch {torch.__version__}
 
-Student `vgg_s16` trained by `raylens.train.loop.fit` (bf16 autocast, channels_last) on the
+Student `{args.student}` trained by `raylens.train.loop.fit` (bf16 autocast, channels_last) on the
 same {len(batches)} in-memory batches of {args.batch_size} 28 px images, {args.steps} timed
-steps after 3 warm-up steps; teacher `vgg_s32` (bf16 autocast, random init: cost only).
+steps after 3 warm-up steps; teacher `{args.teacher}` (bf16 autocast, random init: cost only).
 
 | mode | median images/s | runs |
 |---|---:|---|
@@ -145,7 +176,7 @@ steps after 3 warm-up steps; teacher `vgg_s32` (bf16 autocast, random init: cost
 | epoch time, stored / online | {ratio:.2f} | <= 0.6 | {"met" if ratio <= 0.6 else "NOT met"} |
 
 Store size: {store_line}.
-"""
+{runs_text}"""
     print(text)
     if args.write:
         results_md.write_section(

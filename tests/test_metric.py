@@ -305,3 +305,24 @@ def test_metric_run_trains_and_writes_prototypes_projection_and_metrics(ray_sess
     # second run with the same caches: reused, not recomputed
     again = metric_learn(_cfg(dataset, cache, "run.name=metric-2", "train.epochs=1"))
     assert [c["hit"] for c in again["cache"]] == [True, True]
+
+
+@pytest.mark.ray
+def test_data_classes_selects_a_class_subset_relabelled(ray_session, dataset):
+    from raylens.data.ingest import build_split
+
+    cfg = C.load(
+        RunConfig,
+        None,
+        [f"data.dataset={dataset / 'ds'}", "data.image_size=16", "data.classes=[green, red]"],
+    )
+    ds, info = build_split(cfg, "train", Storage(), train=False)
+    assert info.classes == ["green", "red"] and info.num_rows["train"] == 24
+    assert info.num_rows["val"] == info.num_rows["test"] == 8
+    rows = ds.take_all()
+    assert len(rows) == 24 and sorted({int(r["label"]) for r in rows}) == [0, 1]
+    for r in rows:  # green images are label 0, red ones label 1 (imagegen's palette)
+        rgb = np.asarray(r["image"], dtype=np.float32).reshape(3, -1).mean(1)
+        assert int(rgb.argmax()) == (1 if int(r["label"]) == 0 else 0), (r["id"], rgb)
+    with pytest.raises(ValueError, match=r"data.classes': unknown class\(es\) \['cyan'\]"):
+        build_split(C.apply_overrides(cfg, ["data.classes=[cyan]"]), "train", Storage())

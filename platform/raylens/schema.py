@@ -139,6 +139,11 @@ class DataConfig:
     rrc_ratio: tuple[float, float] = opt((0.75, 1.3333333), "Train crop aspect-ratio range.")
     hflip: float = opt(0.5, "Train horizontal-flip probability.")
     augment: bool = opt(True, "Apply train augmentation to the train split (else eval transform).")
+    classes: list[str] = opt(
+        [],
+        "Train/evaluate on these classes only (names, single-label), relabelled in this "
+        "order; empty: all classes.",
+    )
     batch_size: int = opt(64, "Per-worker batch size delivered to the training loop.")
     decode_batch_size: int | None = opt(
         None, "Rows per Ray Data decode batch; null: ~16 MiB of decoded pixels (32-4096 rows)."

@@ -44,6 +44,7 @@ class DatasetInfo:
     classes: list[str]
     task: str  # "single_label" | "multi_label"
     num_rows: dict[str, int]
+    per_class: dict[str, dict[str, int]] | None = None  # split -> class -> images
 
     @property
     def multi_label(self) -> bool:
@@ -51,7 +52,31 @@ class DatasetInfo:
 
     @classmethod
     def from_card(cls, card: dict[str, Any]) -> DatasetInfo:
-        return cls(card["classes"], card["task"], {s: card["splits"][s]["count"] for s in SPLITS})
+        return cls(
+            card["classes"],
+            card["task"],
+            {s: card["splits"][s]["count"] for s in SPLITS},
+            {s: dict(card["splits"][s].get("per_class", {})) for s in SPLITS},
+        )
+
+    def select(self, names: list[str]) -> tuple[DatasetInfo, dict[int, int]]:
+        """The info of a class subset (labels renumbered in ``names`` order) and the
+        old -> new label map; fails naming unknown classes."""
+        unknown = [n for n in names if n not in self.classes]
+        if unknown:
+            raise ValueError(
+                f"config key 'data.classes': unknown class(es) {unknown}; "
+                f"the dataset has {self.classes}"
+            )
+        if len(set(names)) != len(names):
+            raise ValueError("config key 'data.classes': a class is listed twice")
+        if self.multi_label:
+            raise ValueError("config key 'data.classes': only single-label datasets can be subset")
+        per = self.per_class or {}
+        rows = {s: sum(per.get(s, {}).get(n, 0) for n in names) for s in SPLITS}
+        sub = {s: {n: per.get(s, {}).get(n, 0) for n in names} for s in SPLITS}
+        remap = {self.classes.index(n): i for i, n in enumerate(names)}
+        return DatasetInfo(list(names), self.task, rows, sub), remap
 
 
 # ----------------------------------------------------------------------------- failures
@@ -202,7 +227,12 @@ def read_raw(
         for r in records
         if splits[r.id] == split
     ]
-    info = DatasetInfo(classes, "multi_label" if multi else "single_label", counts)
+    per_class = None
+    if not multi:
+        per_class = {s: {c: 0 for c in classes} for s in SPLITS}
+        for r in records:
+            per_class[splits[r.id]][r.label] += 1
+    info = DatasetInfo(classes, "multi_label" if multi else "single_label", counts, per_class)
 
     def fetch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         images, kept, failures = [], [], []
@@ -290,6 +320,21 @@ class _DecodeBatch:
         return out
 
 
+class _SelectClasses:
+    """Keeps the rows of the selected classes, labels renumbered (``data.classes``)."""
+
+    def __init__(self, remap: dict[int, int]):
+        self.old = np.array(sorted(remap), dtype=np.int64)
+        self.new = np.array([remap[o] for o in sorted(remap)], dtype=np.int64)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        label = np.asarray(batch["label"]).astype(np.int64)
+        keep = np.isin(label, self.old)
+        out = {k: np.asarray(v)[keep] for k, v in batch.items()}
+        out["label"] = self.new[np.searchsorted(self.old, label[keep])].astype(np.int32)
+        return out
+
+
 def build_split(
     cfg: RunConfig,
     split: str,
@@ -321,6 +366,9 @@ def build_split(
     else:
         raw = SourceConfig(**{**cfg.source.__dict__, "uri": data.dataset})
         ds, info = read_raw(raw, split, storage, prepare_cfg=cfg.prepare, seed=cfg.run.seed)
+    if data.classes:
+        info, remap = info.select(list(data.classes))
+        ds = ds.map_batches(_SelectClasses(remap), batch_format="numpy")
     udf = _DecodeBatch(
         ImageTransform.from_config(data, train),
         cfg.run.seed,
