@@ -99,3 +99,48 @@ def test_gpu_config_trains_two_steps_on_cpu_with_a_tiny_stand_in(name, stand_ins
     assert 0.0 <= rows[0][metric] <= 1.0 and rows[0]["train/loss"] == rows[0]["train/loss"]
     assert Path(out["run_dir"], "checkpoints", "epoch=1", "model.safetensors").stat().st_size > 0
     assert Path(out["report"]).exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_gpu_metric_config_runs_on_cpu_with_tiny_stand_ins(stand_ins, ray_session):
+    """jobs/configs/metric_gpu.yaml: its three backbones (tiny DINOv3 and CLIP towers, the
+    timm ``test_convnext`` for ConvNeXt), each at its own preprocessing, cached and fused."""
+    cfg = C.load(RunConfig, (CONFIGS[0].parent / "metric_gpu.yaml").read_text())
+    assert cfg.task.name == "metric" and cfg.metric.gate and cfg.metric.fusion == "deep"
+    assert len(cfg.metric.backbones) == 3 and cfg.metric.cache_num_gpus == 1
+    root = stand_ins["root"]
+    write_folder(Storage(), str(root / "raw30"), per_class=30)
+    prepare_quiet(Storage(), str(root / "raw30"), str(root / "single30"))
+    assert "dinov3" in cfg.metric.backbones[0] and "clip" in cfg.metric.backbones[1]
+    backbones = [
+        stand_ins["hf:facebook/dinov3-vits16-pretrain-lvd1689m"],
+        stand_ins["hf:openai/clip-vit-base-patch16"],
+        "test_convnext",
+    ]
+    cfg = C.apply_overrides(
+        cfg,
+        [
+            f"data.dataset={root / 'single30'}",
+            f"run.output_dir={root / 'runs'}",
+            f"metric.cache={root / 'cache'}",
+            f"metric.backbones=[{', '.join(backbones)}]",
+            "metric.cache_num_gpus=0",
+            "metric.fusion_hidden=[64, 32]",  # the deep head is 4096 wide: too slow here
+            "model.pretrained=false",
+            "data.batch_size=16",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=2",
+            "train.val_every_n_steps=null",
+            "train.amp=auto",
+            "ray.use_gpu=false",
+        ],
+    )
+    out = finetune(cfg)  # task.name=metric goes to the metric run
+    labels = json.loads(Path(out["run_dir"], "labels.json").read_text())
+    assert labels["dims"] == [32, 32, 64] and len(labels["classes"]) == 3
+    rows = [json.loads(x) for x in Path(out["run_dir"], "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2)]
+    assert 0.0 <= rows[0]["val/recall_at_1"] <= 1.0
+    assert out["test"]["seen_test"]["ncm_top1"] >= 0.0
+    assert Path(out["run_dir"], "prototypes.parquet").stat().st_size > 0
