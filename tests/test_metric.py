@@ -270,7 +270,15 @@ def test_bad_input_fails_naming_the_problem(ray_session, dataset, tmp_path):
 @pytest.mark.ray
 def test_metric_run_trains_and_writes_prototypes_projection_and_metrics(ray_session, dataset):
     cache = "metric.cache=" + str(dataset / "cache-run")
-    out = metric_learn(_cfg(dataset, cache, "metric.gate=true", "metric.miner=multi_similarity"))
+    out = metric_learn(
+        _cfg(
+            dataset,
+            cache,
+            "metric.gate=true",
+            "metric.miner=multi_similarity",
+            "ray.num_workers=2",  # DDP: the proxies (used outside forward) sync too
+        )
+    )
     storage = Storage()
     run = out["run_dir"]
     assert [c["hit"] for c in out["cache"]] == [False, False]  # this cache dir is new
