@@ -148,6 +148,11 @@ def resolve_model(
     except C.ConfigError as err:
         raise ValueError(f"{what}: its config.yaml does not load: {err}") from None
     labels = _read_json(storage, join(run, "labels.json"), what)
+    if labels.get("task") == "metric":
+        raise ValueError(
+            f"{what} is a metric-learning run (fused frozen backbones): embed it with "
+            "jobs.embed, which goes through its feature cache"
+        )
     if checkpoint is None:
         try:
             best = _read_json(storage, join(run, "best.json"), what)
