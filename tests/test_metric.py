@@ -313,6 +313,40 @@ def test_metric_run_trains_and_writes_prototypes_projection_and_metrics(ray_sess
     # second run with the same caches: reused, not recomputed
     again = metric_learn(_cfg(dataset, cache, "run.name=metric-2", "train.epochs=1"))
     assert [c["hit"] for c in again["cache"]] == [True, True]
+    # the embed job with the metric run: one row per image (all classes, all splits), its
+    # metadata, and embeddings equal to the fusion model over the cached features
+    from raylens.train.checkpoint import load_checkpoint
+    from raylens.train.metric_run import embed_all
+
+    import jobs.embed as embed_job
+
+    emb_out = str(dataset / "emb-metric")
+    manifest = embed_job.main(
+        [f"data.dataset={dataset / 'ds'}", f"embed.model={run}", f"embed.output={emb_out}"]
+    )
+    assert manifest["rows"] == 120 and manifest["dim"] == 32 and manifest["normalize"]
+    got = pq.read_table(emb_out).to_pylist()
+    assert len({r["id"] for r in got}) == 120 and {"width", "height", "source"} <= set(got[0])
+    cfg = C.load(RunConfig, storage.read_text(join(run, "config.yaml")))  # gate, miner, ...
+    table = load_features(plan_cache(cfg, storage), storage)
+    model = build_fusion(cfg, table.dims, 4)
+    ck = load_checkpoint(storage, join(run, best["checkpoint"]), with_optimizer=False)
+    model.load_state_dict(ck["model"])
+    from raylens.models.fusion import l2_concat
+
+    x = l2_concat([torch.from_numpy(b) for b in table.blocks])
+    want = dict(zip(table.ids, embed_all(model, x.numpy()).numpy(), strict=True))
+    for r in got:
+        np.testing.assert_allclose(r["embedding"], want[r["id"]], atol=1e-5)
+    with pytest.raises(SystemExit):  # a metric run has no classifier head: refused
+        embed_job.main(
+            [
+                f"data.dataset={dataset / 'ds'}",
+                f"embed.model={run}",
+                f"embed.output={emb_out}",
+                "embed.include_logits=true",
+            ]
+        )
 
 
 @pytest.mark.ray
@@ -334,38 +368,3 @@ def test_data_classes_selects_a_class_subset_relabelled(ray_session, dataset):
         assert int(rgb.argmax()) == (1 if int(r["label"]) == 0 else 0), (r["id"], rgb)
     with pytest.raises(ValueError, match=r"data.classes': unknown class\(es\) \['cyan'\]"):
         build_split(C.apply_overrides(cfg, ["data.classes=[cyan]"]), "train", Storage())
-
-    # the embed job with the metric run: one row per image (all classes, all splits), its
-    # metadata, and embeddings equal to the fusion model over the cached features
-    from raylens.train.checkpoint import load_checkpoint
-    from raylens.train.metric_run import embed_all
-
-    import jobs.embed as embed_job
-
-    emb_out = str(dataset / "emb-metric")
-    manifest = embed_job.main(
-        [f"data.dataset={dataset / 'ds'}", f"embed.model={run}", f"embed.output={emb_out}"]
-    )
-    assert manifest["rows"] == 120 and manifest["dim"] == 32 and manifest["normalize"]
-    got = pq.read_table(emb_out).to_pylist()
-    assert len({r["id"] for r in got}) == 120 and {"width", "height", "source"} <= set(got[0])
-    cfg = _cfg(dataset, cache)
-    table = load_features(plan_cache(cfg, storage), storage)
-    model = build_fusion(cfg, table.dims, 4)
-    ck = load_checkpoint(storage, join(run, best["checkpoint"]), with_optimizer=False)
-    model.load_state_dict(ck["model"])
-    from raylens.models.fusion import l2_concat
-
-    x = l2_concat([torch.from_numpy(b) for b in table.blocks])
-    want = dict(zip(table.ids, embed_all(model, x.numpy()).numpy(), strict=True))
-    for r in got:
-        np.testing.assert_allclose(r["embedding"], want[r["id"]], atol=1e-5)
-    with pytest.raises(SystemExit):  # a metric run has no classifier head: refused
-        embed_job.main(
-            [
-                f"data.dataset={dataset / 'ds'}",
-                f"embed.model={run}",
-                f"embed.output={emb_out}",
-                "embed.include_logits=true",
-            ]
-        )
