@@ -16,7 +16,7 @@ from raylens.train.run import finetune
 from sourcegen import prepare_quiet, write_folder
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
-GPU = ["tiny_vit_5m_224", "dinov3_multilabel_focal", "clip_linear_probe"]
+GPU = ["tiny_vit_5m_224", "dinov3_multilabel_focal", "clip_linear_probe", "distill_tiny_vit_5m"]
 
 
 def test_the_shipped_configs_are_all_here():
@@ -92,7 +92,15 @@ def test_gpu_config_trains_two_steps_on_cpu_with_a_tiny_stand_in(name, stand_ins
             "ray.cpus_per_worker=null",
         ],
     )
-    out = finetune(cfg)
+    distill = cfg.distill.teacher != ""
+    if distill:  # a stand-in teacher (2 steps of vgg_s8), then online distillation
+        teacher = finetune(
+            C.apply_overrides(cfg, ["run.name=stand-in-teacher", "model.backbone=vgg_s8"])
+        )
+        cfg = C.apply_overrides(
+            cfg, [f"distill.teacher={teacher['run_dir']}", "distill.mode=online"]
+        )
+    out = finetune(cfg, distill=distill)
     rows = [json.loads(x) for x in Path(out["run_dir"], "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2)]
     metric = "val/f1_weighted" if multi else "val/top1"
