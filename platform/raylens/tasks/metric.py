@@ -68,7 +68,7 @@ class ProxyAnchorCriterion(nn.Module):
 # ----------------------------------------------------------------------------- retrieval
 
 
-def _calculator(ks: Sequence[int], k: int):
+def _calculator(ks: Sequence[int], k: int | str):
     from pytorch_metric_learning import distances
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
     from pytorch_metric_learning.utils.inference import CustomKNN
@@ -123,7 +123,9 @@ def retrieval_metrics(
     if len(y) < 2:
         raise ValueError(f"retrieval needs at least 2 items, got {len(y)}")
     ks = [k for k in ks if k <= len(y) - 1]
-    k = min(len(y) - 1, max(int(torch.bincount(y).max()) - 1, *ks))
+    need = int(torch.bincount(y).max()) - 1  # MAP@R: R = the largest class minus the query
+    # "max_bin_count" when it covers every K (PML warns about any int k), else enough for K
+    k: int | str = "max_bin_count" if max(ks) <= need else min(len(y) - 1, max(ks))
     acc = _calculator(ks, k).get_accuracy(emb, y, emb, y, ref_includes_query=True)
     out = {f"recall_at_{k}": float(acc[f"recall_at_{k}"]) for k in ks}
     out["precision_at_1"] = float(acc["precision_at_1"])
