@@ -32,7 +32,6 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from raylens import config as C
 from raylens.infer.features import (
@@ -56,8 +55,8 @@ from raylens.tasks.metric import (
 )
 from raylens.train.checkpoint import load_checkpoint
 from raylens.train.launch import build_trainer
-from raylens.train.loop import Hooks, Task, fit
-from raylens.train.run import _say, absolute_paths, make_reporter, run_dir
+from raylens.train.loop import Task
+from raylens.train.run import absolute_paths, fit_on_worker, run_dir
 
 
 def build_fusion(cfg: RunConfig, dims: list[int], num_classes: int) -> FusionModel:
@@ -185,37 +184,16 @@ def metric_worker(config: dict[str, Any]) -> None:
         for lo in range(0, len(xv), 1024):
             yield {"features": xv[lo : lo + 1024], "label": yv[lo : lo + 1024]}
 
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as path:
-            resume = load_checkpoint(Storage(), path)
-    report, events = make_reporter(cfg, Storage(cfg.storage), rank, resume)
-
-    def all_reduce(t: torch.Tensor) -> torch.Tensor:
-        if world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    fit(
+    fit_on_worker(
+        cfg,
         model,
         task,
-        cfg.train,
         train_batches=train_batches,
         val_batches=val_batches,
         steps_per_epoch=max(1, math.ceil(per_rank / bs)),
         device=device,
-        hooks=Hooks(
-            all_reduce=all_reduce,
-            report=report,
-            is_main=rank == 0,
-            log=_say if rank == 0 else (lambda m: None),
-        ),
-        resume=resume,
         channels_last=False,
     )
-    if events is not None:
-        events.close()
 
 
 # ----------------------------------------------------------------------------- driver

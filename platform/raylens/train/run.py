@@ -100,12 +100,39 @@ def train_worker(config: dict[str, Any]) -> None:
             return it
         return _replayed(it, epoch % targets.epochs)
 
+    fit_on_worker(
+        cfg,
+        model,
+        task,
+        train_batches=lambda epoch: batches(train_shard, epoch),
+        val_batches=lambda: batches(val_shard),
+        steps_per_epoch=math.ceil(info.num_rows["train"] / world / bs),
+        device=device,
+        channels_last=cfg.model.channels_last,
+    )
+
+
+def fit_on_worker(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    task,
+    *,
+    train_batches,
+    val_batches,
+    steps_per_epoch: int,
+    device: torch.device,
+    channels_last: bool,
+) -> None:
+    """:func:`fit` on a Ray Train worker: resumes from Ray Train's checkpoint, reports
+    metrics and checkpoints through :func:`make_reporter`, sums metrics over workers."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as path:
             resume = load_checkpoint(Storage(), path)
-    report, events = make_reporter(cfg, storage, rank, resume)
+    report, events = make_reporter(cfg, Storage(cfg.storage), rank, resume)
 
     def all_reduce(t: torch.Tensor) -> torch.Tensor:
         if world > 1:
@@ -116,9 +143,9 @@ def train_worker(config: dict[str, Any]) -> None:
         model,
         task,
         cfg.train,
-        train_batches=lambda epoch: batches(train_shard, epoch),
-        val_batches=lambda: batches(val_shard),
-        steps_per_epoch=math.ceil(info.num_rows["train"] / world / bs),
+        train_batches=train_batches,
+        val_batches=val_batches,
+        steps_per_epoch=steps_per_epoch,
         device=device,
         hooks=Hooks(
             all_reduce=all_reduce,
@@ -127,7 +154,7 @@ def train_worker(config: dict[str, Any]) -> None:
             log=_say if rank == 0 else (lambda m: None),
         ),
         resume=resume,
-        channels_last=cfg.model.channels_last,
+        channels_last=channels_last,
     )
     if events is not None:
         events.close()
