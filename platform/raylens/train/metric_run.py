@@ -56,7 +56,7 @@ from raylens.tasks.metric import (
 from raylens.train.checkpoint import load_checkpoint
 from raylens.train.launch import build_trainer
 from raylens.train.loop import Task
-from raylens.train.run import absolute_paths, fit_on_worker, run_dir
+from raylens.train.run import absolute_paths, fit_on_worker, ray_run_config, run_dir
 
 
 def build_fusion(cfg: RunConfig, dims: list[int], num_classes: int) -> FusionModel:
@@ -356,13 +356,7 @@ def metric_learn(cfg: RunConfig) -> dict[str, Any]:
         "embedding_dim": cfg.metric.embedding_dim,
     }
     storage.write_text(join(out, "labels.json"), json.dumps(labels, indent=1))
-    scheme, path = split_uri(cfg.run.output_dir)
-    run_config = ray.train.RunConfig(
-        name=cfg.run.name,
-        storage_path=path,
-        storage_filesystem=storage.arrow_fs(scheme),
-        failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-    )
+    run_config = ray_run_config(cfg, storage)
     loop_config = {
         "cfg": cfg,
         "arrays": ray.put(arrays),

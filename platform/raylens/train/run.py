@@ -160,6 +160,17 @@ def fit_on_worker(
         events.close()
 
 
+def ray_run_config(cfg: RunConfig, storage: Storage) -> ray.train.RunConfig:
+    """Ray Train's run state in the run dir (so re-running resumes), with the restart budget."""
+    scheme, path = split_uri(cfg.run.output_dir)
+    return ray.train.RunConfig(
+        name=cfg.run.name,
+        storage_path=path,
+        storage_filesystem=storage.arrow_fs(scheme),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+    )
+
+
 def make_reporter(cfg: RunConfig, storage: Storage, rank: int, resume: dict | None):
     """The loop's ``report`` hook on a Train worker, and rank 0's TensorBoard log.
 
@@ -354,13 +365,7 @@ def finetune(cfg: RunConfig, *, distill: bool = False) -> dict[str, Any]:
     storage.write_text(
         join(out, "labels.json"), json.dumps({"classes": info.classes, "task": info.task}, indent=1)
     )
-    scheme, path = split_uri(cfg.run.output_dir)
-    run_config = ray.train.RunConfig(
-        name=cfg.run.name,
-        storage_path=path,
-        storage_filesystem=storage.arrow_fs(scheme),
-        failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-    )
+    run_config = ray_run_config(cfg, storage)
     trainer, plan = build_trainer(
         train_worker,
         {"cfg": cfg, "info": info, "distill": distill, "targets": targets},
