@@ -44,6 +44,10 @@ def test_wrong_type_names_key_and_expected_type():
         C.load(RunConfig, None, ["data.mean=[1, 2]"])
     with pytest.raises(C.ConfigError, match=r"'source.kind': expected one of"):
         C.load(RunConfig, None, ["source.kind=zip"])
+    # YAML 1.1 reads 3e-4 (no dot) as a string; a float key still takes it as a number
+    assert C.load(RunConfig, "train:\n  lr: 3e-4\n", ["train.weight_decay=1E-5"]).train.lr == 3e-4
+    with pytest.raises(C.ConfigError, match=r"'train.lr': expected float, got '3e-4x'"):
+        C.load(RunConfig, None, ["train.lr=3e-4x"])
 
 
 def test_validation_names_key():

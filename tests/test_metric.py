@@ -215,6 +215,10 @@ def test_feature_cache_is_reused_and_recomputed_when_a_backbone_changes(ray_sess
     other_seed = plan_cache(C.apply_overrides(cfg, ["run.seed=1"]), storage)
     assert [e.hit for e in other_seed] == [False, False]
     assert {e.key for e in other_seed}.isdisjoint({e.key for e in first})
+    # other preprocessing (every backbone fed 40 px): recomputed, at that size
+    resized = plan_cache(C.apply_overrides(cfg, ["metric.image_size=40"]), storage)
+    assert [e.hit for e in resized] == [False, False]
+    assert {e.plan.model.data.image_size for e in resized} == {40}
     # a backbone swapped for another: only that one is recomputed
     swapped = plan_cache(C.apply_overrides(cfg, ["metric.backbones=[vgg_s8, vgg_s32]"]), storage)
     assert [e.hit for e in swapped] == [True, False]

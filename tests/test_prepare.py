@@ -270,3 +270,71 @@ def test_mosaic_settings_and_sources_are_checked(tmp_path):
     uri, _ = write_manifest(storage, str(tmp_path / "src"), "csv", multi=True)
     with pytest.raises(ValueError, match="prepare.mosaic_grid.*multi-label"):
         _prepare(storage, uri, str(tmp_path / "out"), mosaic_grid=2)
+
+
+def test_clutter_canvases_keep_ids_labels_splits_and_show_the_item(tmp_path):
+    import io
+
+    import numpy as np
+    from imagegen import PALETTE
+    from PIL import Image
+    from raylens.storage import Storage
+
+    storage = Storage()
+    raw, root = str(tmp_path / "raw"), str(tmp_path)
+    write_folder(storage, raw, per_class=20)
+    plain = _prepare(storage, raw, join(root, "plain"))
+    _, plain_rows = read_prepared(storage, join(root, "plain"))
+    plain_of = {r["id"]: (r["label"], r["split"]) for r in plain_rows}
+    # No fragments, noise or brightness change: the canvas is black but for the item.
+    clean = dict(clutter_canvas=40, clutter_fragments=0, clutter_noise=0.0,
+                 clutter_brightness=(1.0, 1.0))  # fmt: skip
+    card = _prepare(storage, raw, join(root, "clean"), **clean)
+    assert card["task"] == "single_label" and card["clutter"]["canvas"] == 40
+    assert card["fingerprint"] != plain["fingerprint"]
+    _, rows = read_prepared(storage, join(root, "clean"))
+    assert {r["id"]: (r["label"], r["split"]) for r in rows} == plain_of
+    sides = set()
+    for row in rows:
+        img = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"), dtype=np.float64)
+        assert img.shape == (40, 40, 3)
+        ys, xs = np.nonzero(img.max(-1) > 0)
+        side = ys.max() - ys.min() + 1
+        assert side == xs.max() - xs.min() + 1 and 18 <= side <= 30  # 0.46-0.75 of 40
+        sides.add(int(side))
+        mean = img[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].reshape(-1, 3).mean(0)
+        dist = [np.abs(mean - np.array(c)).sum() for c in PALETTE[: len(CLASSES)]]
+        assert int(np.argmin(dist)) == row["label"], row["id"]
+    assert len(sides) > 3  # the scale is drawn per image
+    # Default clutter: fragments come from other images of the same split only.
+    card = _prepare(storage, raw, join(root, "clutter"), clutter_canvas=40)
+    _, rows = read_prepared(storage, join(root, "clutter"))
+    for row in rows:
+        members = row["members"].split(";")
+        assert len(members) == 2 and {plain_of[m][1] for m in members} == {row["split"]}
+    again = _prepare(storage, raw, join(root, "clutter2"), clutter_canvas=40)
+    _, rows2 = read_prepared(storage, join(root, "clutter2"))
+    assert again["fingerprint"] == card["fingerprint"]
+    assert {r["id"]: r["image"] for r in rows} == {r["id"]: r["image"] for r in rows2}  # seeded
+
+
+def test_clutter_settings_are_checked_and_bad_members_rejected(tmp_path):
+    from raylens.config import ConfigError
+    from raylens.schema import PrepareConfig
+    from raylens.storage import Storage
+
+    for bad, key in ((dict(clutter_canvas=4), "clutter_canvas"),
+                     (dict(clutter_canvas=32, mosaic_grid=2), "clutter_canvas"),
+                     (dict(clutter_scale=(0.8, 0.5)), "clutter_scale"),
+                     (dict(clutter_fragment_gain=2.0), "clutter_fragment_gain")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"prepare.{key}"):
+            PrepareConfig(output="x", **bad).validate()
+    storage = Storage()
+    raw = str(tmp_path / "raw")
+    write_folder(storage, raw, per_class=6)
+    storage.write_bytes(join(raw, "cat", "broken.png"), b"\x89PNG\r\n\x1a\n not really")
+    card = _prepare(storage, raw, str(tmp_path / "out"), clutter_canvas=32)
+    assert [r["source"].rsplit("/", 2)[-2:] for r in card["rejected"]] == [["cat", "broken.png"]]
+    uri, _ = write_manifest(storage, str(tmp_path / "src"), "csv", multi=True)
+    with pytest.raises(ValueError, match="prepare.clutter_canvas.*multi-label"):
+        _prepare(storage, uri, str(tmp_path / "out2"), clutter_canvas=32)

@@ -93,6 +93,23 @@ class PrepareConfig:
     mosaic_ratio: float = opt(
         1.0, "Mosaics per split = ratio x images in the split / cells (each image used ~ratio x)."
     )
+    clutter_canvas: int = opt(
+        0,
+        "Cluttered canvases: each single-label image pasted at a random scale and position on "
+        "a canvas of this side over fragments of other images, with noise (0 = off).",
+    )
+    clutter_scale: tuple[float, float] = opt(
+        (0.46, 0.75), "Clutter: the item's side as a fraction of the canvas (range)."
+    )
+    clutter_fragments: int = opt(2, "Clutter: crops of other images of the split per canvas.")
+    clutter_fragment_size: tuple[float, float] = opt(
+        (0.36, 0.7), "Clutter: a fragment's side as a fraction of its source image (range)."
+    )
+    clutter_fragment_gain: float = opt(0.6, "Clutter: fragments' intensity factor (0-1).")
+    clutter_brightness: tuple[float, float] = opt(
+        (0.5, 1.2), "Clutter: the canvas's random brightness factor (range)."
+    )
+    clutter_noise: float = opt(12.0, "Clutter: Gaussian noise std, in 0-255 pixel units.")
 
     def validate(self) -> None:
         fracs = {
@@ -119,6 +136,37 @@ class PrepareConfig:
             raise ConfigError(
                 f"config key 'prepare.mosaic_empty': expected a probability in [0, 1), "
                 f"got {self.mosaic_empty}"
+            )
+        if self.clutter_canvas and self.mosaic_grid:
+            raise ConfigError(
+                "config keys 'prepare.clutter_canvas' and 'prepare.mosaic_grid': "
+                "expected at most one of them to be set"
+            )
+        if self.clutter_canvas < 0 or 0 < self.clutter_canvas < 8:
+            raise ConfigError(
+                "config key 'prepare.clutter_canvas': expected 0 (off) or a side >= 8 pixels, "
+                f"got {self.clutter_canvas}"
+            )
+        for key in ("clutter_scale", "clutter_fragment_size"):
+            lo, hi = getattr(self, key)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ConfigError(
+                    f"config key 'prepare.{key}': expected 0 < low <= high <= 1, got {(lo, hi)}"
+                )
+        lo, hi = self.clutter_brightness
+        if not 0.0 < lo <= hi:
+            raise ConfigError(
+                f"config key 'prepare.clutter_brightness': expected 0 < low <= high, got {(lo, hi)}"
+            )
+        if self.clutter_fragments < 0 or self.clutter_noise < 0:
+            raise ConfigError(
+                "config keys 'prepare.clutter_fragments' / 'prepare.clutter_noise': "
+                "expected non-negative values"
+            )
+        if not 0.0 <= self.clutter_fragment_gain <= 1.0:
+            raise ConfigError(
+                "config key 'prepare.clutter_fragment_gain': expected a value in [0, 1], "
+                f"got {self.clutter_fragment_gain}"
             )
         for key in ("mosaic_skew", "mosaic_ratio"):
             if getattr(self, key) <= 0:
@@ -240,6 +288,11 @@ class MetricConfig:
         "Feature cache root (local, s3://, gs://): one dir per (dataset version, backbone, "
         "preprocessing); reused while they are unchanged, recomputed when any changes.",
     )
+    image_size: int | None = opt(
+        None,
+        "Input side for every backbone (their features are cached at it); null: each "
+        "backbone's own (a run dir's data.image_size, a named backbone's pretrained size).",
+    )
     train_classes: list[str] = opt(
         [],
         "Classes (names) trained on; the others are held out for retrieval evaluation. "
@@ -278,6 +331,10 @@ class MetricConfig:
             raise ConfigError("config key 'metric.recall_ks': expected positive integers")
         if self.proxy_lr_mult <= 0:
             raise ConfigError("config key 'metric.proxy_lr_mult': expected > 0")
+        if self.image_size is not None and self.image_size < 8:
+            raise ConfigError(
+                f"config key 'metric.image_size': expected null or >= 8, got {self.image_size}"
+            )
         if len(set(self.backbones)) != len(self.backbones):
             raise ConfigError("config key 'metric.backbones': a backbone is listed twice")
 

@@ -12,6 +12,8 @@ per split and class, every rejected input with its reason, inputs whose pixel fo
 converted at decode, and a fingerprint of source + settings that makes re-runs idempotent.
 With ``prepare.mosaic_grid`` the rows are multi-label mosaics of the source's images
 (:mod:`raylens.data.mosaic`), with a ``members`` column naming the source ids per cell.
+With ``prepare.clutter_canvas`` each image is pasted on a cluttered canvas
+(:mod:`raylens.data.clutter`); ``members`` names the images its fragments come from.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from raylens.data.clutter import build_clutter, compose_clutter
 from raylens.data.images import ImageRejected, inspect_image
 from raylens.data.mosaic import build_mosaics, compose
 from raylens.data.sources import SPLITS, Record, Source, label_space, open_source
@@ -121,13 +124,15 @@ class Checked:
 def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checked:
     """Reads and fully decodes one input; never raises for bad input."""
     try:
-        if record.parts is not None:
+        if record.parts is not None and record.canvas:
+            data = compose_clutter(record, storage, cfg)
+        elif record.parts is not None:
             data = compose(record, storage, cfg.max_image_pixels)
         else:
             data = record.data if record.data is not None else storage.read_bytes(record.uri)
     except FileNotFoundError as err:
         return Checked(record, reason="missing_file", detail=str(err))
-    except ImageRejected as rej:  # a mosaic member that does not decode
+    except ImageRejected as rej:  # a mosaic member or clutter layer that does not decode
         return Checked(record, reason=rej.reason, detail=rej.detail)
     try:
         info = inspect_image(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_file_bytes)
@@ -301,6 +306,14 @@ def prepare(
         records = build_mosaics(records, base, classes, cfg, seed)
         multi = True
         log(f"[prepare] {len(records)} {cfg.mosaic_grid}x{cfg.mosaic_grid} mosaics")
+    elif cfg.clutter_canvas:
+        if multi:
+            raise ValueError(
+                "config key 'prepare.clutter_canvas': clutter needs a single-label source; "
+                f"{source_cfg.uri!r} is multi-label"
+            )
+        records = build_clutter(records, splits_for(records, cfg, seed), cfg, seed)
+        log(f"[prepare] {len(records)} cluttered {cfg.clutter_canvas}px canvases")
     index = {c: i for i, c in enumerate(classes)}
     splits = splits_for(records, cfg, seed)
     meta_schema = infer_meta_schema(source, records)
@@ -390,6 +403,15 @@ def prepare(
                 "ratio": cfg.mosaic_ratio,
             }
             if cfg.mosaic_grid
+            else None
+        ),
+        "clutter": (
+            {
+                k[len("clutter_") :]: getattr(cfg, k)
+                for k in (f.name for f in dataclasses.fields(cfg))
+                if k.startswith("clutter_")
+            }
+            if cfg.clutter_canvas
             else None
         ),
         "splits": {

@@ -51,6 +51,7 @@ class Record:
     data: bytes | None = None  # set when the bytes come with the listing (IDX)
     parts: list[Record | None] | None = None  # a mosaic's member records (None: empty cell)
     grid: int = 0  # a mosaic's side, in cells
+    canvas: int = 0  # a clutter canvas's side, in pixels (parts: item, then fragments)
 
 
 def _reject(uri: str, reason: str, detail: str, id: str | None = None) -> dict[str, str]:
