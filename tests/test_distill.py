@@ -92,7 +92,7 @@ def _card(**kw):
     "card,kw,message",
     [
         (_card(dataset_fingerprint="old"), {}, "another version of the dataset"),
-        (_card(k=3), {}, "'distill.topk': 5, but s keeps k=3"),
+        (_card(k=3), {}, "'distill.topk': 5, but s keeps only k=3"),
         (_card(num_classes=9), {}, "9 classes, the student's head 10"),
         (_card(epochs=2), {}, "'distill.aug_epochs': 4, but s holds 2"),
         (_card(), {"data": {"image_size": 32}}, "'data.image_size': 32, but s was made with 28"),
@@ -109,6 +109,7 @@ def test_a_store_that_does_not_fit_the_student_is_named(card, kw, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         TS.check_compatible(card, **args)
     TS.check_compatible(_card(), **{**args, "data": {**args["data"], "image_size": 28}})
+    TS.check_compatible(_card(k=8), **{**args, "data": {**args["data"], "image_size": 28}})
 
 
 # ----------------------------------------------------------------------------- on Ray
@@ -175,13 +176,14 @@ def test_teacher_pass_check_replay_and_stored_distillation(ray_session, teacher_
                          storage, log=lambda m: None)  # fmt: skip
     assert report["samples"] == 40 and report["seed_mismatches"] == 0
     assert report["index_mismatch_rate"] == 0.0 and report["mean_abs_prob_error"] < 1e-3
-    # the student: 3 epochs over 2 stored ones (epoch 2 replays stored epoch 0)
-    out = finetune(_distill_cfg(base, teacher, store, "run.name=student", "train.epochs=3"),
-                   distill=True)  # fmt: skip
+    # the student: 3 epochs over 2 stored ones (epoch 2 replays stored epoch 0), reading
+    # the top-1 of a top-2 store (k' <= k: the first k' columns, stored highest first)
+    out = finetune(_distill_cfg(base, teacher, store, "run.name=student", "train.epochs=3",
+                                "distill.topk=1"), distill=True)  # fmt: skip
     rows = [json.loads(x) for x in Path(out["run_dir"], "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["val/top1"] >= 0.8, rows
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
-    assert "distilled (stored, soft_ce, k=2)" in Path(out["report"]).read_text()
+    assert "distilled (stored, soft_ce, k=1)" in Path(out["report"]).read_text()
 
 
 @pytest.mark.ray
@@ -200,7 +202,7 @@ def test_online_distillation_and_bad_stores_fail_before_training(
     assert out["test"]["count"] == 9
     teacher_pass(_distill_cfg(base, teacher, store, "run.name=x"), storage, log=lambda m: None)
     monkeypatch.setattr(R, "build_trainer", lambda *a, **k: pytest.fail("trainer started"))
-    with pytest.raises(ValueError, match="'distill.topk': 3, but .* keeps k=2"):
+    with pytest.raises(ValueError, match="'distill.topk': 3, but .* keeps only k=2"):
         finetune(_distill_cfg(base, teacher, store, "run.name=x", "distill.topk=3"), distill=True)
     # a store that misses some train ids
     t = TS.read_epoch(storage, store, 1, 2)

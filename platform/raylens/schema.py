@@ -426,6 +426,11 @@ class RayConfig:
     local_num_cpus: int | None = opt(
         None, "Logical CPUs for a local ray.init; null: the machine's cores."
     )
+    budget_cpus: float | None = opt(
+        None,
+        "CPUs this run plans over (workers + Ray Data); null: the whole cluster. jobs.tune "
+        "sets it to each trial's share.",
+    )
     max_failures: int = opt(
         1, "Times a dead worker group is restarted from the last checkpoint (-1: unlimited)."
     )
@@ -435,6 +440,45 @@ class RayConfig:
             raise ConfigError("config key 'ray.num_workers': expected >= 1")
         if self.max_failures < -1:
             raise ConfigError("config key 'ray.max_failures': expected -1 (unlimited) or >= 0")
+
+
+@dataclass
+class TuneConfig:
+    name: str = opt("", "Experiment name; its dir is <output_dir>/<name>. Empty: <run.name>-tune.")
+    output_dir: str = opt(
+        "", "Where experiment dirs go (local, s3://, gs://). Empty: run.output_dir."
+    )
+    num_samples: int = opt(8, "Trials (configurations) in the sweep.")
+    scheduler: Literal["asha", "fifo"] = opt(
+        "asha", "asha: stop weak trials early at rungs; fifo: every trial runs every epoch."
+    )
+    grace_period: int = opt(1, "ASHA: epochs every trial runs before it can be stopped.")
+    reduction_factor: float = opt(2.0, "ASHA: keep the top 1/reduction_factor at each rung.")
+    max_concurrent: int | None = opt(
+        None, "Trials at once; null: as many as the cluster's CPUs (and GPUs) hold."
+    )
+    cpus_per_trial: float | None = opt(
+        None, "CPUs one trial plans over (workers + Ray Data); null: num_workers + 1."
+    )
+    seed: int | None = opt(None, "TPE sampler seed; null: run.seed.")
+    n_startup_trials: int = opt(4, "TPE: random trials before the sampler models the results.")
+    retrain: bool = opt(
+        True, "After the sweep, retrain the best config as <name>-best and report its test split."
+    )
+
+    def validate(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError("config key 'tune.num_samples': expected >= 1")
+        if self.grace_period < 1:
+            raise ConfigError("config key 'tune.grace_period': expected >= 1 epoch")
+        if self.reduction_factor <= 1:
+            raise ConfigError("config key 'tune.reduction_factor': expected > 1")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError("config key 'tune.max_concurrent': expected null or >= 1")
+        if self.cpus_per_trial is not None and self.cpus_per_trial <= 1:
+            raise ConfigError(
+                "config key 'tune.cpus_per_trial': expected > 1 (a train worker plus Ray Data)"
+            )
 
 
 @dataclass
@@ -453,7 +497,16 @@ class RunConfig:
     distill: DistillConfig = opt(DistillConfig, "Teacher targets and distillation loss.")
     metric: MetricConfig = opt(MetricConfig, "Metric learning over frozen backbone features.")
     ray: RayConfig = opt(RayConfig, "Cluster and resource budget.")
+    tune: TuneConfig = opt(TuneConfig, "Hyperparameter sweep (jobs.tune).")
 
     def validate(self) -> None:
-        for section in (self.prepare, self.data, self.train, self.distill, self.metric, self.ray):
+        for section in (
+            self.prepare,
+            self.data,
+            self.train,
+            self.distill,
+            self.metric,
+            self.ray,
+            self.tune,
+        ):
             section.validate()

@@ -307,8 +307,9 @@ class _DecodeBatch:
                     f"teacher store {self.targets.store!r}: stored augmentation seeds differ "
                     "from the replayed ones (a store from another run.seed?)"
                 )
-            out["teacher_idx"] = stored.idx[rows]
-            out["teacher_prob"] = stored.prob[rows]
+            k = self.targets.k  # a store keeps top-k highest first: use the first k' <= k
+            out["teacher_idx"] = np.ascontiguousarray(stored.idx[rows][:, :k])
+            out["teacher_prob"] = np.ascontiguousarray(stored.prob[rows][:, :k])
             out["aug_epoch"] = np.full(len(kept), replay, dtype=np.int64)
         if self.multi_label:
             hot = np.zeros((len(kept), self.num_classes), dtype=np.float32)

@@ -159,8 +159,8 @@ def check_compatible(
             f"(fingerprint {card['dataset_fingerprint'][:12]}, dataset has "
             f"{str(dataset_card.get('fingerprint'))[:12]}): re-run jobs.teacher_logits"
         )
-    if card["k"] != topk:
-        raise ValueError(f"config key 'distill.topk': {topk}, but {store} keeps k={card['k']}")
+    if card["k"] < topk:  # top-k is stored highest first: any k' <= k is its first k' columns
+        raise ValueError(f"config key 'distill.topk': {topk}, but {store} keeps only k={card['k']}")
     if card["num_classes"] != num_classes:
         raise ValueError(
             f"{store} has {card['num_classes']} classes, the student's head {num_classes}"

@@ -23,8 +23,14 @@ from raylens.train.resources import ResourcePlan, plan_resources
 log = logging.getLogger("raylens")
 
 
-def init_ray(cfg: RayConfig) -> None:
-    """Joins ``ray.address`` / ``RAY_ADDRESS`` (as under ``ray job submit``), else starts local Ray."""
+def init_ray(cfg: RayConfig, *, dashboard: bool = False) -> None:
+    """Joins ``ray.address`` / ``RAY_ADDRESS`` (as under ``ray job submit``), else starts local Ray.
+
+    ``dashboard``: a local Ray with its dashboard. Tune needs it: Ray Train's placement-group
+    cleaner asks the dashboard's state API whether a trial's trainer is still alive, and
+    without it the CPUs of every trial ASHA stops stay reserved (ray#54305) until the
+    sweep hangs waiting for them.
+    """
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -33,11 +39,13 @@ def init_ray(cfg: RayConfig) -> None:
     else:
         # "local": always a fresh local instance. A bare ray.init() would silently join a
         # cluster that `ray start` left running on this machine (and refuse num_cpus).
-        ray.init(address="local", num_cpus=cfg.local_num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=cfg.local_num_cpus, include_dashboard=dashboard)
 
 
 def budget(cfg: RayConfig) -> ResourcePlan:
-    return plan_resources(float(ray.cluster_resources().get("CPU", 1.0)), cfg)
+    """The run's CPU plan over ``ray.budget_cpus`` (a Tune trial's share) or the cluster."""
+    cpus = cfg.budget_cpus or float(ray.cluster_resources().get("CPU", 1.0))
+    return plan_resources(cpus, cfg)
 
 
 def build_trainer(

@@ -323,9 +323,12 @@ def projection_png(data: MetricData, model: FusionModel, max_points: int = 3000)
     return buf.getvalue()
 
 
-def metric_learn(cfg: RunConfig) -> dict[str, Any]:
+def metric_learn(
+    cfg: RunConfig, *, callbacks: list | None = None, evaluate: bool = True
+) -> dict[str, Any]:
     """Fills the feature cache, trains the fusion model, evaluates; returns
-    ``{"run_dir", "best", "test", "baseline", "report", "cache"}``."""
+    ``{"run_dir", "best", "test", "baseline", "report", "cache"}``. ``callbacks`` and
+    ``evaluate`` as in :func:`raylens.train.run.finetune`."""
     from raylens.report import write_report
 
     check_metric_config(cfg)
@@ -356,7 +359,7 @@ def metric_learn(cfg: RunConfig) -> dict[str, Any]:
         "embedding_dim": cfg.metric.embedding_dim,
     }
     storage.write_text(join(out, "labels.json"), json.dumps(labels, indent=1))
-    run_config = ray_run_config(cfg, storage)
+    run_config = ray_run_config(cfg, storage, callbacks)
     loop_config = {
         "cfg": cfg,
         "arrays": ray.put(arrays),
@@ -373,6 +376,10 @@ def metric_learn(cfg: RunConfig) -> dict[str, Any]:
     result = trainer.fit()
     best_path = join(out, "best.json")
     best = json.loads(storage.read_text(best_path)) if storage.exists(best_path) else None
+    cache = [{"backbone": e.backbone, "uri": e.uri, "hit": e.hit} for e in entries]
+    if not evaluate:
+        return {"run_dir": out, "best": best, "test": None, "baseline": None, "report": None,
+                "cache": cache, "result": result}  # fmt: skip
     test, baseline, report = None, evaluate_metric(cfg, data, None), None
     if best:
         model = build_fusion(cfg, data.dims, len(data.seen))
@@ -420,7 +427,7 @@ def metric_learn(cfg: RunConfig) -> dict[str, Any]:
         "test": test,
         "baseline": baseline,
         "report": report,
-        "cache": [{"backbone": e.backbone, "uri": e.uri, "hit": e.hit} for e in entries],
+        "cache": cache,
         "result": result,
     }
 

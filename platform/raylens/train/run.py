@@ -160,14 +160,18 @@ def fit_on_worker(
         events.close()
 
 
-def ray_run_config(cfg: RunConfig, storage: Storage) -> ray.train.RunConfig:
-    """Ray Train's run state in the run dir (so re-running resumes), with the restart budget."""
+def ray_run_config(
+    cfg: RunConfig, storage: Storage, callbacks: list | None = None
+) -> ray.train.RunConfig:
+    """Ray Train's run state in the run dir (so re-running resumes), with the restart budget.
+    ``callbacks``: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``)."""
     scheme, path = split_uri(cfg.run.output_dir)
     return ray.train.RunConfig(
         name=cfg.run.name,
         storage_path=path,
         storage_filesystem=storage.arrow_fs(scheme),
         failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+        callbacks=callbacks,
     )
 
 
@@ -342,16 +346,24 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, run=run, data=data, distill=distill)
 
 
-def finetune(cfg: RunConfig, *, distill: bool = False) -> dict[str, Any]:
+def finetune(
+    cfg: RunConfig,
+    *,
+    distill: bool = False,
+    callbacks: list | None = None,
+    evaluate: bool = True,
+) -> dict[str, Any]:
     """Runs (or resumes) a fine-tuning run; returns ``{"run_dir", "best", "test", "result"}``.
 
     ``distill``: train against a teacher (``cfg.distill``: stored top-k targets replayed
     with the teacher's augmentation, or an online teacher); validated on hard labels.
+    ``callbacks``: extra Ray Train callbacks. ``evaluate=False`` stops after training (no
+    test split, no report): what a Tune trial wants.
     """
     if cfg.task.name == "metric":
         from raylens.train.metric_run import metric_learn
 
-        return metric_learn(cfg)
+        return metric_learn(cfg, callbacks=callbacks, evaluate=evaluate)
     cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)
     train_ds, info = build_split(cfg, "train", storage)
@@ -365,7 +377,7 @@ def finetune(cfg: RunConfig, *, distill: bool = False) -> dict[str, Any]:
     storage.write_text(
         join(out, "labels.json"), json.dumps({"classes": info.classes, "task": info.task}, indent=1)
     )
-    run_config = ray_run_config(cfg, storage)
+    run_config = ray_run_config(cfg, storage, callbacks)
     trainer, plan = build_trainer(
         train_worker,
         {"cfg": cfg, "info": info, "distill": distill, "targets": targets},
@@ -382,6 +394,8 @@ def finetune(cfg: RunConfig, *, distill: bool = False) -> dict[str, Any]:
         if storage.exists(join(out, "best.json"))
         else None
     )
+    if not evaluate:
+        return {"run_dir": out, "best": best, "test": None, "report": None, "result": result}
     splits: dict[str, dict] = {}
     samples = None
     if best:

@@ -1,0 +1,452 @@
+"""A hyperparameter sweep on Ray Tune: Optuna TPE (seeded) + ASHA (or FIFO) over a space.
+
+Experiment directory (``<tune.output_dir>/<tune.name>``, local, ``s3://`` or ``gs://``)::
+
+    sweep.json                 base config, space, metric/mode, concurrency (written first)
+    optuna.journal             the Optuna study (journal storage: safe under parallel writers)
+    trials/<trial_id>/         each trial is a normal run dir (config, metrics, checkpoints)
+    trials/<trial_id>/trial_done.json   written when a trial completes all its epochs
+    <Tune's own experiment state and per-trial result logs>
+    results/trials.parquet, trials.csv  every trial: params, best/last metric, epochs, status
+    results/best_config.yaml   the best trial's full config, ready for ``jobs.finetune``
+    results/optimization_history.png, param_importances.png, metric_vs_epoch.png
+    results/best_retrained.json  the best config retrained as <name>-best, test metrics
+
+Each trial is a Tune function trainable that runs the same ``TorchTrainer`` training as
+``jobs.finetune`` (:func:`raylens.train.run.finetune`) with the trial's dotted overrides;
+``TuneReportCallback`` forwards each epoch's report to Tune, so ASHA can stop it.
+
+Resume (``--resume``) after the driver died: Tune restores its experiment state and the
+searcher (whose study lives in the journal); trials whose ``trial_done.json`` exists are
+never trained again (a trial that finished after Tune's last state save reports its
+recorded result instead); unfinished trials resume from their last epoch checkpoint.
+ASHA's rungs are not restored by Ray (it stops trials, never pauses them), so after a
+resume trials may run more epochs than ASHA would have allowed, never fewer, and no trial
+is counted twice: each Tune trial is one Optuna trial and one row of the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from raylens import config as C
+from raylens.schema import RunConfig
+from raylens.storage import Storage, join, split_uri
+from raylens.train.loop import lower_is_better
+from raylens.tune.space import Space
+
+TRIAL_DONE = "trial_done.json"
+
+
+@dataclass
+class SweepPlan:
+    base: RunConfig  # the run config with the space's fixed overrides applied
+    space: Space
+    exp_dir: str
+    metric: str  # Tune metric key, e.g. "val/top1"
+    mode: str  # "max" | "min"
+    concurrency: int
+    cpus_per_trial: float
+    distill: bool
+    journal: str  # local path of the Optuna journal
+
+    @property
+    def name(self) -> str:
+        return self.exp_dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+def task_metric(cfg: RunConfig) -> str:
+    """The metric the run's own model selection uses (``train.best_metric`` or the task's)."""
+    if cfg.train.best_metric:
+        return cfg.train.best_metric
+    if cfg.task.name == "metric":
+        return f"recall_at_{min(cfg.metric.recall_ks)}"
+    return {"classify": "top1", "multilabel": "f1_weighted"}[cfg.task.name]
+
+
+def plan_sweep(
+    cfg: RunConfig, space: Space, *, distill: bool, cluster: dict[str, float]
+) -> SweepPlan:
+    """Experiment dir, metric/mode from the task, trial CPUs and concurrency that fit
+    ``cluster`` (``{"CPU": n, "GPU": m}``) with CPUs left for each trial's Ray Data."""
+    base = C.apply_overrides(cfg, space.fixed) if space.fixed else cfg
+    base.validate()
+    t = base.tune
+    name = t.name or f"{base.run.name or 'sweep'}-tune"
+    exp_dir = join(t.output_dir or base.run.output_dir, name)
+    metric = task_metric(base)
+    cpus = t.cpus_per_trial or float(base.ray.num_workers + 1)
+    total = float(cluster.get("CPU", 1.0))
+    if cpus > total:
+        raise ValueError(
+            f"config key 'tune.cpus_per_trial': a trial needs {cpus:g} CPUs "
+            f"({base.ray.num_workers} worker(s) + Ray Data), the cluster has {total:g}"
+        )
+    fits = int(total // cpus)
+    if base.ray.use_gpu:
+        fits = min(fits, int(float(cluster.get("GPU", 0.0)) // base.ray.num_workers))
+        if fits < 1:
+            raise ValueError(
+                f"ray.use_gpu: a trial needs {base.ray.num_workers} GPU(s), the cluster has "
+                f"{cluster.get('GPU', 0):g}"
+            )
+    concurrency = min(t.max_concurrent or fits, fits, t.num_samples)
+    scheme, path = split_uri(exp_dir)
+    journal = (
+        os.path.join(path, "optuna.journal")
+        if scheme == "file"
+        else os.path.join(os.path.expanduser("~/.cache/raylens/tune"), name, "optuna.journal")
+    )
+    return SweepPlan(
+        base=base,
+        space=space,
+        exp_dir=path if scheme == "file" else exp_dir,
+        metric=f"val/{metric}",
+        mode="min" if lower_is_better(metric) else "max",
+        concurrency=max(1, concurrency),
+        cpus_per_trial=cpus,
+        distill=distill,
+        journal=journal,
+    )
+
+
+class DefineByRun:
+    """OptunaSearch's define-by-run space (a picklable callable: the searcher is saved)."""
+
+    def __init__(self, space: Space, base: RunConfig):
+        self.space, self.base = space, base
+
+    def __call__(self, trial) -> dict[str, Any]:
+        return self.space.suggest(trial, self.base)
+
+
+def trial_config(plan: SweepPlan, trial_id: str, params: dict[str, Any]) -> RunConfig:
+    """A trial's run config: base + params, its run dir under ``trials/``, its CPU share."""
+    return C.apply_overrides(
+        plan.base,
+        {
+            **params,
+            "run.name": trial_id,
+            "run.output_dir": join(plan.exp_dir, "trials"),
+            "ray.budget_cpus": plan.cpus_per_trial,
+            "ray.data_cpus": plan.base.ray.data_cpus or 1.0,
+        },
+    )
+
+
+def run_trial(config: dict[str, Any], plan: SweepPlan) -> None:
+    """The Tune function trainable: one ``TorchTrainer`` fit with the trial's overrides."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raylens.train.run import finetune
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(plan, trial_id, config)
+    storage = Storage(cfg.storage)
+    done = join(cfg.run.output_dir, trial_id, TRIAL_DONE)
+    if storage.exists(done):  # finished before the driver died: report, never retrain
+        tune.report(json.loads(storage.read_text(done))["last"])
+        return
+    out = finetune(cfg, distill=plan.distill, callbacks=[TuneReportCallback()], evaluate=False)
+    history = _history(storage, out["run_dir"])
+    if history:
+        storage.write_text(
+            done, json.dumps({"last": history[-1], "epochs": history[-1]["epoch"]}, indent=1)
+        )
+
+
+def _history(storage: Storage, run: str) -> list[dict]:
+    path = join(run, "metrics.jsonl")
+    if not storage.exists(path):
+        return []
+    return [json.loads(x) for x in storage.read_text(path).splitlines() if x.strip()]
+
+
+def _searcher(plan: SweepPlan):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    os.makedirs(os.path.dirname(plan.journal), exist_ok=True)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(plan.journal)
+    )
+    t = plan.base.tune
+    seed = plan.base.run.seed if t.seed is None else t.seed
+    return OptunaSearch(
+        space=DefineByRun(plan.space, plan.base),
+        metric=plan.metric,
+        mode=plan.mode,
+        sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=t.n_startup_trials),
+        study_name=plan.name,
+        storage=storage,
+    )
+
+
+def _scheduler(plan: SweepPlan):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    t = plan.base.tune
+    if t.scheduler == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="epoch",
+        max_t=plan.base.train.epochs,
+        grace_period=min(t.grace_period, plan.base.train.epochs),
+        reduction_factor=t.reduction_factor,
+    )
+
+
+def _trainable(plan: SweepPlan):
+    from ray import tune
+
+    # The trial's driver holds a sliver of CPU; its TorchTrainer's workers and Ray Data get
+    # their own resources, and concurrency (max_concurrent_trials) keeps them within the
+    # cluster: each trial plans over plan.cpus_per_trial.
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0.01})
+
+
+def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, Any]:
+    """Runs (or resumes) the sweep; writes the results; returns the summary."""
+    from ray import tune
+
+    storage = Storage(plan.base.storage)
+    scheme, path = split_uri(plan.exp_dir)
+    storage_path, name = path.rstrip("/").rsplit("/", 1)
+    card = join(plan.exp_dir, "sweep.json")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often
+    if plan.base.task.name == "metric":  # every trial reads the same cache: fill it once
+        from raylens.infer.features import ensure_cache
+        from raylens.train.metric_run import _abs_metric
+
+        ensure_cache(_abs_metric(plan.base), storage)
+    fs = storage.arrow_fs(scheme)
+    if resume:
+        if not storage.exists(card):
+            raise FileNotFoundError(f"--resume: no sweep at {plan.exp_dir!r} (no sweep.json)")
+        saved = json.loads(storage.read_text(card))
+        if saved["config"] != C.to_dict(plan.base) or saved["space"] != plan.space.raw:
+            raise ValueError(
+                f"--resume: the config or space differs from the sweep at {plan.exp_dir!r}; "
+                "resume with the same --config, --space and overrides"
+            )
+        exp_uri = f"{storage_path}/{name}" if scheme == "file" else plan.exp_dir
+        if not tune.Tuner.can_restore(exp_uri, storage_filesystem=fs if scheme != "file" else None):
+            raise FileNotFoundError(f"--resume: no Tune experiment state at {plan.exp_dir!r}")
+        tuner = tune.Tuner.restore(
+            exp_uri,
+            trainable=_trainable(plan),
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=fs if scheme != "file" else None,
+        )
+        log(f"[tune] resuming {plan.exp_dir}")
+    else:
+        if storage.exists(card):
+            raise FileExistsError(
+                f"a sweep already exists at {plan.exp_dir!r}: pass --resume to continue it, "
+                "or choose another tune.name"
+            )
+        storage.write_text(
+            card,
+            json.dumps(
+                {
+                    "config": C.to_dict(plan.base),
+                    "space": plan.space.raw,
+                    "metric": plan.metric,
+                    "mode": plan.mode,
+                    "concurrency": plan.concurrency,
+                    "cpus_per_trial": plan.cpus_per_trial,
+                    "journal": plan.journal,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                },
+                indent=1,
+            ),
+        )
+        tuner = tune.Tuner(
+            _trainable(plan),
+            tune_config=tune.TuneConfig(
+                search_alg=_searcher(plan),
+                scheduler=_scheduler(plan),
+                num_samples=plan.base.tune.num_samples,
+                max_concurrent_trials=plan.concurrency,
+                metric=plan.metric,
+                mode=plan.mode,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=storage_path,
+                storage_filesystem=fs if scheme != "file" else None,
+                verbose=1,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+    t0 = time.time()
+    grid = tuner.fit()
+    log(f"[tune] {len(grid)} trials in {time.time() - t0:.0f} s")
+    return write_results(plan, grid, storage, log=log)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def trial_rows(plan: SweepPlan, grid) -> list[dict[str, Any]]:
+    """One row per trial: params, best and last metric, epochs run, status."""
+    rows = []
+    epochs = plan.base.train.epochs
+    lower = plan.mode == "min"
+    for result in grid:
+        df = result.metrics_dataframe
+        trial_id = (result.metrics or {}).get("trial_id") or os.path.basename(result.path)
+        values = [] if df is None or plan.metric not in df else df[plan.metric].dropna().tolist()
+        ran = 0 if df is None or "epoch" not in df else int(df["epoch"].max())
+        if result.error is not None:
+            status = "error"
+        elif ran >= epochs:
+            status = "completed"
+        else:
+            status = "stopped"  # by the scheduler (ASHA) before its last epoch
+        row = {
+            "trial_id": trial_id,
+            "status": status,
+            "epochs": ran,
+            "best": (min(values) if lower else max(values)) if values else math.nan,
+            "last": values[-1] if values else math.nan,
+            "error": str(result.error)[:500] if result.error is not None else "",
+        }
+        for key in plan.space.keys:
+            row[key] = (result.config or {}).get(key)
+        row["curve"] = json.dumps(values)
+        rows.append(row)
+    return rows
+
+
+def write_results(plan: SweepPlan, grid, storage: Storage, log=print) -> dict[str, Any]:
+    import pandas as pd
+
+    rows = trial_rows(plan, grid)
+    out = join(plan.exp_dir, "results")
+    df = pd.DataFrame(rows)
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    storage.write_bytes(join(out, "trials.parquet"), buf.getvalue())
+    storage.write_text(join(out, "trials.csv"), df.to_csv(index=False))
+    ok = [r for r in rows if r["status"] != "error" and not math.isnan(r["best"])]
+    if not ok:
+        raise RuntimeError(f"sweep {plan.exp_dir!r}: no trial reported {plan.metric}")
+    best = (min if plan.mode == "min" else max)(ok, key=lambda r: r["best"])
+    params = {k: best[k] for k in plan.space.keys if best[k] is not None and best[k] == best[k]}
+    best_cfg = C.apply_overrides(plan.base, {**params, "run.name": f"{plan.name}-best"})
+    header = (
+        f"# Best trial {best['trial_id']} of sweep {plan.exp_dir}: {plan.metric} = "
+        f"{best['best']:.4f} ({best['status']}, {best['epochs']} epochs).\n"
+        f"# Params: {json.dumps(params)}\n"
+        f"#   python -m jobs.finetune --config {join(out, 'best_config.yaml')}\n"
+    )
+    storage.write_text(join(out, "best_config.yaml"), header + C.to_yaml(best_cfg))
+    for name, png in _plots(plan, rows).items():
+        storage.write_bytes(join(out, name), png)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped", "error")}
+    summary = {
+        "exp_dir": plan.exp_dir,
+        "metric": plan.metric,
+        "mode": plan.mode,
+        "trials": len(rows),
+        "status": counts,
+        "trial_epochs": int(sum(r["epochs"] for r in rows)),
+        "best": {"trial_id": best["trial_id"], "value": best["best"], "params": params},
+        "best_config": join(out, "best_config.yaml"),
+    }
+    storage.write_text(join(out, "summary.json"), json.dumps(summary, indent=1))
+    log(
+        f"[tune] {len(rows)} trials ({counts}), {summary['trial_epochs']} trial-epochs; best "
+        f"{best['trial_id']}: {plan.metric}={best['best']:.4f} {params}"
+    )
+    return summary
+
+
+def _plots(plan: SweepPlan, rows: list[dict]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+
+    out: dict[str, bytes] = {}
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        curve = json.loads(r["curve"])
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", ms=3, alpha=0.8,
+                label=f"{r['trial_id'][-5:]} ({r['status']})")  # fmt: skip
+    ax.set_xlabel("validation round (epoch)")
+    ax.set_ylabel(plan.metric)
+    ax.set_title(f"{plan.name}: {plan.metric} per epoch, every trial")
+    ax.grid(alpha=0.3)
+    if len(rows) <= 16:
+        ax.legend(fontsize=7, ncol=2)
+    out["metric_vs_epoch.png"] = png(fig)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(
+            study_name=plan.name,
+            storage=optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(plan.journal)
+            ),
+        )
+    except (KeyError, ValueError):
+        return out
+    from optuna.visualization import matplotlib as ovm
+
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if done:
+        ax = ovm.plot_optimization_history(study, target_name=plan.metric)
+        out["optimization_history.png"] = png(ax.figure)
+    if len(done) >= 2 and any(len(t.params) for t in done):
+        try:
+            ax = ovm.plot_param_importances(study, target_name=plan.metric)
+            out["param_importances.png"] = png(ax.figure)
+        except (RuntimeError, ValueError) as err:  # e.g. every trial got the same params
+            print(f"[tune] parameter importances skipped: {err}")
+    return out
+
+
+def retrain_best(plan: SweepPlan, summary: dict[str, Any], log=print) -> dict[str, Any]:
+    """Retrains the best config (a normal run, test split evaluated) and records it."""
+    from raylens.train.run import finetune
+
+    storage = Storage(plan.base.storage)
+    text = storage.read_text(summary["best_config"])
+    cfg = C.load(RunConfig, text)
+    cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, budget_cpus=None))
+    out = finetune(cfg, distill=plan.distill)
+    record = {
+        "run_dir": out["run_dir"],
+        "best_val": (out["best"] or {}).get("metrics"),
+        "test": out["test"],
+        "baseline": out.get("baseline"),
+    }
+    storage.write_text(
+        join(plan.exp_dir, "results", "best_retrained.json"), json.dumps(record, indent=1)
+    )
+    log(f"[tune] best config retrained: {out['run_dir']}")
+    return record
+
+
+def cluster_resources() -> dict[str, float]:
+    return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
