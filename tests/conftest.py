@@ -83,9 +83,8 @@ def store(request, tmp_path):
     return gcs_storage(server), f"gs://{bucket}"
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole test session, 2 logical CPUs (like this machine)."""
+def start_test_ray():
+    """The tests' local Ray: 2 logical CPUs (like this machine)."""
     import ray
 
     if not ray.is_initialized():
@@ -96,5 +95,26 @@ def ray_session():
             log_to_driver=False,
             runtime_env={"env_vars": {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}},
         )
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session."""
+    ray = start_test_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def no_ray_here():
+    """No Ray in the test process while the test runs (restored after): a job subprocess
+    that starts its own local Ray then is the only instance on the machine (Ray Train's
+    placement-group cleaner gives up when it finds two)."""
+    import ray
+
+    was = ray.is_initialized()
+    ray.shutdown()
+    yield
+    if was:
+        start_test_ray()

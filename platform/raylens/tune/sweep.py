@@ -78,9 +78,16 @@ def plan_sweep(
 ) -> SweepPlan:
     """Experiment dir, metric/mode from the task, trial CPUs and concurrency that fit
     ``cluster`` (``{"CPU": n, "GPU": m}``) with CPUs left for each trial's Ray Data."""
+    from raylens.train.metric_run import _abs_metric
+
     base = C.apply_overrides(cfg, space.fixed) if space.fixed else cfg
     base.validate()
+    # Trials run in their own working dirs: local paths made absolute on the driver.
+    base = _abs_metric(base)
     t = base.tune
+    if t.output_dir and split_uri(t.output_dir)[0] == "file":
+        t = dataclasses.replace(t, output_dir=split_uri(t.output_dir)[1])
+        base = dataclasses.replace(base, tune=t)
     name = t.name or f"{base.run.name or 'sweep'}-tune"
     exp_dir = join(t.output_dir or base.run.output_dir, name)
     metric = task_metric(base)
@@ -226,9 +233,8 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often
     if plan.base.task.name == "metric":  # every trial reads the same cache: fill it once
         from raylens.infer.features import ensure_cache
-        from raylens.train.metric_run import _abs_metric
 
-        ensure_cache(_abs_metric(plan.base), storage)
+        ensure_cache(plan.base, storage)
     fs = storage.arrow_fs(scheme)
     if resume:
         if not storage.exists(card):
@@ -293,7 +299,43 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
     t0 = time.time()
     grid = tuner.fit()
     log(f"[tune] {len(grid)} trials in {time.time() - t0:.0f} s")
+    orphans = close_orphans(plan)
+    if orphans:
+        log(f"[tune] {orphans} Optuna trial(s) asked for before the driver died and never run: "
+            "marked FAIL (not results)")  # fmt: skip
     return write_results(plan, grid, storage, log=log)
+
+
+def close_orphans(plan: SweepPlan) -> int:
+    """After the sweep, an Optuna trial still RUNNING was suggested after Tune's last state
+    save and lost with the driver (the restored Tune re-asks instead). TPE's constant-liar
+    would keep treating it as in flight: mark it FAIL. Returns how many."""
+    import optuna
+
+    study = _study(plan)
+    if study is None:
+        return 0
+    running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for t in running:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    return len(running)
+
+
+def _study(plan: SweepPlan):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not os.path.exists(plan.journal):
+        return None
+    try:
+        return optuna.load_study(
+            study_name=plan.name,
+            storage=optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(plan.journal)
+            ),
+        )
+    except (KeyError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------- results
@@ -401,15 +443,8 @@ def _plots(plan: SweepPlan, rows: list[dict]) -> dict[str, bytes]:
     if len(rows) <= 16:
         ax.legend(fontsize=7, ncol=2)
     out["metric_vs_epoch.png"] = png(fig)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(
-            study_name=plan.name,
-            storage=optuna.storages.JournalStorage(
-                optuna.storages.journal.JournalFileBackend(plan.journal)
-            ),
-        )
-    except (KeyError, ValueError):
+    study = _study(plan)
+    if study is None:
         return out
     from optuna.visualization import matplotlib as ovm
 
