@@ -41,6 +41,7 @@ def sweep(name: str, scheduler: str, args, retrain: bool) -> tuple[dict, float]:
         f"tune.num_samples={args.trials}", f"tune.retrain={str(retrain).lower()}",
         "tune.seed=0", "model.backbone=vgg_s8", f"train.epochs={args.epochs}",
         f"train.max_steps_per_epoch={args.steps}", "train.warmup_epochs=0.5",
+        f"tune.grace_period={args.grace}",
         "ray.local_num_cpus=3",
     ]  # fmt: skip
     t0 = time.perf_counter()
@@ -58,8 +59,9 @@ def sweep(name: str, scheduler: str, args, retrain: bool) -> tuple[dict, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--trials", type=int, default=8)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--steps", type=int, default=60, help="train.max_steps_per_epoch")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--steps", type=int, default=30, help="train.max_steps_per_epoch")
+    p.add_argument("--grace", type=int, default=2, help="tune.grace_period (epochs)")
     p.add_argument("--output-dir", default=str(REPO / "runs" / "bench-tune"))
     p.add_argument("--write", action="store_true", help="replace this section of RESULTS.md")
     args = p.parse_args()
@@ -77,7 +79,7 @@ def main() -> None:
         f"{__import__('os').cpu_count()} cores), {time.strftime('%Y-%m-%d')}. "
         f"{args.trials} trials of `tune_spaces/classify.yaml`, TPE seed 0, vgg_s8 on "
         f"Fashion-MNIST, {args.epochs} epochs of {args.steps} steps x 256 images; ASHA "
-        "grace 1 epoch, reduction factor 2.",
+        f"grace {args.grace} epochs, reduction factor 2.",
         "",
         "| scheduler | trial-epochs | completed / stopped / errored | best val top-1 | wall |",
         "|---|---|---|---|---|",

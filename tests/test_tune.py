@@ -75,6 +75,16 @@ def sweep_setup(tmp_path_factory):
     return root
 
 
+def _finished(exp: Path) -> list[str]:
+    """Trials whose run log ends with their final epoch."""
+    out = []
+    for log in exp.glob("trials/*/metrics.jsonl"):
+        rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        if rows and rows[-1].get("final"):
+            out.append(log.parent.name)
+    return out
+
+
 def _tune(root: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "jobs.tune", "--config", str(root / "base.yaml"),
             "--space", str(root / "space.yaml"), *extra]  # fmt: skip
@@ -91,15 +101,14 @@ def test_sweep_killed_mid_way_resumes_keeping_finished_trials(sweep_setup, no_ra
                                 env=env, start_new_session=True)  # fmt: skip
         deadline = time.time() + 420
         while time.time() < deadline and proc.poll() is None:
-            if len(list(exp.glob("trials/*/trial_done.json"))) >= 1:
+            if _finished(exp):
                 break
             time.sleep(1)
         assert proc.poll() is None, (root / "first.log").read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
         proc.wait()
-    done_before = {
-        p.parent.name: p.stat().st_mtime_ns for p in exp.glob("trials/*/trial_done.json")
-    }
+    done_before = {t: (exp / "trials" / t / "metrics.jsonl").stat().st_mtime_ns
+                   for t in _finished(exp)}  # fmt: skip
     assert done_before and not (exp / "results").exists()
     time.sleep(2)
 
@@ -119,7 +128,7 @@ def test_sweep_killed_mid_way_resumes_keeping_finished_trials(sweep_setup, no_ra
     assert len(trials) == 3 and trials["trial_id"].is_unique  # none lost, none twice
     assert set(done_before) <= set(trials["trial_id"])
     for tid, mtime in done_before.items():  # finished trials were kept, not trained again
-        assert (exp / "trials" / tid / "trial_done.json").stat().st_mtime_ns == mtime
+        assert (exp / "trials" / tid / "metrics.jsonl").stat().st_mtime_ns == mtime
         assert trials.set_index("trial_id").loc[tid, "status"] == "completed"
     assert (trials["status"] != "error").all(), trials.to_dict("records")
     assert trials["best"].between(0.0, 1.0).all() and (trials["epochs"] >= 1).all()
@@ -146,6 +155,12 @@ def test_sweep_killed_mid_way_resumes_keeping_finished_trials(sweep_setup, no_ra
     retrained = json.loads((results / "best_retrained.json").read_text())
     assert retrained["test"]["top1"] >= 0.9, retrained
     assert Path(retrained["run_dir"], "test_metrics.json").exists()
+    ft = subprocess.run([sys.executable, "-m", "jobs.finetune", "--config",
+                         str(results / "best_config.yaml"), "run.name=from-best-yaml"],
+                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert ft.returncode == 0, (ft.stdout + ft.stderr)[-3000:]
+    test = json.loads((root / "runs" / "from-best-yaml" / "test_metrics.json").read_text())
+    assert test["top1"] >= 0.9, test
     # 2 CPUs, 1-CPU trials: one trial at a time (each trial's run dir: start .. last write)
     spans = []
     for d in (exp / "trials").iterdir():

@@ -298,6 +298,8 @@ def fit(
         if cfg.scheduler == "plateau":
             sched.step(value)
         row["best"] = improved
+        stop = cfg.patience is not None and state.bad_rounds >= cfg.patience
+        row["final"] = bool(stop or (epoch_done and state.epoch + 1 >= cfg.epochs))
         state.history.append(row)
         checkpoint = None
         if epoch_done:
@@ -321,7 +323,7 @@ def fit(
                 f"val {metric} {value:.4f}{' (best)' if improved else ''}, "
                 f"{row['images_per_s']:.0f} img/s"
             )
-        return cfg.patience is not None and state.bad_rounds >= cfg.patience
+        return stop
 
     def optimizer_step() -> None:
         if cfg.grad_clip:

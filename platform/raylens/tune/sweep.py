@@ -5,7 +5,6 @@ Experiment directory (``<tune.output_dir>/<tune.name>``, local, ``s3://`` or ``g
     sweep.json                 base config, space, metric/mode, concurrency (written first)
     optuna.journal             the Optuna study (journal storage: safe under parallel writers)
     trials/<trial_id>/         each trial is a normal run dir (config, metrics, checkpoints)
-    trials/<trial_id>/trial_done.json   written when a trial completes all its epochs
     <Tune's own experiment state and per-trial result logs>
     results/trials.parquet, trials.csv  every trial: params, best/last metric, epochs, status
     results/best_config.yaml   the best trial's full config, ready for ``jobs.finetune``
@@ -17,9 +16,11 @@ Each trial is a Tune function trainable that runs the same ``TorchTrainer`` trai
 ``TuneReportCallback`` forwards each epoch's report to Tune, so ASHA can stop it.
 
 Resume (``--resume``) after the driver died: Tune restores its experiment state and the
-searcher (whose study lives in the journal); trials whose ``trial_done.json`` exists are
-never trained again (a trial that finished after Tune's last state save reports its
-recorded result instead); unfinished trials resume from their last epoch checkpoint.
+searcher (whose study lives in the journal); a trial whose ``metrics.jsonl`` ends with its
+``final`` epoch (the last, or early stopping's) is never trained again (one that finished
+after Tune's last state save reports its recorded result instead; Tune stops a trial at
+its last report, so the run's own log is the record); unfinished trials resume from their
+last epoch checkpoint.
 ASHA's rungs are not restored by Ray (it stops trials, never pauses them), so after a
 resume trials may run more epochs than ASHA would have allowed, never fewer, and no trial
 is counted twice: each Tune trial is one Optuna trial and one row of the results.
@@ -43,8 +44,6 @@ from raylens.schema import RunConfig
 from raylens.storage import Storage, join, split_uri
 from raylens.train.loop import lower_is_better
 from raylens.tune.space import Space
-
-TRIAL_DONE = "trial_done.json"
 
 
 @dataclass
@@ -160,16 +159,11 @@ def run_trial(config: dict[str, Any], plan: SweepPlan) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(plan, trial_id, config)
     storage = Storage(cfg.storage)
-    done = join(cfg.run.output_dir, trial_id, TRIAL_DONE)
-    if storage.exists(done):  # finished before the driver died: report, never retrain
-        tune.report(json.loads(storage.read_text(done))["last"])
+    history = _history(storage, join(cfg.run.output_dir, trial_id))
+    if history and history[-1].get("final"):  # finished before the driver died: never retrain
+        tune.report(history[-1])
         return
-    out = finetune(cfg, distill=plan.distill, callbacks=[TuneReportCallback()], evaluate=False)
-    history = _history(storage, out["run_dir"])
-    if history:
-        storage.write_text(
-            done, json.dumps({"last": history[-1], "epochs": history[-1]["epoch"]}, indent=1)
-        )
+    finetune(cfg, distill=plan.distill, callbacks=[TuneReportCallback()], evaluate=False)
 
 
 def _history(storage: Storage, run: str) -> list[dict]:
@@ -216,10 +210,12 @@ def _scheduler(plan: SweepPlan):
 def _trainable(plan: SweepPlan):
     from ray import tune
 
-    # The trial's driver holds a sliver of CPU; its TorchTrainer's workers and Ray Data get
-    # their own resources, and concurrency (max_concurrent_trials) keeps them within the
-    # cluster: each trial plans over plan.cpus_per_trial.
-    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0.01})
+    # The trial's driver holds no CPU (Tune refuses an empty request, hence 1 byte of
+    # memory): even a 0.01-CPU sliver leaves a 2-CPU cluster 0.99 CPU once the worker
+    # holds 1, and Ray Data's 1-CPU decode tasks never start. Its TorchTrainer's workers
+    # and Ray Data get their own resources; concurrency (max_concurrent_trials) keeps the
+    # trials within the cluster: each plans over plan.cpus_per_trial.
+    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0, "memory": 1})
 
 
 def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, Any]:
