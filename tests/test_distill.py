@@ -176,14 +176,30 @@ def test_teacher_pass_check_replay_and_stored_distillation(ray_session, teacher_
                          storage, log=lambda m: None)  # fmt: skip
     assert report["samples"] == 40 and report["seed_mismatches"] == 0
     assert report["index_mismatch_rate"] == 0.0 and report["mean_abs_prob_error"] < 1e-3
-    # the student: 3 epochs over 2 stored ones (epoch 2 replays stored epoch 0), reading
-    # the top-1 of a top-2 store (k' <= k: the first k' columns, stored highest first)
-    out = finetune(_distill_cfg(base, teacher, store, "run.name=student", "train.epochs=3",
-                                "distill.topk=1"), distill=True)  # fmt: skip
+    # a student with k' < k reads the first k' columns (the store keeps top-k highest first)
+    import ray
+    from raylens.data.ingest import build_split
+    from raylens.train.run import absolute_paths, distill_setup
+
+    k1 = absolute_paths(_distill_cfg(base, teacher, store, "run.name=k1", "distill.topk=1"))
+    _, info = build_split(k1, "train", storage)
+    targets, clock = distill_setup(k1, info, storage)
+    ray.get(clock.set.remote(1))
+    ds, _ = build_split(k1, "train", storage, targets=targets)
+    rows = ds.take_all()
+    pos = {i: n for n, i in enumerate(e1.ids)}
+    assert len(rows) == 72 and all(r["teacher_idx"].shape == (1,) for r in rows)
+    for r in rows:  # epoch 1 replays stored epoch 1: its top-1, class and probability
+        assert r["aug_epoch"] == 1 and r["teacher_idx"][0] == e1.idx[pos[r["id"]], 0], r["id"]
+        assert r["teacher_prob"][0] == pytest.approx(e1.prob[pos[r["id"]], 0]), r["id"]
+    del clock
+    # the student: 3 epochs over 2 stored ones (epoch 2 replays stored epoch 0)
+    out = finetune(_distill_cfg(base, teacher, store, "run.name=student", "train.epochs=3"),
+                   distill=True)  # fmt: skip
     rows = [json.loads(x) for x in Path(out["run_dir"], "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["val/top1"] >= 0.8, rows
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
-    assert "distilled (stored, soft_ce, k=1)" in Path(out["report"]).read_text()
+    assert "distilled (stored, soft_ce, k=2)" in Path(out["report"]).read_text()
 
 
 @pytest.mark.ray

@@ -137,9 +137,10 @@ class TeacherTargets:
     clock: str  # EpochClock actor name (namespace "raylens")
     store: str
     storage: StorageConfig
-    k: int
+    k: int  # the student's k: the first k columns of the store's top-k (highest first)
     seed: int  # the store's augmentation base seed
     epochs: int  # E: student epoch e replays stored epoch e % E
+    store_k: int = 0  # the k the store was written with (0: the same as k)
 
 
 _TARGETS_CACHE: dict[tuple[str, int], Any] = {}
@@ -151,7 +152,9 @@ def _epoch_targets(spec: TeacherTargets, epoch: int):
     key = (spec.store, epoch)
     if key not in _TARGETS_CACHE:
         _TARGETS_CACHE.clear()  # one epoch at a time per process
-        _TARGETS_CACHE[key] = TS.read_epoch(Storage(spec.storage), spec.store, epoch, spec.k)
+        _TARGETS_CACHE[key] = TS.read_epoch(
+            Storage(spec.storage), spec.store, epoch, spec.store_k or spec.k
+        )
     return _TARGETS_CACHE[key]
 
 

@@ -295,7 +295,9 @@ def distill_setup(
             )
     name = f"raylens-clock-{uuid.uuid4().hex[:12]}"
     clock = EpochClock.options(name=name, namespace="raylens").remote()
-    targets = TeacherTargets(name, d.store, cfg.storage, d.topk, card["seed"], d.aug_epochs)
+    targets = TeacherTargets(
+        name, d.store, cfg.storage, d.topk, card["seed"], d.aug_epochs, store_k=card["k"]
+    )
     return targets, clock
 
 
