@@ -21,7 +21,7 @@ from sourcegen import prepare_quiet, write_folder
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = (
     "space:\n"
-    "  train.lr: {type: loguniform, low: 1.0e-3, high: 3.0e-2}\n"
+    "  train.lr: {type: loguniform, low: 3.0e-3, high: 3.0e-2}\n"
     "  task.label_smoothing: {type: uniform, low: 0.0, high: 0.2}\n"
     "fixed:\n"
     "  train.warmup_epochs: 0.0\n"
@@ -61,13 +61,13 @@ def test_concurrency_never_oversubscribes_the_cluster(tmp_path):
 def sweep_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     storage = Storage()
-    write_folder(storage, str(root / "raw"), per_class=16)
+    write_folder(storage, str(root / "raw"), per_class=24)
     prepare_quiet(storage, str(root / "raw"), str(root / "ds"))
     (root / "base.yaml").write_text(
         f"run: {{name: tiny, output_dir: {root / 'runs'}, seed: 0}}\n"
         f"data: {{dataset: {root / 'ds'}, image_size: 16, batch_size: 16, eval_crop_pct: 1.0}}\n"
         "model: {backbone: vgg_s8}\n"
-        "train: {epochs: 2, lr: 0.003}\n"
+        "train: {epochs: 3, lr: 0.003}\n"
         "ray: {local_num_cpus: 2}\n"
         "tune: {num_samples: 3, n_startup_trials: 2}\n"
     )
