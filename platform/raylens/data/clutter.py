@@ -29,7 +29,8 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image
 
-from raylens.data.images import ImageRejected, decode_rgb, encode_png
+from raylens.data.images import ImageRejected, encode_png
+from raylens.data.mosaic import decode_part
 from raylens.data.sources import Record
 from raylens.schema import PrepareConfig
 from raylens.storage import Storage
@@ -78,11 +79,7 @@ def build_clutter(
 
 
 def _pixels(part: Record, storage: Storage, max_pixels: int, role: str) -> np.ndarray:
-    data = part.data if part.data is not None else storage.read_bytes(part.uri)
-    try:
-        return np.asarray(decode_rgb(data, max_pixels=max_pixels), dtype=np.float32)
-    except ImageRejected as rej:
-        raise ImageRejected(rej.reason, f"{role} {part.id}: {rej.detail}") from None
+    return np.asarray(decode_part(part, storage, max_pixels, role), dtype=np.float32)
 
 
 def _resize(arr: np.ndarray, side: int) -> np.ndarray:

@@ -88,6 +88,16 @@ def build_mosaics(
     return out
 
 
+def decode_part(part: Record, storage: Storage, max_pixels: int, role: str) -> Image.Image:
+    """A composed record's part (mosaic member, clutter layer) as RGB; a part that does
+    not decode is rejected naming its role and id."""
+    data = part.data if part.data is not None else storage.read_bytes(part.uri)
+    try:
+        return decode_rgb(data, max_pixels=max_pixels)
+    except ImageRejected as rej:
+        raise ImageRejected(rej.reason, f"{role} {part.id}: {rej.detail}") from None
+
+
 def compose(record: Record, storage: Storage, max_pixels: int) -> bytes:
     """PNG bytes of a mosaic record (grayscale when every member is)."""
     images: list[Image.Image | None] = []
@@ -96,11 +106,7 @@ def compose(record: Record, storage: Storage, max_pixels: int) -> bytes:
         if part is None:
             images.append(None)
             continue
-        data = part.data if part.data is not None else storage.read_bytes(part.uri)
-        try:
-            img = decode_rgb(data, max_pixels=max_pixels)
-        except ImageRejected as rej:
-            raise ImageRejected(rej.reason, f"member {part.id}: {rej.detail}") from None
+        img = decode_part(part, storage, max_pixels, "member")
         arr = np.asarray(img)
         gray &= bool((arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all())
         images.append(img)

@@ -56,7 +56,13 @@ from raylens.tasks.metric import (
 from raylens.train.checkpoint import load_checkpoint
 from raylens.train.launch import build_trainer
 from raylens.train.loop import Task
-from raylens.train.run import absolute_paths, fit_on_worker, ray_run_config, run_dir
+from raylens.train.run import (
+    absolute_paths,
+    fit_on_worker,
+    ray_run_config,
+    read_history,
+    run_dir,
+)
 
 
 def build_fusion(cfg: RunConfig, dims: list[int], num_classes: int) -> FusionModel:
@@ -389,11 +395,7 @@ def metric_learn(
         protos = write_prototypes(storage, out, data, model)
         summary = {"trained": test, "raw_fused_features": baseline, "prototypes": protos}
         storage.write_text(join(out, "test_metrics.json"), json.dumps(summary, indent=1))
-        history = [
-            json.loads(line)
-            for line in storage.read_text(join(out, "metrics.jsonl")).splitlines()
-            if line.strip()
-        ]
+        history = read_history(storage, out)
         splits = {f"{k} (trained)": v for k, v in test.items()}
         splits.update({f"{k} (raw features)": v for k, v in baseline.items()})
         report = write_report(

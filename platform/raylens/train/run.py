@@ -175,6 +175,14 @@ def ray_run_config(
     )
 
 
+def read_history(storage: Storage, run: str) -> list[dict]:
+    """A run dir's ``metrics.jsonl`` rows (one per report); [] before the first report."""
+    path = join(run, "metrics.jsonl")
+    if not storage.exists(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+
+
 def make_reporter(cfg: RunConfig, storage: Storage, rank: int, resume: dict | None):
     """The loop's ``report`` hook on a Train worker, and rank 0's TensorBoard log.
 
@@ -414,11 +422,7 @@ def finetune(
         storage.write_text(join(out, "test_metrics.json"), json.dumps(test, indent=1))
     report = None
     if best:
-        history = [
-            json.loads(line)
-            for line in storage.read_text(join(out, "metrics.jsonl")).splitlines()
-            if line.strip()
-        ]
+        history = read_history(storage, out)
         report = write_report(
             storage,
             out,

@@ -154,23 +154,16 @@ def run_trial(config: dict[str, Any], plan: SweepPlan) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raylens.train.run import finetune
+    from raylens.train.run import finetune, read_history
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(plan, trial_id, config)
     storage = Storage(cfg.storage)
-    history = _history(storage, join(cfg.run.output_dir, trial_id))
+    history = read_history(storage, join(cfg.run.output_dir, trial_id))
     if history and history[-1].get("final"):  # finished before the driver died: never retrain
         tune.report(history[-1])
         return
     finetune(cfg, distill=plan.distill, callbacks=[TuneReportCallback()], evaluate=False)
-
-
-def _history(storage: Storage, run: str) -> list[dict]:
-    path = join(run, "metrics.jsonl")
-    if not storage.exists(path):
-        return []
-    return [json.loads(x) for x in storage.read_text(path).splitlines() if x.strip()]
 
 
 def _searcher(plan: SweepPlan):
@@ -178,9 +171,6 @@ def _searcher(plan: SweepPlan):
     from ray.tune.search.optuna import OptunaSearch
 
     os.makedirs(os.path.dirname(plan.journal), exist_ok=True)
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(plan.journal)
-    )
     t = plan.base.tune
     seed = plan.base.run.seed if t.seed is None else t.seed
     return OptunaSearch(
@@ -189,7 +179,7 @@ def _searcher(plan: SweepPlan):
         mode=plan.mode,
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=t.n_startup_trials),
         study_name=plan.name,
-        storage=storage,
+        storage=_journal(plan),
     )
 
 
@@ -231,7 +221,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
         from raylens.infer.features import ensure_cache
 
         ensure_cache(plan.base, storage)
-    fs = storage.arrow_fs(scheme)
+    fs = storage.arrow_fs(scheme) if scheme != "file" else None  # Tune's: None = local
     if resume:
         if not storage.exists(card):
             raise FileNotFoundError(f"--resume: no sweep at {plan.exp_dir!r} (no sweep.json)")
@@ -242,14 +232,14 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
                 "resume with the same --config, --space and overrides"
             )
         exp_uri = f"{storage_path}/{name}" if scheme == "file" else plan.exp_dir
-        if not tune.Tuner.can_restore(exp_uri, storage_filesystem=fs if scheme != "file" else None):
+        if not tune.Tuner.can_restore(exp_uri, storage_filesystem=fs):
             raise FileNotFoundError(f"--resume: no Tune experiment state at {plan.exp_dir!r}")
         tuner = tune.Tuner.restore(
             exp_uri,
             trainable=_trainable(plan),
             resume_unfinished=True,
             resume_errored=True,
-            storage_filesystem=fs if scheme != "file" else None,
+            storage_filesystem=fs,
         )
         log(f"[tune] resuming {plan.exp_dir}")
     else:
@@ -287,7 +277,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=storage_path,
-                storage_filesystem=fs if scheme != "file" else None,
+                storage_filesystem=fs,
                 verbose=1,
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
@@ -317,6 +307,13 @@ def close_orphans(plan: SweepPlan) -> int:
     return len(running)
 
 
+def _journal(plan: SweepPlan):
+    """The sweep's Optuna journal storage (a local file, safe under parallel writers)."""
+    import optuna
+
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(plan.journal))
+
+
 def _study(plan: SweepPlan):
     import optuna
 
@@ -324,12 +321,7 @@ def _study(plan: SweepPlan):
     if not os.path.exists(plan.journal):
         return None
     try:
-        return optuna.load_study(
-            study_name=plan.name,
-            storage=optuna.storages.JournalStorage(
-                optuna.storages.journal.JournalFileBackend(plan.journal)
-            ),
-        )
+        return optuna.load_study(study_name=plan.name, storage=_journal(plan))
     except (KeyError, ValueError):
         return None
 
