@@ -42,12 +42,11 @@ from raylens.infer.features import (
     plan_cache,
 )
 from raylens.models.backbones import HF_PREFIX
-from raylens.models.fusion import FusionModel, l2_concat
+from raylens.models.fusion import FusionModel, build_fusion, l2_concat
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join, split_uri
 from raylens.tasks.metric import (
     MetricMeter,
-    ProxyAnchorCriterion,
     check_retrievable,
     class_prototypes,
     ncm_accuracy,
@@ -63,29 +62,6 @@ from raylens.train.run import (
     read_history,
     run_dir,
 )
-
-
-def build_fusion(cfg: RunConfig, dims: list[int], num_classes: int) -> FusionModel:
-    m = cfg.metric
-    criterion = ProxyAnchorCriterion(
-        num_classes,
-        m.embedding_dim,
-        margin=m.margin,
-        alpha=m.alpha,
-        lr_mult=m.proxy_lr_mult,
-        miner=m.miner,
-        miner_epsilon=m.miner_epsilon,
-    )
-    return FusionModel(
-        dims,
-        m.embedding_dim,
-        hidden=list(m.fusion_hidden) or m.fusion,
-        gate=m.gate,
-        gate_hidden=m.gate_hidden,
-        dropout=m.dropout,
-        activation=m.activation,
-        criterion=criterion,
-    )
 
 
 def make_metric_task(cfg: RunConfig, model: torch.nn.Module) -> Task:

@@ -1,0 +1,227 @@
+"""Models as the server holds them: one run dir (or bare backbone) → images in, results out.
+
+    model = load_served_model(ModelEntry(id="fm", run="runs/fashion-mnist-vgg"), storage)
+    outs = model.infer([png_bytes, jpeg_bytes])   # one batch: decode, eval transform, forward
+    outs[0].embedding, outs[0].probs, outs[0].error
+
+Kinds:
+
+- ``classifier`` / ``multilabel``: a fine-tuned run (jobs.finetune). The embedding is the
+  pooled backbone feature (what ``jobs.embed`` writes for the run); ``probs`` are the
+  softmax (single-label) or sigmoids (multi-label, with the run's ``task.threshold``).
+- ``metric``: a metric-learning run. Each frozen backbone sees the image through its own
+  eval transform (as the feature cache did); the run's fusion model turns the L2-normalized,
+  concatenated features into the unit-length embedding ``jobs.embed`` writes for it.
+  Classes come from Nearest-Class-Mean prototypes (:mod:`raylens.serving.prototypes`).
+- ``backbone``: a bare backbone, embeddings only.
+
+Preprocessing is exactly the eval transform the run was trained with (its saved config).
+Pure: no Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from raylens import config as C
+from raylens.data.images import ImageRejected, decode_rgb
+from raylens.infer.features import parse_backbone
+from raylens.models.fusion import build_fusion, l2_concat
+from raylens.predict import Predictor, is_run_dir_spec, resolve_model
+from raylens.schema import RunConfig
+from raylens.serving.settings import ModelEntry
+from raylens.storage import Storage, join, split_uri
+from raylens.train.checkpoint import STATE, load_checkpoint
+
+Kind = Literal["classifier", "multilabel", "metric", "backbone"]
+
+
+@dataclass
+class Output:
+    """One image's result: ``error`` set (and nothing else) when it could not be used."""
+
+    embedding: np.ndarray | None = None  # float32 [D]
+    probs: np.ndarray | None = None  # float32 [C] (classifier / multilabel)
+    error: str | None = None
+
+
+@dataclass
+class ServedModel:
+    """A loaded model with the eval transform(s) of its run."""
+
+    id: str
+    kind: Kind
+    uri: str  # run dir (or backbone name)
+    checkpoint: str | None
+    dim: int
+    classes: list[str] = field(default_factory=list)
+    threshold: float = 0.5
+    max_pixels: int = 40_000_000
+    predictors: list[Predictor] = field(default_factory=list)
+    fusion: torch.nn.Module | None = None
+
+    def describe(self) -> dict:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "run": self.uri,
+            "checkpoint": self.checkpoint,
+            "dim": self.dim,
+            "classes": list(self.classes),
+            "image_size": [p.data.image_size for p in self.predictors],
+        }
+
+    # ------------------------------------------------------------------ inference
+
+    def infer(self, images: list[bytes]) -> list[Output]:
+        """Decodes and runs every image in one forward; an undecodable image gets an
+        ``error`` and costs the others nothing."""
+        outs = [Output() for _ in images]
+        decoded, kept = [], []
+        for i, data in enumerate(images):
+            try:
+                decoded.append(decode_rgb(data, max_pixels=self.max_pixels))
+                kept.append(i)
+            except ImageRejected as rej:
+                outs[i].error = f"{rej.reason}: {rej.detail}"
+        if not kept:
+            return outs
+        feats, probs = self._forward(decoded)
+        for j, i in enumerate(kept):
+            outs[i].embedding = feats[j]
+            if probs is not None:
+                outs[i].probs = probs[j]
+        return outs
+
+    def _pixels(self, pred: Predictor, images: list) -> torch.Tensor:
+        t = pred.transform
+        pixels = np.stack([t(img) for img in images])
+        return pred.normalize(torch.from_numpy(pixels))
+
+    def _forward(self, images: list) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.kind == "metric":
+            blocks = [p.embed(self._pixels(p, images)) for p in self.predictors]
+            device = next(self.fusion.parameters()).device
+            with torch.inference_mode():
+                emb = self.fusion(l2_concat(blocks).to(device))
+            return emb.float().cpu().numpy(), None
+        pred = self.predictors[0]
+        x = self._pixels(pred, images)
+        if self.kind == "backbone":
+            return pred.embed(x).numpy(), None
+        feats, logits = pred.embed_and_logits(x)
+        return feats.numpy(), pred.probs(logits).numpy()
+
+
+def _run_path(spec: str) -> str:
+    return spec.rstrip("/") if "://" in spec else split_uri(spec)[1]
+
+
+def load_served_model(
+    entry: ModelEntry,
+    storage: Storage,
+    *,
+    device: str = "cpu",
+    amp: Literal["off", "bf16", "fp16"] = "off",
+    max_pixels: int = 40_000_000,
+) -> ServedModel:
+    """Loads a run dir (classifier, multi-label or metric run) or a bare backbone.
+
+    Raises:
+        FileNotFoundError: the run dir, its config/labels or its checkpoint are missing.
+        ValueError: an unloadable config or an unknown backbone.
+    """
+    if entry.backbone:
+        pred = Predictor.load(entry.backbone, storage, device=device, amp=amp)
+        return ServedModel(
+            entry.id,
+            "backbone",
+            entry.backbone,
+            None,
+            pred.dim,
+            max_pixels=max_pixels,
+            predictors=[pred],
+        )
+    if not is_run_dir_spec(entry.run):
+        raise ValueError(f"model {entry.id!r}: run {entry.run!r} is not a run dir path or URI")
+    run = _run_path(entry.run)
+    try:
+        labels = json.loads(storage.read_text(join(run, "labels.json")))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"model {entry.id!r}: no run at {entry.run!r} (no labels.json: train it first)"
+        ) from None
+    if labels.get("task") == "metric":
+        return _load_metric(entry, run, labels, storage, device, amp, max_pixels)
+    pred = Predictor.load(run, storage, checkpoint=entry.checkpoint, device=device, amp=amp)
+    rcfg = C.load(RunConfig, storage.read_text(join(run, "config.yaml")))
+    return ServedModel(
+        entry.id,
+        "multilabel" if pred.multi_label else "classifier",
+        run,
+        pred.source.checkpoint,
+        pred.dim,
+        classes=pred.classes,
+        threshold=rcfg.task.threshold,
+        max_pixels=max_pixels,
+        predictors=[pred],
+    )
+
+
+def _load_metric(
+    entry: ModelEntry,
+    run: str,
+    labels: dict,
+    storage: Storage,
+    device: str,
+    amp: str,
+    max_pixels: int,
+) -> ServedModel:
+    """A metric run: its frozen backbones as the feature cache ran them, and its fusion model."""
+    rcfg = C.load(RunConfig, storage.read_text(join(run, "config.yaml")))
+    checkpoint = entry.checkpoint
+    if checkpoint is None:
+        try:
+            checkpoint = json.loads(storage.read_text(join(run, "best.json")))["checkpoint"]
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"model {entry.id!r}: run {entry.run!r} has no best.json (still training?)"
+            ) from None
+    ck = join(run, checkpoint)
+    if not storage.exists(join(ck, STATE)):
+        raise FileNotFoundError(f"model {entry.id!r}: no complete checkpoint at {ck!r}")
+    m = rcfg.metric
+    predictors = []
+    for spec in m.backbones:
+        name, weights = parse_backbone(spec)
+        mcfg = dataclasses.replace(rcfg.model, backbone=name, weights=weights)
+        source = resolve_model(
+            name, storage, model_cfg=mcfg, image_size=m.image_size, seed=rcfg.run.seed
+        )
+        predictors.append(Predictor.from_source(source, storage, device=device, amp=rcfg.embed.amp))
+    dims = [p.dim for p in predictors]
+    if dims != labels.get("dims", dims):
+        raise ValueError(
+            f"model {entry.id!r}: backbone feature sizes {dims} differ from the run's "
+            f"{labels['dims']} (its backbones changed since it was trained)"
+        )
+    fusion = build_fusion(rcfg, dims, len(labels["classes"]))
+    fusion.load_state_dict(load_checkpoint(storage, ck, with_optimizer=False)["model"])
+    fusion = fusion.to(device).eval()
+    return ServedModel(
+        entry.id,
+        "metric",
+        run,
+        ck,
+        int(m.embedding_dim),
+        classes=list(labels["classes"]),
+        max_pixels=max_pixels,
+        predictors=predictors,
+        fusion=fusion,
+    )
