@@ -1,0 +1,253 @@
+"""HTTP load on the classification endpoint: batched Serve vs unbatched Serve vs plain uvicorn.
+
+    .venv/bin/python benchmarks/serve_load.py [--run runs/fashion-mnist-vgg] [--seconds 15]
+
+Variants, all serving the same run with the same preprocessing, one after the other on
+the same machine, each at 1, 8 and 32 concurrent clients for a fixed duration:
+
+  (a) the raylens Serve app (serve/app.py), ``@serve.batch`` on (max batch 32, 5 ms wait)
+  (b) the same app and deployment with batching off (one forward per request)
+  (c) a plain single-process FastAPI + uvicorn app (benchmarks/plain_app.py), no Ray
+
+Clients (asyncio + aiohttp, in this process) post raw PNG bytes of Fashion-MNIST test images
+to ``POST /v1/classify`` in a closed loop. Reported: requests/s, p50/p99 latency, errors.
+One model replica with every CPU for (a)/(b); uvicorn has the same CPUs. Results go to
+benchmarks/RESULTS.md ("Serve load").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+from results_md import RESULTS, write_section  # noqa: E402
+
+LEVELS = (1, 8, 32)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_images(dataset: str, n: int) -> list[bytes]:
+    import pyarrow.parquet as pq
+
+    files = sorted(glob.glob(f"{dataset}/test/**/*.parquet", recursive=True))
+    if not files:
+        sys.exit(f"no prepared test split under {dataset!r}: run `make demo` first")
+    return pq.read_table(files[0], columns=["image"]).column("image").to_pylist()[:n]
+
+
+async def load(url: str, images: list[bytes], clients: int, seconds: float) -> dict:
+    import aiohttp
+
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    stop = time.perf_counter() + seconds
+
+    async def client(i: int, session: aiohttp.ClientSession) -> None:
+        k = i
+        while time.perf_counter() < stop:
+            img = images[k % len(images)]
+            k += clients
+            t0 = time.perf_counter()
+            try:
+                async with session.post(url, data=img, headers={"content-type": "image/png"}) as r:
+                    await r.read()
+                    code = r.status
+            except Exception:
+                code = -1
+            lat.append(time.perf_counter() - t0)
+            codes[code] = codes.get(code, 0) + 1
+
+    conn = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(i, session) for i in range(clients)))
+        wall = time.perf_counter() - t0
+    ok = codes.get(200, 0)
+    a = np.array(lat) * 1000
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "rps": ok / wall,
+        "p50": float(np.percentile(a, 50)) if len(a) else float("nan"),
+        "p99": float(np.percentile(a, 99)) if len(a) else float("nan"),
+        "errors": len(lat) - ok,
+        "codes": codes,
+    }
+
+
+def measure(url: str, images: list[bytes], seconds: float, name: str) -> list[dict]:
+    asyncio.run(load(url, images, 8, 2.0))  # warm-up: models loaded, batches formed
+    rows = []
+    for c in LEVELS:
+        r = asyncio.run(load(url, images, c, seconds))
+        print(
+            f"[serve_load] {name} {c:>2} clients: {r['rps']:,.0f} req/s, p50 {r['p50']:.1f} ms, "
+            f"p99 {r['p99']:.1f} ms, errors {r['errors']}",
+            flush=True,
+        )
+        rows.append(r)
+    return rows
+
+
+def serve_variant(run: str, images, seconds, batching: bool, cpus: int) -> list[dict]:
+    from ray import serve
+
+    from serve.app import make_app
+
+    settings = {
+        "models": [{"id": "m", "run": run}],
+        "batching": {"enabled": batching, "max_batch_size": 32, "batch_wait_timeout_s": 0.005},
+        "limits": {"max_inflight": 1024},
+    }
+    app = make_app(
+        settings,
+        model_options={
+            "num_replicas": 1,
+            "ray_actor_options": {"num_cpus": cpus},
+            "max_ongoing_requests": 64,
+        },
+    )
+    serve.run(app, name="raylens", route_prefix="/")
+    rows = measure(f"http://127.0.0.1:{PORT}/v1/classify", images, seconds, "abc"[not batching])
+    serve.delete("raylens")
+    return rows
+
+
+def plain_variant(run: str, images, seconds) -> list[dict]:
+    port = free_port()
+    env = {**os.environ, "RAYLENS_RUN": run, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "benchmarks.plain_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=REPO,
+        env=env,
+    )
+    try:
+        import urllib.request
+
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/docs", timeout=1)
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("plain uvicorn app did not start") from None
+                time.sleep(0.3)
+        return measure(f"http://127.0.0.1:{port}/v1/classify", images, seconds, "c")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+PORT = 0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    global PORT
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--run", default=str(REPO / "runs/fashion-mnist-vgg"))
+    p.add_argument("--dataset", default=str(REPO / "data/fashion-mnist"))
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    run = str(Path(args.run).resolve()) if "://" not in args.run else args.run
+    images = load_images(args.dataset, 512)
+    cpus = os.cpu_count() or 2
+
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    PORT = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    results = {
+        "a": serve_variant(run, images, args.seconds, True, cpus),
+        "b": serve_variant(run, images, args.seconds, False, cpus),
+    }
+    serve.shutdown()
+    ray.shutdown()
+    results["c"] = plain_variant(run, images, args.seconds)
+    if not args.no_write:
+        write(args, run, cpus, results)
+    return results
+
+
+def write(args, run: str, cpus: int, results: dict) -> None:
+    from embed import machine_line  # benchmarks/embed.py
+
+    names = {
+        "a": "(a) Serve, `@serve.batch` (max 32, 5 ms)",
+        "b": "(b) Serve, batching off",
+        "c": "(c) plain FastAPI + uvicorn, 1 process",
+    }
+    lines = [
+        "## Serve load (benchmarks/serve_load.py)",
+        "",
+        f"Command: `.venv/bin/python benchmarks/serve_load.py --seconds {args.seconds:g}`  ",
+        f"Date: {time.strftime('%a %b %d %H:%M:%S UTC %Y', time.gmtime())}  ",
+        f"Machine: {machine_line()}",
+        "",
+        f"Model: `{Path(run).name}` (its best checkpoint, fp32, CPU), `POST /v1/classify` with "
+        "raw PNG bytes of 512 Fashion-MNIST test images, closed-loop clients (aiohttp) in the "
+        f"benchmark process, {args.seconds:g} s per level after a 2 s warm-up. (a)/(b): one "
+        f"ModelServer replica with {cpus} CPUs, the HTTP proxy and the ingress on the same "
+        "machine. Variants ran one after the other.",
+        "",
+        "| variant | clients | req/s | p50 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for k in "abc":
+        for r in results[k]:
+            lines.append(
+                f"| {names[k]} | {r['clients']} | {r['rps']:,.0f} | {r['p50']:.1f} | "
+                f"{r['p99']:.1f} | {r['errors']} |"
+            )
+    a, b, c = (results[k][-1] for k in "abc")
+    ab, ac = a["rps"] / max(b["rps"], 1e-9), a["rps"] / max(c["rps"], 1e-9)
+    errors = a["errors"] + b["errors"] + c["errors"]
+    lines += [
+        "",
+        "| at 32 clients | value | target | |",
+        "|---|---:|---:|---|",
+        f"| a / b throughput | {ab:.2f} | >= 2 | {'met' if ab >= 2 else 'NOT met'} |",
+        f"| a / c throughput | {ac:.2f} | >= 1 | {'met' if ac >= 1 else 'NOT met'} |",
+        f"| errors (a + b + c) | {errors} | 0 | {'met' if errors == 0 else 'NOT met'} |",
+        "",
+    ]
+    write_section(RESULTS, "## Serve load (benchmarks/serve_load.py)", "\n".join(lines))
+    print(f"[serve_load] wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,593 @@
+"""Ray Serve: real HTTP requests to the raylens app on 127.0.0.1, serving runs these tests
+train on a Fashion-MNIST subset (a classifier and a metric-learning run over it).
+
+Checked: classification at the run's own test accuracy; embeddings equal to the embed job's;
+OpenAI-style embeddings; class enrolment (NCM) seen by the next classify call and kept across
+a Prototypes replica restart; every bad input answered with its 4xx JSON error while the
+server keeps serving; overload answered 429 + Retry-After; an API key; a model replica
+killed under steady load (the error rate during recovery is printed)."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import gzip
+import io
+import json
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from raylens import config as C
+from raylens.config import ConfigError
+from raylens.data import fashion_mnist as fm
+from raylens.data.images import encode_png
+from raylens.predict import Predictor
+from raylens.schema import RunConfig
+from raylens.serving.settings import load_settings
+from raylens.storage import Storage, join
+from sourcegen import prepare_quiet, read_prepared
+
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.skipif(
+        not os.path.exists(fm.DEBIAN_DIR),
+        reason="needs the Debian package dataset-fashion-mnist (installed by .ci/run)",
+    ),
+]
+
+API_KEY = "test-key-7f3a"
+KEY_ENV = "RAYLENS_TEST_API_KEY"
+HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+TRAIN, VAL, TEST = 80, 10, 30  # images per class
+
+
+def _names() -> list[str]:
+    return [c.replace("/", "-") for c in fm.CLASSES]  # folder names: no "/"
+
+
+def _idx(name: str) -> np.ndarray:
+    with open(os.path.join(fm.DEBIAN_DIR, fm.FILES[name] + ".gz"), "rb") as f:
+        return fm.parse_idx(gzip.decompress(f.read()))
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory):
+    """A Fashion-MNIST subset (80/10/30 per class), a classifier run and a metric run."""
+    from raylens.train.run import finetune
+
+    root = tmp_path_factory.mktemp("serve")
+    storage = Storage()
+    names = _names()
+    train_x, train_y = _idx("train_images"), _idx("train_labels")
+    test_x, test_y = _idx("test_images"), _idx("test_labels")
+    for c, name in enumerate(names):
+        tr = np.nonzero(train_y == c)[0][: TRAIN + VAL]
+        te = np.nonzero(test_y == c)[0][: TEST + 10]  # 10 more: enrolment's own images
+        for i, j in enumerate(tr):
+            split = "train" if i < TRAIN else "val"
+            storage.write_bytes(str(root / f"raw/{split}/{name}/{j}.png"), encode_png(train_x[j]))
+        for i, j in enumerate(te):
+            where = "raw/test" if i < TEST else "extra"
+            storage.write_bytes(str(root / f"{where}/{name}/{j}.png"), encode_png(test_x[j]))
+    prepare_quiet(storage, str(root / "raw"), str(root / "ds"))
+    common = [
+        f"data.dataset={root / 'ds'}",
+        f"run.output_dir={root / 'runs'}",
+        "data.image_size=28",
+        "data.eval_crop_pct=1.0",
+        "data.mean=[0.286, 0.286, 0.286]",
+        "data.std=[0.353, 0.353, 0.353]",
+        "data.rrc_scale=[0.8, 1.0]",
+        "data.batch_size=64",
+        "train.warmup_epochs=0.5",
+        "ray.num_workers=1",
+    ]
+    clf = finetune(
+        C.load(
+            RunConfig,
+            None,
+            [*common, "run.name=fm", "model.backbone=vgg_s16", "train.epochs=4", "train.lr=0.004"],
+        )
+    )
+    metric = finetune(
+        C.load(
+            RunConfig,
+            None,
+            [
+                *common,
+                "run.name=fm-metric",
+                "task.name=metric",
+                f"metric.backbones=[{clf['run_dir']}]",
+                f"metric.cache={root / 'cache'}",
+                "metric.train_classes=[T-shirt-top, Pullover, Dress, Coat, Sandal, Shirt]",
+                "metric.fusion_hidden=[128]",
+                "metric.embedding_dim=64",
+                "train.epochs=4",
+                "train.lr=0.001",
+            ],
+        )
+    )
+    # the embed job's output for the classifier (before Serve holds any CPU)
+    from raylens.infer.embed import embed
+
+    out = str(root / "emb")
+    embed(
+        C.load(
+            RunConfig,
+            None,
+            [
+                f"data.dataset={root / 'ds'}",
+                f"embed.model={clf['run_dir']}",
+                f"embed.output={out}",
+                "embed.splits=[test]",
+            ],
+        )
+    )
+    return {
+        "embed_job": {r["id"]: np.array(r["embedding"]) for r in pq.read_table(out).to_pylist()},
+        "root": root,
+        "ds": str(root / "ds"),
+        "clf": clf["run_dir"],
+        "clf_test": clf["test"],
+        "metric": metric["run_dir"],
+        "extra": root / "extra",
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def settings(runs) -> dict:
+    allowed = runs["root"] / "allowed"
+    allowed.mkdir(exist_ok=True)
+    return {
+        "models": [
+            {"id": "fm", "run": runs["clf"]},
+            {"id": "fm-metric", "run": runs["metric"]},
+            {"id": "bb", "backbone": "vgg_s8"},
+        ],
+        "allowed_uri_prefixes": [f"file://{allowed}/"],
+        "api_key_env": KEY_ENV,
+        "max_models_per_replica": 2,  # three models: the LRU evicts
+        "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.01},
+        "limits": {
+            "max_request_bytes": 1_000_000,
+            "max_image_pixels": 4_000_000,
+            "max_images": 16,
+            "max_inflight": 12,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    import httpx
+    from ray import serve
+
+    from serve.app import make_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = make_app(
+        settings(runs),
+        model_options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}},
+        ingress_options={
+            "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": {KEY_ENV: API_KEY}}}
+        },
+    )
+    serve.run(app, name="raylens", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=HEADERS, timeout=60)
+    deadline = time.time() + 120
+    while client.get("/readyz").status_code != 200:
+        assert time.time() < deadline, client.get("/readyz").text
+        time.sleep(0.5)
+    yield {"client": client, "url": f"http://127.0.0.1:{port}", **runs}
+    client.close()
+    serve.shutdown()
+
+
+def _test_rows(ds: str) -> list[dict]:
+    _, rows = read_prepared(Storage(), ds)
+    return sorted((r for r in rows if r["split"] == "test"), key=lambda r: r["id"])
+
+
+def _png(path) -> bytes:
+    return open(path, "rb").read()
+
+
+def _classify(client, image: bytes, model: str = "fm", **params) -> dict:
+    r = client.post(
+        "/v1/classify",
+        content=image,
+        headers={"content-type": "image/png"},
+        params={"model": model, **params},
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_bad_settings_name_the_key():
+    with pytest.raises(ConfigError, match="unknown config key 'batching.max_batch'"):
+        load_settings({"models": [{"id": "a", "run": "r"}], "batching": {"max_batch": 4}})
+    with pytest.raises(ConfigError, match=r"models\[0\]\.id"):
+        load_settings({"models": [{"id": "../etc", "run": "r"}]})
+    with pytest.raises(ConfigError, match="exactly one of 'run' or 'backbone'"):
+        load_settings({"models": [{"id": "a"}]})
+    with pytest.raises(ConfigError, match="http\\(s\\) URLs are never fetched"):
+        load_settings({"models": [{"id": "a", "run": "r"}], "allowed_uri_prefixes": ["http://x/"]})
+    with pytest.raises(ConfigError, match="default_model"):
+        load_settings({"models": [{"id": "a", "run": "r"}], "default_model": "b"})
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def test_classify_held_out_images_at_the_runs_accuracy(server):
+    client = server["client"]
+    rows = _test_rows(server["ds"])
+    assert len(rows) == 10 * TEST
+    classes = json.loads(Storage().read_text(join(server["clf"], "labels.json")))["classes"]
+
+    def one(row):
+        return _classify(client, row["image"])
+
+    with cf.ThreadPoolExecutor(8) as pool:  # concurrent: batched on the server
+        got = list(pool.map(one, rows))
+    assert all(g["kind"] == "classifier" and len(g["labels"]) == 5 for g in got)
+    served = np.array([classes.index(g["labels"][0]["label"]) for g in got])
+    labels = np.array([r["label"] for r in rows])
+    acc = float((served == labels).mean())
+    # the same images through the run's own test evaluation (Ray Data ingest)
+    want = server["clf_test"]["top1"]
+    assert want > 0.6, f"the test run learned too little ({want})"
+    assert abs(acc - want) <= 1 / len(rows) + 1e-9, (acc, want)
+    # and image by image, the offline predictor's argmax
+    pred = Predictor.load(server["clf"])
+    pixels, _, _ = pred.preprocess([r["image"] for r in rows])
+    import torch
+
+    offline = pred.logits(pred.normalize(torch.from_numpy(pixels))).argmax(1).numpy()
+    assert (offline != served).sum() <= 1
+    scores = [x["score"] for x in got[0]["labels"]]
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-5
+
+
+def test_embed_equals_the_embed_job_and_openai_shape(server):
+    client = server["client"]
+    job = server["embed_job"]
+    rows = _test_rows(server["ds"])[::37][:8]
+    for row in rows:
+        r = client.post(
+            "/v1/embed", files={"image": ("x.png", row["image"], "image/png")}, data={"model": "fm"}
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        best = json.loads(Storage().read_text(join(server["clf"], "best.json")))["checkpoint"]
+        assert body["dim"] == len(job[row["id"]]) == 64
+        assert body["model_id"] == join(server["clf"], best)
+        np.testing.assert_allclose(body["embedding"], job[row["id"]], rtol=1e-4, atol=1e-4)
+    # OpenAI embeddings: data URIs in, float and base64 encodings out
+    uris = ["data:image/png;base64," + base64.b64encode(r["image"]).decode() for r in rows[:3]]
+    r = client.post("/v1/embeddings", json={"model": "fm", "input": uris})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1, 2]
+    for d, row in zip(body["data"], rows[:3], strict=True):
+        np.testing.assert_allclose(d["embedding"], job[row["id"]], rtol=1e-4, atol=1e-4)
+    r = client.post(
+        "/v1/embeddings", json={"model": "fm", "input": uris[0], "encoding_format": "base64"}
+    )
+    vec = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), "<f4")
+    np.testing.assert_allclose(vec, job[rows[0]["id"]], rtol=1e-4, atol=1e-4)
+    # a bare backbone serves embeddings, not classes
+    r = client.post("/v1/embed", json={"model": "bb", "image_b64": uris[0], "normalize": True})
+    assert r.status_code == 200 and abs(np.linalg.norm(r.json()["embedding"]) - 1) < 1e-5
+    r = client.post("/v1/classify", json={"model": "bb", "image_b64": uris[0]})
+    assert r.status_code == 422 and r.json()["error"] == "not_a_classifier"
+
+
+def test_enrolled_class_is_recognised_and_survives_a_restart(server):
+    import ray
+
+    client = server["client"]
+    extra = sorted((server["extra"] / "Trouser").glob("*.png"))
+    test_trousers = sorted((server["root"] / "raw/test/Trouser").glob("*.png"))
+    assert len(extra) == 10 and len(test_trousers) == TEST
+    r = client.get("/v1/classes", params={"model": "fm-metric"})
+    assert r.status_code == 200 and "Trouser" in [c["class"] for c in r.json()["classes"]]
+    r = client.delete("/v1/classes/Trouser", params={"model": "fm-metric"})
+    assert r.status_code == 200, r.text
+    r = client.delete("/v1/classes/Trouser", params={"model": "fm-metric"})
+    assert r.status_code == 404 and r.json()["error"] == "unknown_class"
+    before = [_classify(client, _png(p), "fm-metric")["labels"][0]["label"] for p in test_trousers]
+    assert "Trouser" not in before
+    # enrol from 5 images (JSON, data URIs)
+    images = ["data:image/png;base64," + base64.b64encode(_png(p)).decode() for p in extra[:5]]
+    r = client.post(
+        "/v1/enroll", json={"model": "fm-metric", "name": "trousers-new", "images": images}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "model": "fm-metric",
+        "class": "trousers-new",
+        "created": True,
+        "count": 5,
+        "images": 5,
+    }
+    after = [_classify(client, _png(p), "fm-metric")["labels"][0]["label"] for p in test_trousers]
+    hit = after.count("trousers-new") / len(after)
+    assert hit >= 0.8, after
+    # update the class with 5 more (multipart upload)
+    files = [("images", (p.name, _png(p), "image/png")) for p in extra[5:]]
+    r = client.post("/v1/enroll", files=files, data={"model": "fm-metric", "name": "trousers-new"})
+    assert r.status_code == 200 and r.json()["count"] == 10 and not r.json()["created"]
+    # persisted in the run dir; a restarted Prototypes replica loads it
+    table = pq.read_table(join(server["metric"], "serving/prototypes.parquet")).to_pylist()
+    names = [t["class"] for t in table]
+    assert "trousers-new" in names and "Trouser" not in names
+    assert "Trouser" in [
+        t["class"] for t in pq.read_table(join(server["metric"], "prototypes.parquet")).to_pylist()
+    ]
+    replica = next(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "#Prototypes#" in a["name"]
+    )
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+    deadline = time.time() + 60
+    while True:
+        r = client.get("/v1/classes", params={"model": "fm-metric"})
+        if r.status_code == 200:
+            break
+        assert time.time() < deadline, r.text
+        time.sleep(0.5)
+    got = {c["class"]: c for c in r.json()["classes"]}
+    assert got["trousers-new"]["count"] == 10 and got["trousers-new"]["enrolled"]
+    assert "Trouser" not in got
+    assert (
+        _classify(client, _png(test_trousers[0]), "fm-metric")["labels"][0]["label"]
+        == "trousers-new"
+    )
+    # a classifier run has no prototypes to enrol into
+    r = client.post("/v1/enroll", json={"model": "fm", "name": "x", "images": images[:1]})
+    assert r.status_code == 409 and r.json()["error"] == "not_a_metric_model"
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(buf, format="PNG")  # 16 M pixels in ~16 KB
+    return buf.getvalue()
+
+
+def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(server):
+    client = server["client"]
+    good = _png(sorted((server["root"] / "raw/test/Bag").glob("*.png"))[0])
+    allowed = server["root"] / "allowed"
+    (allowed / "bag.png").write_bytes(good)
+    (server["root"] / "secret.png").write_bytes(good)
+    png = {"content-type": "image/png"}
+    b64 = base64.b64encode(good).decode()
+    bad = {
+        "oversized body": (
+            lambda: client.post("/v1/classify", content=b"\0" * 1_200_000, headers=png),
+            413,
+            "request_too_large",
+        ),
+        "decompression bomb": (
+            lambda: client.post("/v1/classify", content=_bomb(), headers=png),
+            413,
+            "image_too_large",
+        ),
+        "non-image bytes": (
+            lambda: client.post("/v1/classify", content=b"GIF89a-not-really", headers=png),
+            415,
+            "not_an_image",
+        ),
+        "truncated png": (
+            lambda: client.post("/v1/classify", content=good[: len(good) // 2], headers=png),
+            415,
+            "not_an_image",
+        ),
+        "wrong content type": (
+            lambda: client.post(
+                "/v1/classify", content=good, headers={"content-type": "text/plain"}
+            ),
+            415,
+            "unsupported_media_type",
+        ),
+        "malformed json": (
+            lambda: client.post(
+                "/v1/classify",
+                content=b'{"image_b64": ',
+                headers={"content-type": "application/json"},
+            ),
+            400,
+            "malformed_json",
+        ),
+        "bad base64": (
+            lambda: client.post("/v1/classify", json={"image_b64": "@@not base64@@"}),
+            422,
+            "invalid_base64",
+        ),
+        "unknown model": (
+            lambda: client.post("/v1/classify", json={"image_b64": b64, "model": "nope"}),
+            404,
+            "unknown_model",
+        ),
+        "unknown model header": (
+            lambda: client.post(
+                "/v1/classify", content=good, headers={**png, "serve_multiplexed_model_id": "x"}
+            ),
+            404,
+            "unknown_model",
+        ),
+        "uri outside the allow-list": (
+            lambda: client.post(
+                "/v1/classify", json={"uri": f"file://{server['root']}/secret.png"}
+            ),
+            403,
+            "uri_not_allowed",
+        ),
+        "uri escaping the allow-list": (
+            lambda: client.post("/v1/classify", json={"uri": f"file://{allowed}/../secret.png"}),
+            403,
+            "uri_not_allowed",
+        ),
+        "http uri (ssrf)": (
+            lambda: client.post("/v1/classify", json={"uri": "http://169.254.169.254/latest/"}),
+            403,
+            "uri_not_allowed",
+        ),
+        "missing object": (
+            lambda: client.post("/v1/classify", json={"uri": f"file://{allowed}/none.png"}),
+            404,
+            "uri_not_found",
+        ),
+        "too many images": (
+            lambda: client.post("/v1/embeddings", json={"model": "fm", "input": [b64] * 17}),
+            413,
+            "too_many_images",
+        ),
+        "bad top_k": (
+            lambda: client.post("/v1/classify", content=good, headers=png, params={"top_k": "x"}),
+            422,
+            "invalid_field",
+        ),
+        "bad class name": (
+            lambda: client.post(
+                "/v1/enroll", json={"model": "fm-metric", "name": " x\n", "images": [b64]}
+            ),
+            422,
+            "invalid_field",
+        ),
+        "unknown route": (lambda: client.get("/v1/nothing"), 404, "not_found"),
+        "no api key": (
+            lambda: client.post("/v1/classify", content=good, headers={**png, "authorization": ""}),
+            401,
+            "unauthorized",
+        ),
+        "wrong api key": (
+            lambda: client.post(
+                "/v1/classify", content=good, headers={**png, "authorization": "Bearer nope"}
+            ),
+            401,
+            "unauthorized",
+        ),
+    }
+    for what, (call, status, error) in bad.items():
+        r = call()
+        assert r.status_code == status, (what, r.status_code, r.text)
+        body = r.json()
+        assert body["error"] == error and body["detail"], (what, body)
+        assert "Traceback" not in r.text and API_KEY not in r.text, what
+        ok = _classify(client, good)  # and the server keeps serving
+        assert ok["labels"][0]["label"] == "Bag", (what, ok)
+    r = client.post("/v1/classify", json={"uri": f"file://{allowed}/bag.png"})
+    assert r.status_code == 200 and r.json()["labels"][0]["label"] == "Bag"
+    # no key needed for liveness and the API docs
+    import httpx
+
+    assert httpx.get(server["url"] + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(server["url"] + "/docs").status_code == 200
+    paths = httpx.get(server["url"] + "/openapi.json").json()["paths"]
+    assert {"/v1/classify", "/v1/embed", "/v1/enroll", "/v1/embeddings", "/v1/classes"} <= set(
+        paths
+    )
+
+
+def test_overload_answers_429_with_retry_after(server):
+    import httpx
+
+    good = _png(sorted((server["root"] / "raw/test/Bag").glob("*.png"))[0])
+
+    def one(_):
+        with httpx.Client(base_url=server["url"], headers=HEADERS, timeout=60) as c:
+            return c.post("/v1/classify", content=good, headers={"content-type": "image/png"})
+
+    with cf.ThreadPoolExecutor(64) as pool:
+        got = list(pool.map(one, range(192)))
+    codes = [r.status_code for r in got]
+    assert set(codes) <= {200, 429}, codes
+    refused = [r for r in got if r.status_code == 429]
+    assert refused, "no request was refused at max_inflight=12 with 64 clients"
+    assert all(
+        r.headers["retry-after"] == "1" and r.json()["error"] == "overloaded" for r in refused
+    )
+    assert codes.count(200) >= 12
+    assert _classify(server["client"], good)["labels"][0]["label"] == "Bag"
+
+
+def test_killing_a_model_replica_under_load_recovers(server, capsys):
+    import ray
+    from ray import serve
+
+    images = [r["image"] for r in _test_rows(server["ds"])[:40]]
+    stop = threading.Event()
+    log: list[tuple[float, int]] = []
+    lock = threading.Lock()
+
+    def client_loop(seed: int):
+        import httpx
+
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=server["url"], headers=HEADERS, timeout=60) as c:
+            while not stop.is_set():
+                img = images[int(rng.integers(len(images)))]
+                try:
+                    code = c.post(
+                        "/v1/classify", content=img, headers={"content-type": "image/png"}
+                    ).status_code
+                except Exception:
+                    code = -1
+                with lock:
+                    log.append((time.time(), code))
+
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    victim = next(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if "#ModelServer#" in a["name"]
+    )
+    killed_at = time.time()
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+
+    def running() -> int:
+        dep = serve.status().applications["raylens"].deployments["ModelServer"]
+        return dep.replica_states.get("RUNNING", 0)
+
+    deadline = time.time() + 90
+    while not (running() == 2 and time.time() - killed_at > 5):
+        assert time.time() < deadline, "the killed replica was not replaced"
+        time.sleep(0.5)
+    recovered_at = time.time()
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join()
+    during = [c for ts, c in log if killed_at <= ts <= recovered_at]
+    after = [c for ts, c in log if ts > recovered_at]
+    errors = sum(c != 200 for c in during)
+    rate = errors / max(len(during), 1)
+    with capsys.disabled():
+        print(
+            f"\n[serve] replica killed under 4-client load: {errors}/{len(during)} requests "
+            f"failed during recovery ({rate:.1%}), recovery {recovered_at - killed_at:.1f}s, "
+            f"{len(after)} requests after, all ok: {all(c == 200 for c in after)}"
+        )
+    assert len(during) > 10 and after and all(c == 200 for c in after)
+    assert rate <= 0.05, f"{errors}/{len(during)} failed during recovery"
