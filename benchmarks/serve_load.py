@@ -1,6 +1,14 @@
 """HTTP load on the classification endpoint: batched Serve vs unbatched Serve vs plain uvicorn.
 
-    .venv/bin/python benchmarks/serve_load.py [--run runs/fashion-mnist-vgg] [--seconds 15]
+    .venv/bin/python benchmarks/serve_load.py [--seconds 15] [--models fm,convnext]
+
+Two models, each served three ways:
+
+- ``fm``: the run ``make demo`` trains (runs/fashion-mnist-vgg: vgg_s32, 0.29 M parameters,
+  28 px), about 1 ms per image: Serve's per-request overhead dominates.
+- ``convnext``: a compute-bound model, convnext_atto at 224 px (3.7 M parameters), as a run
+  dir with random-init weights (benchmarks/_work/serve-convnext_atto-224; throughput only,
+  its predictions mean nothing), preprocessing Fashion-MNIST images to 224 px.
 
 Variants, all serving the same run with the same preprocessing, one after the other on
 the same machine, each at 1, 8 and 32 concurrent clients for a fixed duration:
@@ -133,6 +141,35 @@ def serve_variant(run: str, images, seconds, batching: bool, cpus: int) -> list[
     return rows
 
 
+def floor_variant(images, seconds) -> list[dict]:
+    """(d) Serve's own floor on this machine: a FastAPI ingress forwarding the body to a
+    deployment that returns at once (no model, no checks), same proxy and handle path."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=64)
+    class Echo:
+        async def infer(self, body: bytes) -> dict:
+            return {"bytes": len(body)}
+
+    @serve.deployment(max_ongoing_requests=512, ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class Front:
+        def __init__(self, echo):
+            self.echo = echo
+
+        @api.post("/v1/classify")
+        async def classify(self, request: Request) -> dict:
+            return await self.echo.infer.remote(await request.body())
+
+    serve.run(Front.bind(Echo.bind()), name="floor", route_prefix="/")
+    rows = measure(f"http://127.0.0.1:{PORT}/v1/classify", images, seconds, "d")
+    serve.delete("floor")
+    return rows
+
+
 def plain_variant(run: str, images, seconds) -> list[dict]:
     port = free_port()
     env = {**os.environ, "RAYLENS_RUN": run, "PYTHONPATH": str(REPO)}
@@ -173,44 +210,102 @@ def plain_variant(run: str, images, seconds) -> list[dict]:
 PORT = 0
 
 
+def convnext_run(path: Path, dataset: str) -> str:
+    """A run dir for convnext_atto at 224 px with random-init weights (throughput only)."""
+    import json
+
+    import torch
+    from raylens import config as C
+    from raylens.models.classifier import build_model
+    from raylens.schema import RunConfig
+    from raylens.storage import Storage
+    from raylens.train.checkpoint import save_checkpoint
+
+    storage = Storage()
+    if not (path / "best.json").exists():
+        cfg = C.load(
+            RunConfig,
+            (REPO / "jobs/configs/fashion_mnist.yaml").read_text(),
+            ["run.name=serve-convnext_atto-224", "model.backbone=convnext_atto"]
+            + ["data.image_size=224", f"data.dataset={dataset}"],
+        )
+        card = json.loads(storage.read_text(f"{dataset}/dataset.json"))
+        torch.manual_seed(0)
+        model = build_model(cfg.model, len(card["classes"]))
+        save_checkpoint(
+            storage, str(path / "checkpoints/epoch=0"), model=model.state_dict(), extra={}
+        )
+        storage.write_text(str(path / "config.yaml"), C.to_yaml(cfg))
+        labels = {"classes": card["classes"], "task": "single_label"}
+        storage.write_text(str(path / "labels.json"), json.dumps(labels))
+        best = {"epoch": 0, "checkpoint": "checkpoints/epoch=0", "metrics": {}}
+        storage.write_text(str(path / "best.json"), json.dumps(best))
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> dict:
     global PORT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--run", default=str(REPO / "runs/fashion-mnist-vgg"))
+    p.add_argument("--run", default=str(REPO / "runs/fashion-mnist-vgg"), help="the fm model")
     p.add_argument("--dataset", default=str(REPO / "data/fashion-mnist"))
+    p.add_argument("--models", default="fm,convnext")
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-    run = str(Path(args.run).resolve()) if "://" not in args.run else args.run
+    runs = {}
+    for name in args.models.split(","):
+        if name == "fm":
+            runs[name] = str(Path(args.run).resolve()) if "://" not in args.run else args.run
+        elif name == "convnext":
+            work = REPO / "benchmarks/_work/serve-convnext_atto-224"
+            runs[name] = convnext_run(work, str(Path(args.dataset).resolve()))
+        else:
+            sys.exit(f"--models: unknown {name!r}; expected fm, convnext")
     images = load_images(args.dataset, 512)
     cpus = os.cpu_count() or 2
 
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    PORT = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    results = {
-        "a": serve_variant(run, images, args.seconds, True, cpus),
-        "b": serve_variant(run, images, args.seconds, False, cpus),
-    }
-    serve.shutdown()
-    ray.shutdown()
-    results["c"] = plain_variant(run, images, args.seconds)
+    results: dict[str, dict] = {}
+    for name, run in runs.items():
+        print(f"[serve_load] model {name}: {run}", flush=True)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+        PORT = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        res = {
+            "a": serve_variant(run, images, args.seconds, True, cpus),
+            "b": serve_variant(run, images, args.seconds, False, cpus),
+        }
+        if name == "fm":
+            results["floor"] = {"d": floor_variant(images, args.seconds)}
+        serve.shutdown()
+        ray.shutdown()
+        res["c"] = plain_variant(run, images, args.seconds)
+        results[name] = res
     if not args.no_write:
-        write(args, run, cpus, results)
+        write(args, runs, cpus, results)
     return results
 
 
-def write(args, run: str, cpus: int, results: dict) -> None:
+NAMES = {
+    "a": "(a) Serve, `@serve.batch` (max 32, 5 ms)",
+    "b": "(b) Serve, batching off",
+    "c": "(c) plain FastAPI + uvicorn, 1 process",
+    "d": "(d) Serve floor: ingress → deployment, no model",
+}
+ABOUT = {
+    "fm": "`fm`: runs/fashion-mnist-vgg (vgg_s32, 0.29 M parameters, 28 px; ~1 ms per image)",
+    "convnext": (
+        "`convnext`: convnext_atto at 224 px (3.7 M parameters, random init; on this machine "
+        "~20 ms per image alone, ~5 ms per image in a batch of 32)"
+    ),
+}
+
+
+def write(args, runs: dict, cpus: int, results: dict) -> None:
     from embed import machine_line  # benchmarks/embed.py
 
-    names = {
-        "a": "(a) Serve, `@serve.batch` (max 32, 5 ms)",
-        "b": "(b) Serve, batching off",
-        "c": "(c) plain FastAPI + uvicorn, 1 process",
-    }
     lines = [
         "## Serve load (benchmarks/serve_load.py)",
         "",
@@ -218,33 +313,54 @@ def write(args, run: str, cpus: int, results: dict) -> None:
         f"Date: {time.strftime('%a %b %d %H:%M:%S UTC %Y', time.gmtime())}  ",
         f"Machine: {machine_line()}",
         "",
-        f"Model: `{Path(run).name}` (its best checkpoint, fp32, CPU), `POST /v1/classify` with "
-        "raw PNG bytes of 512 Fashion-MNIST test images, closed-loop clients (aiohttp) in the "
-        f"benchmark process, {args.seconds:g} s per level after a 2 s warm-up. (a)/(b): one "
-        f"ModelServer replica with {cpus} CPUs, the HTTP proxy and the ingress on the same "
-        "machine. Variants ran one after the other.",
+        "`POST /v1/classify` with raw PNG bytes of 512 Fashion-MNIST test images, closed-loop "
+        f"clients (aiohttp) in the benchmark process, {args.seconds:g} s per level after a 2 s "
+        f"warm-up. (a)/(b): one ModelServer replica with {cpus} CPUs; the HTTP proxy, the "
+        "ingress and the clients share the machine. (c): the same model and preprocessing in "
+        "one uvicorn process. Variants ran one after the other.",
         "",
-        "| variant | clients | req/s | p50 ms | p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|",
     ]
-    for k in "abc":
-        for r in results[k]:
+    for name, res in results.items():
+        if name == "floor":
+            continue
+        lines += [
+            f"Model {ABOUT[name]}:",
+            "",
+            "| variant | clients | req/s | p50 ms | p99 ms | errors |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for k in "abc":
+            for r in res[k]:
+                lines.append(
+                    f"| {NAMES[k]} | {r['clients']} | {r['rps']:,.0f} | {r['p50']:.1f} | "
+                    f"{r['p99']:.1f} | {r['errors']} |"
+                )
+        a, b, c = (res[k][-1] for k in "abc")
+        ab, ac = a["rps"] / max(b["rps"], 1e-9), a["rps"] / max(c["rps"], 1e-9)
+        errors = sum(r["errors"] for k in "abc" for r in res[k])
+        lines += [
+            "",
+            f"| `{name}` at 32 clients | value | target | |",
+            "|---|---:|---:|---|",
+            f"| a / b throughput | {ab:.2f} | >= 2 | {'met' if ab >= 2 else 'NOT met'} |",
+            f"| a / c throughput | {ac:.2f} | >= 1 | {'met' if ac >= 1 else 'NOT met'} |",
+            f"| errors, all levels | {errors} | 0 | {'met' if errors == 0 else 'NOT met'} |",
+            "",
+        ]
+    if "floor" in results:
+        lines += [
+            "Serve's floor on this machine, the same HTTP proxy → FastAPI ingress → deployment "
+            "handle path with nothing else (no model, no input checks):",
+            "",
+            "| variant | clients | req/s | p50 ms | p99 ms | errors |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in results["floor"]["d"]:
             lines.append(
-                f"| {names[k]} | {r['clients']} | {r['rps']:,.0f} | {r['p50']:.1f} | "
+                f"| {NAMES['d']} | {r['clients']} | {r['rps']:,.0f} | {r['p50']:.1f} | "
                 f"{r['p99']:.1f} | {r['errors']} |"
             )
-    a, b, c = (results[k][-1] for k in "abc")
-    ab, ac = a["rps"] / max(b["rps"], 1e-9), a["rps"] / max(c["rps"], 1e-9)
-    errors = a["errors"] + b["errors"] + c["errors"]
-    lines += [
-        "",
-        "| at 32 clients | value | target | |",
-        "|---|---:|---:|---|",
-        f"| a / b throughput | {ab:.2f} | >= 2 | {'met' if ab >= 2 else 'NOT met'} |",
-        f"| a / c throughput | {ac:.2f} | >= 1 | {'met' if ac >= 1 else 'NOT met'} |",
-        f"| errors (a + b + c) | {errors} | 0 | {'met' if errors == 0 else 'NOT met'} |",
-        "",
-    ]
+        lines.append("")
     write_section(RESULTS, "## Serve load (benchmarks/serve_load.py)", "\n".join(lines))
     print(f"[serve_load] wrote {RESULTS}")
 

@@ -591,3 +591,30 @@ def test_killing_a_model_replica_under_load_recovers(server, capsys):
         )
     assert len(during) > 10 and after and all(c == 200 for c in after)
     assert rate <= 0.05, f"{errors}/{len(during)} failed during recovery"
+
+
+def test_prometheus_metrics_count_requests_rejects_and_batches(server):
+    """Ray's metrics endpoint on this node exports the app's counters next to Serve's."""
+    import httpx
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    want = (
+        "raylens_requests",
+        "raylens_rejects",
+        "raylens_request_latency_ms",
+        "raylens_batch_size",
+    )
+    deadline = time.time() + 60
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in want):
+            break
+        assert time.time() < deadline, [w for w in want if w not in text]
+        time.sleep(2)
+    lines = text.splitlines()
+    ok = [x for x in lines if x.startswith("ray_raylens_requests") and 'status="200"' in x]
+    assert ok and sum(float(x.rsplit(" ", 1)[1]) for x in ok) > 300
+    rejected = [x for x in lines if x.startswith("ray_raylens_rejects") and "uri_not_allowed" in x]
+    assert rejected and float(rejected[0].rsplit(" ", 1)[1]) >= 2
+    assert "ray_serve_num_http_requests" in text  # Serve's own metrics too
