@@ -1,8 +1,8 @@
 """HTTP load on the classification endpoint: batched Serve vs unbatched Serve vs plain uvicorn.
 
-    .venv/bin/python benchmarks/serve_load.py [--seconds 15] [--models fm,convnext]
+    .venv/bin/python benchmarks/serve_load.py [--seconds 15] [--models fm,convnext,floor]
 
-Two models, each served three ways:
+Two models, each served three ways, and Serve's own floor (``floor``: (d) below):
 
 - ``fm``: the run ``make demo`` trains (runs/fashion-mnist-vgg: vgg_s32, 0.29 M parameters,
   28 px), about 1 ms per image: Serve's per-request overhead dominates.
@@ -16,14 +16,14 @@ the same machine, each at 1, 8 and 32 concurrent clients for a fixed duration:
   (a) the raylens Serve app (serve/app.py), ``@serve.batch`` on (max batch 32, 5 ms wait)
   (b) the same app and deployment with batching off (one forward per request)
   (c) a plain single-process FastAPI + uvicorn app (benchmarks/plain_app.py), no Ray
+  (d) no model: a FastAPI ingress forwarding the body to a deployment that answers at once,
+      the ceiling any Serve app with an ingress and a model deployment has on this machine
 
 Clients (asyncio + aiohttp, in this process) post raw PNG bytes of Fashion-MNIST test images
 to ``POST /v1/classify`` in a closed loop. Reported: requests/s, p50/p99 latency, errors.
 One model replica with every CPU for (a)/(b); uvicorn has the same CPUs. Results go to
 benchmarks/RESULTS.md ("Serve load").
 """
-
-from __future__ import annotations
 
 import argparse
 import asyncio
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--run", default=str(REPO / "runs/fashion-mnist-vgg"), help="the fm model")
     p.add_argument("--dataset", default=str(REPO / "data/fashion-mnist"))
-    p.add_argument("--models", default="fm,convnext")
+    p.add_argument("--models", default="fm,convnext,floor")
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -256,11 +256,13 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.models.split(","):
         if name == "fm":
             runs[name] = str(Path(args.run).resolve()) if "://" not in args.run else args.run
+        elif name == "floor":
+            runs[name] = "(no model)"
         elif name == "convnext":
             work = REPO / "benchmarks/_work/serve-convnext_atto-224"
             runs[name] = convnext_run(work, str(Path(args.dataset).resolve()))
         else:
-            sys.exit(f"--models: unknown {name!r}; expected fm, convnext")
+            sys.exit(f"--models: unknown {name!r}; expected fm, convnext, floor")
     images = load_images(args.dataset, 512)
     cpus = os.cpu_count() or 2
 
@@ -273,12 +275,15 @@ def main(argv: list[str] | None = None) -> dict:
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         PORT = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        if name == "floor":
+            results[name] = {"d": floor_variant(images, args.seconds)}
+            serve.shutdown()
+            ray.shutdown()
+            continue
         res = {
             "a": serve_variant(run, images, args.seconds, True, cpus),
             "b": serve_variant(run, images, args.seconds, False, cpus),
         }
-        if name == "fm":
-            results["floor"] = {"d": floor_variant(images, args.seconds)}
         serve.shutdown()
         ray.shutdown()
         res["c"] = plain_variant(run, images, args.seconds)

@@ -650,8 +650,8 @@ class Ingress:
     @api.get("/readyz", summary="Readiness: every configured model is loaded")
     async def readyz(self) -> JSONResponse:
         async def one(mid: str) -> tuple[str, str | None]:
-            try:
-                await self._describe(mid)
+            try:  # asks a model replica every time (loads the model if it must)
+                self.kinds[mid] = await self._call(mid, "describe")
                 return mid, None
             except RequestError as err:
                 return mid, err.detail

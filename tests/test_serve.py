@@ -155,6 +155,7 @@ def settings(runs) -> dict:
             {"id": "fm-metric", "run": runs["metric"]},
             {"id": "bb", "backbone": "vgg_s8"},
         ],
+        "runs_root": str(runs["root"] / "runs"),  # any run there by id, on demand
         "allowed_uri_prefixes": [f"file://{allowed}/"],
         "api_key_env": KEY_ENV,
         "max_models_per_replica": 2,  # three models: the LRU evicts
@@ -423,6 +424,11 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(server):
         ),
         "unknown model": (
             lambda: client.post("/v1/classify", json={"image_b64": b64, "model": "nope"}),
+            404,
+            "unknown_model",
+        ),
+        "model id with a path": (
+            lambda: client.post("/v1/classify", json={"image_b64": b64, "model": "../fm"}),
             404,
             "unknown_model",
         ),

@@ -74,6 +74,7 @@ class ServedModel:
             "checkpoint": self.checkpoint,
             "dim": self.dim,
             "classes": list(self.classes),
+            "threshold": self.threshold,
             "image_size": [p.data.image_size for p in self.predictors],
         }
 
