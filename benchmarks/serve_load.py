@@ -141,6 +141,28 @@ def serve_variant(run: str, images, seconds, batching: bool, cpus: int) -> list[
     return rows
 
 
+def forward_cost(run: str, images: list[bytes], cpus: int) -> dict[int, float]:
+    """In-process ``ServedModel.infer`` (decode, eval transform, forward), ms per image at
+    batch 1, 8 and 32: what batching can gain for this model on this machine."""
+    import torch
+    from raylens.serving.models import load_served_model
+    from raylens.serving.settings import ModelEntry
+    from raylens.storage import Storage
+
+    torch.set_num_threads(cpus)
+    model = load_served_model(ModelEntry(id="m", run=run), Storage())
+    out = {}
+    for b in (1, 8, 32):
+        model.infer(images[:b])
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 3:
+            model.infer(images[n * b % 256 : n * b % 256 + b])
+            n += 1
+        out[b] = (time.perf_counter() - t0) / n / b * 1000
+    print(f"[serve_load] forward ms/image by batch size: {out}", flush=True)
+    return out
+
+
 def floor_variant(images, seconds) -> list[dict]:
     """(d) Serve's own floor on this machine: a FastAPI ingress forwarding the body to a
     deployment that returns at once (no model, no checks), same proxy and handle path."""
@@ -270,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray import serve
 
     results: dict[str, dict] = {}
+    forward = {n: forward_cost(r, images, cpus) for n, r in runs.items() if n != "floor"}
     for name, run in runs.items():
         print(f"[serve_load] model {name}: {run}", flush=True)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -289,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["c"] = plain_variant(run, images, args.seconds)
         results[name] = res
     if not args.no_write:
-        write(args, runs, cpus, results)
+        write(args, runs, cpus, results, forward)
     return results
 
 
@@ -308,7 +331,7 @@ ABOUT = {
 }
 
 
-def write(args, runs: dict, cpus: int, results: dict) -> None:
+def write(args, runs: dict, cpus: int, results: dict, forward: dict) -> None:
     from embed import machine_line  # benchmarks/embed.py
 
     lines = [
@@ -325,6 +348,16 @@ def write(args, runs: dict, cpus: int, results: dict) -> None:
         "one uvicorn process. Variants ran one after the other.",
         "",
     ]
+    lines += [
+        "In-process `ServedModel.infer` (decode, eval transform, forward; no HTTP), "
+        f"{cpus} torch threads, ms per image:",
+        "",
+        "| model | batch 1 | batch 8 | batch 32 | batch-32 gain |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, f in forward.items():
+        lines.append(f"| `{name}` | {f[1]:.2f} | {f[8]:.2f} | {f[32]:.2f} | {f[1] / f[32]:.2f}x |")
+    lines.append("")
     for name, res in results.items():
         if name == "floor":
             continue

@@ -250,96 +250,67 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return JSONResponse({"error": "invalid_request", "detail": where[:500]}, status_code=422)
 
 
-IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "image": {"type": "string", "format": "binary"},
-                        "model": {"type": "string"},
-                    },
-                    "required": ["image"],
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "image_b64": {"type": "string", "description": "base64 or data URI"},
-                        "uri": {"type": "string", "description": "allow-listed s3:// gs://"},
-                        "model": {"type": "string"},
-                        "top_k": {"type": "integer"},
-                        "normalize": {"type": "boolean"},
-                    },
-                }
-            },
-        },
-    }
-}
-ENROLL_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "model": {"type": "string"},
-                        "name": {"type": "string"},
-                        "images": {
-                            "type": "array",
-                            "items": {"type": "string", "description": "base64, data URI or URI"},
-                        },
-                        "replace": {"type": "boolean"},
-                    },
-                    "required": ["name", "images"],
-                }
-            },
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "name": {"type": "string"},
-                        "model": {"type": "string"},
-                        "images": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                        },
-                    },
-                    "required": ["name", "images"],
-                }
-            },
-        },
-    }
-}
-EMBEDDINGS_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "model": {"type": "string"},
-                        "input": {
-                            "oneOf": [
-                                {"type": "string"},
-                                {"type": "array", "items": {"type": "string"}},
-                            ],
-                            "description": "data:image/...;base64, URIs or allow-listed URIs",
-                        },
-                        "encoding_format": {"type": "string", "enum": ["float", "base64"]},
-                    },
-                    "required": ["input"],
-                }
+def _object(properties: dict, required: tuple[str, ...] = ()) -> dict:
+    schema = {"type": "object", "properties": properties}
+    return {"schema": {**schema, "required": list(required)} if required else schema}
+
+
+def _body(content: dict) -> dict:
+    """``openapi_extra`` for a route that reads its body itself (several content types)."""
+    return {"requestBody": {"required": True, "content": content}}
+
+
+STRING, BINARY = {"type": "string"}, {"type": "string", "format": "binary"}
+IMAGE_BODY = _body(
+    {
+        "image/*": {"schema": BINARY},
+        "multipart/form-data": _object({"image": BINARY, "model": STRING}, ("image",)),
+        "application/json": _object(
+            {
+                "image_b64": {"type": "string", "description": "base64 or data URI"},
+                "uri": {"type": "string", "description": "allow-listed s3:// gs://"},
+                "model": STRING,
+                "top_k": {"type": "integer"},
+                "normalize": {"type": "boolean"},
             }
-        },
+        ),
     }
-}
+)
+ENROLL_BODY = _body(
+    {
+        "application/json": _object(
+            {
+                "model": STRING,
+                "name": STRING,
+                "images": {
+                    "type": "array",
+                    "items": {"type": "string", "description": "base64, data URI or URI"},
+                },
+                "replace": {"type": "boolean"},
+            },
+            ("name", "images"),
+        ),
+        "multipart/form-data": _object(
+            {"name": STRING, "model": STRING, "images": {"type": "array", "items": BINARY}},
+            ("name", "images"),
+        ),
+    }
+)
+EMBEDDINGS_BODY = _body(
+    {
+        "application/json": _object(
+            {
+                "model": STRING,
+                "input": {
+                    "oneOf": [STRING, {"type": "array", "items": STRING}],
+                    "description": "data:image/...;base64, URIs or allow-listed URIs",
+                },
+                "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+            },
+            ("input",),
+        )
+    }
+)
 
 
 @serve.deployment(
