@@ -325,8 +325,8 @@ NAMES = {
 ABOUT = {
     "fm": "`fm`: runs/fashion-mnist-vgg (vgg_s32, 0.29 M parameters, 28 px; ~1 ms per image)",
     "convnext": (
-        "`convnext`: convnext_atto at 224 px (3.7 M parameters, random init; on this machine "
-        "~20 ms per image alone, ~5 ms per image in a batch of 32)"
+        "`convnext`: convnext_atto at 224 px (3.7 M parameters, random init; its "
+        "forward cost is in the table above)"
     ),
 }
 
