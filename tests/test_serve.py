@@ -1,5 +1,6 @@
 """Ray Serve: real HTTP requests to the raylens app on 127.0.0.1, serving runs these tests
-train on a Fashion-MNIST subset (a classifier and a metric-learning run over it).
+train on a Fashion-MNIST subset (a classifier and a metric-learning run over it), the
+classifier also from real S3 (SeaweedFS) and GCS (fake-gcs-server), and a broken run.
 
 Checked: classification at the run's own test accuracy; embeddings equal to the embed job's;
 OpenAI-style embeddings; class enrolment (NCM) seen by the next classify call and kept across
@@ -18,10 +19,13 @@ import os
 import socket
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import gcs_storage, s3_storage
 from PIL import Image
 from raylens import config as C
 from raylens.config import ConfigError
@@ -146,19 +150,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def settings(runs) -> dict:
+def _copy_dir(src: str, storage: Storage, dst: str) -> None:
+    for path in Path(src).rglob("*"):
+        if path.is_file():
+            storage.write_bytes(join(dst, str(path.relative_to(src))), path.read_bytes())
+
+
+def settings(runs, seaweed, fake_gcs) -> dict:
+    """Three local models, the classifier copied to real S3 and GCS, a broken run; images
+    fetched only from one local folder and one S3 prefix."""
     allowed = runs["root"] / "allowed"
     allowed.mkdir(exist_ok=True)
+    bucket = f"serve-{uuid.uuid4().hex[:8]}"
+    seaweed.create_bucket(bucket)
+    fake_gcs.create_bucket(bucket)
+    s3, gcs = s3_storage(seaweed), gcs_storage(fake_gcs)
+    _copy_dir(runs["clf"], s3, f"s3://{bucket}/runs/fm")
+    _copy_dir(runs["clf"], gcs, f"gs://{bucket}/runs/fm")
+    broken = runs["root"] / "broken"
+    _copy_dir(runs["clf"], Storage(), str(broken))
+    (broken / "config.yaml").write_text("model: {backbone: 3}\n")
+    bag = sorted((runs["root"] / "raw/test/Bag").glob("*.png"))[0]
+    s3.write_bytes(f"s3://{bucket}/images/bag.png", bag.read_bytes())
+    s3.write_bytes(f"s3://{bucket}/private/bag.png", bag.read_bytes())
     return {
         "models": [
             {"id": "fm", "run": runs["clf"]},
             {"id": "fm-metric", "run": runs["metric"]},
             {"id": "bb", "backbone": "vgg_s8"},
+            {"id": "fm-s3", "run": f"s3://{bucket}/runs/fm"},
+            {"id": "fm-gcs", "run": f"gs://{bucket}/runs/fm"},
         ],
         "runs_root": str(runs["root"] / "runs"),  # any run there by id, on demand
-        "allowed_uri_prefixes": [f"file://{allowed}/"],
+        "storage": {
+            "s3_endpoint_url": seaweed.endpoint_url,
+            "s3_region": seaweed.region,
+            "s3_access_key_id": seaweed.access_key,
+            "s3_secret_access_key": seaweed.secret_key,
+            "gcs_endpoint_url": fake_gcs.endpoint_url,
+            "gcs_anonymous": True,
+        },
+        "allowed_uri_prefixes": [f"file://{allowed}/", f"s3://{bucket}/images/"],
+        "max_models_per_replica": 2,  # five models: the LRU evicts
+        "bucket": bucket,
+        "broken": str(broken),
         "api_key_env": KEY_ENV,
-        "max_models_per_replica": 2,  # three models: the LRU evicts
         "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.01},
         "limits": {
             "max_request_bytes": 1_000_000,
@@ -170,16 +206,19 @@ def settings(runs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(runs):
+def server(runs, seaweed, fake_gcs):
     import httpx
     from ray import serve
 
     from serve.app import make_app
 
+    args = settings(runs, seaweed, fake_gcs)
+    bucket, broken = args.pop("bucket"), args.pop("broken")
+    args["models"].append({"id": "broken", "run": broken})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = make_app(
-        settings(runs),
+        args,
         model_options={"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}},
         ingress_options={
             "ray_actor_options": {"num_cpus": 0, "runtime_env": {"env_vars": {KEY_ENV: API_KEY}}}
@@ -188,10 +227,22 @@ def server(runs):
     serve.run(app, name="raylens", route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=HEADERS, timeout=60)
     deadline = time.time() + 120
-    while client.get("/readyz").status_code != 200:
-        assert time.time() < deadline, client.get("/readyz").text
+    while True:  # every model loads but the broken one: not ready, and it says which
+        r = client.get("/readyz")
+        models = r.json().get("models", {})
+        if models and all(v == "loaded" for k, v in models.items() if k != "broken"):
+            break
+        assert time.time() < deadline, r.text
         time.sleep(0.5)
-    yield {"client": client, "url": f"http://127.0.0.1:{port}", **runs}
+    assert r.status_code == 503 and not r.json()["ready"]
+    assert "does not load" in models["broken"] and "Traceback" not in r.text
+    yield {
+        "client": client,
+        "url": f"http://127.0.0.1:{port}",
+        "bucket": bucket,
+        "secret": seaweed.secret_key,
+        **runs,
+    }
     client.close()
     serve.shutdown()
 
@@ -261,6 +312,10 @@ def test_classify_held_out_images_at_the_runs_accuracy(server):
 
     offline = pred.logits(pred.normalize(torch.from_numpy(pixels))).argmax(1).numpy()
     assert (offline != served).sum() <= 1
+    # the same run served from real S3 and GCS answers the same
+    for mid in ("fm-s3", "fm-gcs"):
+        for row, want_labels in list(zip(rows, got, strict=True))[::50]:
+            assert _classify(client, row["image"], mid)["labels"] == want_labels["labels"], mid
     scores = [x["score"] for x in got[0]["labels"]]
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-5
 
@@ -375,6 +430,7 @@ def _bomb() -> bytes:
 def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(server):
     client = server["client"]
     good = _png(sorted((server["root"] / "raw/test/Bag").glob("*.png"))[0])
+    bucket = server["bucket"]
     allowed = server["root"] / "allowed"
     (allowed / "bag.png").write_bytes(good)
     (server["root"] / "secret.png").write_bytes(good)
@@ -478,6 +534,16 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(server):
             422,
             "invalid_field",
         ),
+        "s3 uri outside the allowed prefix": (
+            lambda: client.post("/v1/classify", json={"uri": f"s3://{bucket}/private/bag.png"}),
+            403,
+            "uri_not_allowed",
+        ),
+        "a run that does not load": (
+            lambda: client.post("/v1/classify", json={"image_b64": b64, "model": "broken"}),
+            503,
+            "model_unavailable",
+        ),
         "unknown route": (lambda: client.get("/v1/nothing"), 404, "not_found"),
         "no api key": (
             lambda: client.post("/v1/classify", content=good, headers={**png, "authorization": ""}),
@@ -498,10 +564,12 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(server):
         body = r.json()
         assert body["error"] == error and body["detail"], (what, body)
         assert "Traceback" not in r.text and API_KEY not in r.text, what
+        assert server["secret"] not in r.text, what
         ok = _classify(client, good)  # and the server keeps serving
         assert ok["labels"][0]["label"] == "Bag", (what, ok)
-    r = client.post("/v1/classify", json={"uri": f"file://{allowed}/bag.png"})
-    assert r.status_code == 200 and r.json()["labels"][0]["label"] == "Bag"
+    for uri in (f"file://{allowed}/bag.png", f"s3://{bucket}/images/bag.png"):
+        r = client.post("/v1/classify", json={"uri": uri})
+        assert r.status_code == 200 and r.json()["labels"][0]["label"] == "Bag", r.text
     # no key needed for liveness and the API docs
     import httpx
 
