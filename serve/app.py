@@ -535,7 +535,7 @@ class Ingress:
                 raise RequestError(
                     503, "overloaded", "model queue is full; retry later", retry
                 ) from None
-            except TimeoutError:
+            except asyncio.TimeoutError:  # noqa: UP041 (a distinct class on Python 3.10)
                 raise RequestError(
                     504, "timeout", f"model {model_id!r} took over {lim.request_timeout_s}s"
                 ) from None

@@ -315,7 +315,14 @@ def test_classify_held_out_images_at_the_runs_accuracy(server):
     # the same run served from real S3 and GCS answers the same
     for mid in ("fm-s3", "fm-gcs"):
         for row, want_labels in list(zip(rows, got, strict=True))[::50]:
-            assert _classify(client, row["image"], mid)["labels"] == want_labels["labels"], mid
+            labels = _classify(client, row["image"], mid)["labels"]
+            assert [x["label"] for x in labels] == [x["label"] for x in want_labels["labels"]]
+            np.testing.assert_allclose(  # other batch compositions: float noise only
+                [x["score"] for x in labels],
+                [x["score"] for x in want_labels["labels"]],
+                atol=1e-4,
+                err_msg=mid,
+            )
     scores = [x["score"] for x in got[0]["labels"]]
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0 + 1e-5
 
