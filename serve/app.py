@@ -569,6 +569,16 @@ class Ingress:
                 )
         return outs
 
+    async def _one(self, request: Request, option) -> tuple[str, dict, dict, Any]:
+        """A one-image request through its model: ``(model id, its description, the
+        result, option(fields))``; the option is checked before the model runs."""
+        fields, image = await self._single(request)
+        mid = self._model_id(request, fields)
+        value = option(fields)
+        desc = await self._describe(mid)
+        (out,) = await self._infer(mid, [(image, "image")])
+        return mid, desc, out, value
+
     async def _labels(self, model_id: str, desc: dict, out: dict, k: int) -> dict:
         kind = desc["kind"]
         if kind == "backbone":
@@ -651,11 +661,8 @@ class Ingress:
     @api.post(f"/{VERSION}/classify", summary="Top-k labels of one image", openapi_extra=IMAGE_BODY)
     async def classify(self, request: Request) -> JSONResponse:
         async def work():
-            fields, image = await self._single(request)
-            mid = self._model_id(request, fields)
-            k = self._int(fields, "top_k", self.cfg.top_k, 1, 1000)
-            desc = await self._describe(mid)
-            (out,) = await self._infer(mid, [(image, "image")])
+            top_k = lambda f: self._int(f, "top_k", self.cfg.top_k, 1, 1000)  # noqa: E731
+            mid, desc, out, k = await self._one(request, top_k)
             return {"model": mid, "kind": desc["kind"], **await self._labels(mid, desc, out, k)}
 
         return await self._handle("classify", request, work)
@@ -663,11 +670,9 @@ class Ingress:
     @api.post(f"/{VERSION}/embed", summary="Embedding of one image", openapi_extra=IMAGE_BODY)
     async def embed(self, request: Request) -> JSONResponse:
         async def work():
-            fields, image = await self._single(request)
-            mid = self._model_id(request, fields)
-            normalize = self._bool(fields, "normalize")
-            desc = await self._describe(mid)
-            (out,) = await self._infer(mid, [(image, "image")])
+            mid, desc, out, normalize = await self._one(
+                request, lambda f: self._bool(f, "normalize")
+            )
             e = out["embedding"]
             if normalize:
                 e = e / max(float(np.linalg.norm(e)), 1e-12)
