@@ -153,18 +153,7 @@ def resolve_model(
             f"{what} is a metric-learning run (fused frozen backbones): embed it with "
             "jobs.embed, which goes through its feature cache"
         )
-    if checkpoint is None:
-        try:
-            best = _read_json(storage, join(run, "best.json"), what)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(
-                f"{err} (no best checkpoint yet: is the run still training?); "
-                "set embed.checkpoint=checkpoints/epoch=N"
-            ) from None
-        checkpoint = best["checkpoint"]
-    ck = join(run, checkpoint)
-    if not storage.exists(join(ck, STATE)):
-        raise FileNotFoundError(f"{what}: no complete checkpoint at {ck!r} (missing {STATE})")
+    ck = run_checkpoint(storage, run, checkpoint, what)
     mcfg = _inference_model_cfg(run_cfg.model)
     classes = tuple(labels["classes"])
     arch = build_model(mcfg, len(classes), storage)  # unknown backbone etc. fail here
@@ -180,6 +169,28 @@ def resolve_model(
         checkpoint=ck,
         seed=run_cfg.run.seed,
     )
+
+
+def run_checkpoint(storage: Storage, run: str, checkpoint: str | None, what: str) -> str:
+    """The URI of a run's checkpoint dir: ``checkpoint`` (relative to the run dir), or
+    ``best.json``'s when None; refused unless complete (its ``state.json`` is written last).
+
+    Raises:
+        FileNotFoundError: naming ``what`` (e.g. "run dir 'runs/x'") and the missing file.
+    """
+    if checkpoint is None:
+        try:
+            best = _read_json(storage, join(run, "best.json"), what)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{err} (no best checkpoint yet: is the run still training?); "
+                "set embed.checkpoint=checkpoints/epoch=N"
+            ) from None
+        checkpoint = best["checkpoint"]
+    ck = join(run, checkpoint)
+    if not storage.exists(join(ck, STATE)):
+        raise FileNotFoundError(f"{what}: no complete checkpoint at {ck!r} (missing {STATE})")
+    return ck
 
 
 def _arch_weights(cfg: ModelConfig) -> str | None:

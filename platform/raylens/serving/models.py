@@ -33,11 +33,11 @@ from raylens import config as C
 from raylens.data.images import ImageRejected, decode_rgb
 from raylens.infer.features import parse_backbone
 from raylens.models.fusion import build_fusion, l2_concat
-from raylens.predict import Predictor, is_run_dir_spec, resolve_model
+from raylens.predict import Predictor, is_run_dir_spec, resolve_model, run_checkpoint
 from raylens.schema import RunConfig
 from raylens.serving.settings import ModelEntry
 from raylens.storage import Storage, join, split_uri
-from raylens.train.checkpoint import STATE, load_checkpoint
+from raylens.train.checkpoint import load_checkpoint
 
 Kind = Literal["classifier", "multilabel", "metric", "backbone"]
 
@@ -186,17 +186,7 @@ def _load_metric(
 ) -> ServedModel:
     """A metric run: its frozen backbones as the feature cache ran them, and its fusion model."""
     rcfg = C.load(RunConfig, storage.read_text(join(run, "config.yaml")))
-    checkpoint = entry.checkpoint
-    if checkpoint is None:
-        try:
-            checkpoint = json.loads(storage.read_text(join(run, "best.json")))["checkpoint"]
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"model {entry.id!r}: run {entry.run!r} has no best.json (still training?)"
-            ) from None
-    ck = join(run, checkpoint)
-    if not storage.exists(join(ck, STATE)):
-        raise FileNotFoundError(f"model {entry.id!r}: no complete checkpoint at {ck!r}")
+    ck = run_checkpoint(storage, run, entry.checkpoint, f"model {entry.id!r}: run {entry.run!r}")
     m = rcfg.metric
     predictors = []
     for spec in m.backbones:

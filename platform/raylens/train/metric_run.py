@@ -441,6 +441,7 @@ def plan_metric_embed(cfg: RunConfig, storage: Storage) -> MetricEmbedPlan:
     over ``data.dataset`` and the output (no Ray work). The embedding is the run's fusion
     model over its frozen backbones' cached features of that dataset."""
     from raylens.infer.embed import _abs
+    from raylens.predict import run_checkpoint
 
     e = cfg.embed
     e.validate()
@@ -453,17 +454,7 @@ def plan_metric_embed(cfg: RunConfig, storage: Storage) -> MetricEmbedPlan:
         )
     run = e.model.rstrip("/") if "://" in e.model else split_uri(e.model)[1]
     rcfg = C.load(RunConfig, storage.read_text(join(run, "config.yaml")))
-    checkpoint = e.checkpoint
-    if checkpoint is None:
-        best = join(run, "best.json")
-        if not storage.exists(best):
-            raise FileNotFoundError(
-                f"run dir {e.model!r}: no best.json (is it still training?); "
-                "set embed.checkpoint=checkpoints/epoch=N"
-            )
-        checkpoint = json.loads(storage.read_text(best))["checkpoint"]
-    if not storage.exists(join(run, checkpoint, "state.json")):
-        raise FileNotFoundError(f"run dir {e.model!r}: no complete checkpoint {checkpoint!r}")
+    ck = run_checkpoint(storage, run, e.checkpoint, f"run dir {e.model!r}")
     dataset = cfg.data.dataset
     if not dataset:
         raise ValueError("config key 'data.dataset' is required: the images to embed")
@@ -484,7 +475,7 @@ def plan_metric_embed(cfg: RunConfig, storage: Storage) -> MetricEmbedPlan:
     )
     entries = plan_cache(over, storage)
     wanted = list(e.splits) or ["train", "val", "test"]
-    return MetricEmbedPlan(over, run, join(run, checkpoint), output, wanted, entries)
+    return MetricEmbedPlan(over, run, ck, output, wanted, entries)
 
 
 def run_metric_embed(plan: MetricEmbedPlan, storage: Storage) -> dict[str, Any]:
