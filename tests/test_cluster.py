@@ -17,6 +17,11 @@ What Ray 2.60 does here (read in ray/scripts/scripts.py, ray/_private/...):
   ``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S`` (30 s); 0 tears down at once.
 - Workers get their own process groups but stay in the head's session: leftovers are
   found by session id (and by the temp dir in their command lines).
+
+The cluster's Python does not have raylens: the head runs from a venv that sees this venv's
+site-packages through a plain path line in a ``.pth`` file, so Ray, torch... import but the
+editable raylens install (its own ``.pth``, processed only in a site dir) does not. The job
+gets the library from ``deploy/runtime_env.yaml`` (``py_modules: [platform/raylens]``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -46,12 +52,10 @@ from sourcegen import prepare_quiet, write_folder
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent  # the head and the job's `python` come from here
-RAY = str(VENV_BIN / "ray")
+RUNTIME_ENV = "deploy/runtime_env.yaml"  # relative: `ray job submit` runs in REPO
 # where a bare ray.init() looks for a `ray start` cluster (ray._common.utils.get_ray_address_file)
 _SYSTEM_TMP = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
 DEFAULT_RAY_ADDRESS_FILE = Path(_SYSTEM_TMP) / "ray" / "ray_current_cluster"
-JOB_ENV = {"GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "HF_HUB_OFFLINE": "1"}
 PORT_FLAGS = (
     "--port",  # GCS
     "--dashboard-port",  # dashboard + job server (HTTP)
@@ -65,15 +69,35 @@ PORT_FLAGS = (
 )
 
 
-def _base_env(home: Path) -> dict[str, str]:
+def make_env_without_raylens(root: Path) -> Path:
+    """A venv at ``root`` whose Python imports this venv's packages but not raylens; returns
+    its bin dir, which holds ``python`` and a ``ray`` console script."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    purelib = Path(sysconfig.get_path("purelib", vars={"base": str(root)}))
+    ours = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    # a bare path line: the directory joins sys.path, its own .pth files are not run
+    (purelib / "raylens_deps.pth").write_text("\n".join(sorted(ours)) + "\n")
+    bin_dir = root / "bin"
+    ray = bin_dir / "ray"
+    ray.write_text(
+        f"#!{bin_dir / 'python'}\nimport sys\nfrom ray.scripts.scripts import main\n"
+        "sys.exit(main())\n"
+    )
+    ray.chmod(0o755)
+    return bin_dir
+
+
+def _base_env(home: Path, bin_dir: Path) -> dict[str, str]:
     """This process's env minus every RAY_* (conftest's ray.init sets RAY_AUTH_MODE here;
-    RAY_ADDRESS would redirect the CLI), with our HOME and the venv first on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    RAY_ADDRESS would redirect the CLI) and PYTHONPATH, with our HOME and ``bin_dir`` first
+    on PATH (the job's ``python``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "PYTHONPATH"}
     env.update(
         HOME=str(home),
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
         RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
         RAY_USAGE_STATS_ENABLED="0",
+        HF_HUB_OFFLINE="1",  # the cluster's own env: no hub here
     )
     return env
 
@@ -121,6 +145,7 @@ class RayHead:
 
     temp_dir: Path  # short: Ray's unix socket paths live under it
     home: Path
+    bin_dir: Path  # the cluster's Python (no raylens) and its `ray`
     log_path: Path
     logs_copy: Path
     ports: dict[str, int]
@@ -138,7 +163,7 @@ class RayHead:
 
     def env(self, *, token: bool = True) -> dict[str, str]:
         """Client env: the head's HOME; with ``token`` the CLI sends ~/.ray/auth_token."""
-        env = _base_env(self.home)
+        env = _base_env(self.home, self.bin_dir)
         if token:
             env["RAY_AUTH_MODE"] = "token"
         return env
@@ -147,7 +172,7 @@ class RayHead:
         self, *args: str, token: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [RAY, *args],
+            [str(self.bin_dir / "ray"), *args],
             env=self.env(token=token),
             cwd=REPO,
             capture_output=True,
@@ -158,17 +183,19 @@ class RayHead:
     def start(self, timeout: float = 90) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         gen = subprocess.run(
-            [RAY, "get-auth-token", "--generate"],
-            env=_base_env(self.home),
+            [str(self.bin_dir / "ray"), "get-auth-token", "--generate"],
+            env=_base_env(self.home, self.bin_dir),
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert gen.returncode == 0, gen.stderr
         assert gen.stdout.strip() == self.token  # written under our HOME, not the user's
-        env = _base_env(self.home)  # RAY_AUTH_MODE unset: `ray start` enables it (token exists)
+        env = _base_env(
+            self.home, self.bin_dir
+        )  # RAY_AUTH_MODE unset: `ray start` enables it (token exists)
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-        argv = [RAY, "start", "--head", "--block", "--disable-usage-stats"]
+        argv = [str(self.bin_dir / "ray"), "start", "--head", "--block", "--disable-usage-stats"]
         argv += [f"--temp-dir={self.temp_dir}", "--dashboard-host=127.0.0.1"]
         argv += ["--num-cpus=3", "--include-dashboard=true"]  # Ray Data 1 CPU + 1 worker x 2
         argv += ["--min-worker-port=0", "--max-worker-port=0"]  # OS-picked: no clash
@@ -269,9 +296,14 @@ def ray_head(tmp_path_factory):
     )
     # Ray's unix sockets live under --temp-dir (paths <= 107 bytes): tmp_path is too long
     temp_dir = Path(tempfile.mkdtemp(prefix="rl-", dir="/tmp"))
+    bin_dir = make_env_without_raylens(root / "venv")
+    probe = "import ray, torch, timm, pyarrow; import raylens"
+    res = subprocess.run([bin_dir / "python", "-c", probe], capture_output=True, text=True)
+    assert res.returncode == 1 and "No module named 'raylens'" in res.stderr, res.stderr
     head = RayHead(
         temp_dir=temp_dir,
         home=root / "home",
+        bin_dir=bin_dir,
         log_path=root / "ray-start.log",
         logs_copy=root / "ray-logs",
         ports=ports,
@@ -337,8 +369,15 @@ def test_finetune_job_on_a_ray_start_cluster_with_token_auth(ray_head, tmp_path)
     )
     job_id = f"raylens-test-{uuid.uuid4().hex[:8]}"
     argv = ["job", "submit", "--address", ray_head.dashboard, "--submission-id", job_id]
-    argv += ["--working-dir", str(REPO), "--runtime-env-json", json.dumps({"env_vars": JOB_ENV})]
-    argv += ["--", "python", "-m", "jobs.finetune", "--config", str(config), "run.name=cluster"]
+    argv += ["--working-dir", str(REPO), "--runtime-env", RUNTIME_ENV, "--"]
+    # where the job's raylens comes from, then the job as users run it (the CLI shell-quotes
+    # each argument of the entrypoint, hence sh -c for the &&)
+    argv += [
+        "sh",
+        "-c",
+        "python -c 'import raylens; print(\"raylens from\", raylens.__file__)' && "
+        f"python -m jobs.finetune --config {config} run.name=cluster",
+    ]
     t0 = time.monotonic()
     try:
         res = ray_head.cli(*argv, timeout=240)
@@ -365,6 +404,10 @@ def test_finetune_job_on_a_ray_start_cluster_with_token_auth(ray_head, tmp_path)
     pkgs = [p for p in session.glob("runtime_resources/working_dir_files/_ray_pkg_*") if p.is_dir()]
     assert len(pkgs) == 1 and (pkgs[0] / "jobs" / "finetune.py").is_file(), pkgs
     assert not any((pkgs[0] / d).exists() for d in (".venv", "data", "runs", ".git"))
+    # raylens came with the job: runtime_env.yaml's py_modules, not the cluster's Python
+    mods = list(session.glob("runtime_resources/py_modules_files/_ray_pkg_*/raylens"))
+    assert len(mods) == 1 and (mods[0] / "train" / "run.py").is_file(), mods
+    assert f"raylens from {mods[0] / '__init__.py'}" in out, out[-3000:]
     size = sum(f.stat().st_size for f in pkgs[0].rglob("*") if f.is_file())
     assert size < 5 * 1024**2, f"working_dir upload is {size / 1024**2:.1f} MiB"
 
@@ -382,3 +425,17 @@ def test_finetune_job_on_a_ray_start_cluster_with_token_auth(ray_head, tmp_path)
     assert not (tmp_path / "runs" / "from-yaml").exists()
     assert f"report: {run / 'report' / 'report.md'}" in out
     assert "![learning_curves.png]" in (run / "report" / "report.md").read_text()
+
+
+def test_runtime_env_files_ship_raylens_and_pin_pyprojects_dependencies():
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    plain = yaml.safe_load((REPO / RUNTIME_ENV).read_text())
+    pip = yaml.safe_load((REPO / "deploy" / "runtime_env.pip.yaml").read_text())
+    for env in (plain, pip):
+        assert env["py_modules"] == ["platform/raylens"]
+        assert (REPO / env["py_modules"][0] / "__init__.py").is_file()
+        assert "working_dir" not in env  # `--working-dir .` gives it, from where users run
+    assert "pip" not in plain
+    assert pip["pip"] == deps, "deploy/runtime_env.pip.yaml's pip list drifted from pyproject"
