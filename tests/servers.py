@@ -318,7 +318,10 @@ class _Server:
         self._reap()
 
     def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> None:
-        """Start again after stop()/kill() (same ports and data dir); no-op if running."""
+        """Start again after stop()/kill() (same ports and data dir); no-op if running.
+
+        Call it from a thread that outlives the server: PR_SET_PDEATHSIG fires when the
+        *thread* that started the process exits, and the server is killed with it."""
         if not self.running:
             self._reap()
             self._launch(timeout)

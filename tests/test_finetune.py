@@ -154,6 +154,7 @@ def test_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
     assert remote.run.output_dir == "s3://b/runs"
 
 
+@pytest.mark.faults
 @pytest.mark.timeout(600)
 def test_a_sigkilled_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(
     ray_session, dataset, tmp_path

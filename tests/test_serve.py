@@ -610,6 +610,7 @@ def test_overload_answers_429_with_retry_after(server):
     assert _classify(server["client"], good)["labels"][0]["label"] == "Bag"
 
 
+@pytest.mark.faults
 def test_killing_a_model_replica_under_load_recovers(server, capsys):
     import ray
     from ray import serve

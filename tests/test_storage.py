@@ -114,3 +114,63 @@ def test_wrong_credentials_fail_without_leaking_them(seaweed):
 def test_unsupported_scheme_is_named():
     with pytest.raises(StorageError, match="'hdfs'"):
         Storage().resolve("hdfs://nn/path")
+
+
+def test_object_store_outage_is_retried_for_retry_seconds_also_after_pickling(tmp_path):
+    """A SeaweedFS of this test's own is stopped for ~3 s, four times: a write and a read
+    through the storage, and a write through its pyarrow filesystem after a pickle round
+    trip (as Ray Train's controller gets it), wait for it and succeed; with
+    retry_seconds=0 a write fails at once."""
+    import dataclasses
+    import pickle
+    import threading
+    import time
+
+    from servers import start_seaweedfs
+
+    server = start_seaweedfs(tmp_path / "weed")
+    done = threading.Event()
+    try:
+        server.create_bucket("outage")
+        storage = s3_storage(server)
+        impatient = Storage(dataclasses.replace(storage.cfg, retry_seconds=0))
+        fs = pickle.loads(pickle.dumps(storage.arrow_fs("s3")))
+        storage.write_text("s3://outage/before.txt", "before")
+
+        def bounce(stopped: threading.Event) -> None:
+            server.stop()
+            stopped.set()
+            time.sleep(3)
+            server.start()
+            done.wait(timeout=300)  # the server dies with the thread that started it
+
+        for what in ("no retry", "write", "read", "pickled write"):
+            stopped = threading.Event()
+            threading.Thread(target=bounce, args=(stopped,), daemon=True).start()
+            assert stopped.wait(timeout=30)
+            t0 = time.monotonic()
+            if what == "no retry":  # only the AWS client's own 3 quick attempts
+                with pytest.raises(StorageError, match="NETWORK_CONNECTION"):
+                    impatient.write_text("s3://outage/x.txt", "no retry")
+                time.sleep(4)  # the server is back
+                continue
+            if what == "write":
+                storage.write_text("s3://outage/during.txt", "written during the outage")
+            elif what == "read":
+                assert storage.read_text("s3://outage/before.txt") == "before"
+            else:
+                with fs.open_output_stream("outage/pickled.txt") as f:
+                    f.write(b"via the pickled filesystem")
+            waited = time.monotonic() - t0
+            assert 1.5 < waited < 30, (what, waited)  # it waited for the server, then went on
+        assert storage.read_text("s3://outage/during.txt") == "written during the outage"
+        assert storage.read_text("s3://outage/pickled.txt") == "via the pickled filesystem"
+        assert not storage.exists("s3://outage/x.txt")
+        assert [e.uri for e in storage.list_files("s3://outage")] == [
+            "s3://outage/before.txt",
+            "s3://outage/during.txt",
+            "s3://outage/pickled.txt",
+        ]  # no .tmp-* left behind by the retried atomic writes
+    finally:
+        done.set()
+        server.stop()

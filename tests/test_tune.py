@@ -90,6 +90,7 @@ def _tune(root: Path, *extra: str) -> list[str]:
             "--space", str(root / "space.yaml"), *extra]  # fmt: skip
 
 
+@pytest.mark.faults
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_sweep_killed_mid_way_resumes_keeping_finished_trials(sweep_setup, no_ray_here):

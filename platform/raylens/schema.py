@@ -45,6 +45,18 @@ class StorageConfig:
         None, "Access GCS without credentials; default: true only for an emulator endpoint."
     )
     gcs_project: str | None = opt(None, "GCS project for bucket creation; default: from creds.")
+    retry_seconds: float = opt(
+        60.0,
+        "How long one object-store call keeps retrying transient errors (connection refused, "
+        "5xx, throttling), each try a new request, backoff 0.1 s doubling to 5 s; then it "
+        "fails. Covers raylens' reads and writes and Ray Train/Tune's run storage. 0: no retry.",
+    )
+
+    def validate(self) -> None:
+        if not 0 <= self.retry_seconds <= 3600:
+            raise ConfigError(
+                f"config key 'storage.retry_seconds': expected 0..3600 s, got {self.retry_seconds}"
+            )
 
 
 @dataclass
@@ -501,6 +513,7 @@ class RunConfig:
 
     def validate(self) -> None:
         for section in (
+            self.storage,
             self.prepare,
             self.data,
             self.train,

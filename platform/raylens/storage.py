@@ -13,22 +13,32 @@ Credentials never appear in messages: :meth:`Storage.scrub` removes them.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import io
+import logging
 import os
 import posixpath
+import shutil
+import tempfile
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 # gcsfs hangs 60 s per call against emulators unless this is set before it is imported.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
+import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 
 from raylens.schema import StorageConfig  # noqa: E402
 
 TMP_PREFIX = ".tmp-"
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class StorageError(OSError):
@@ -92,6 +102,173 @@ def _host_and_scheme(endpoint: str) -> tuple[str, str]:
     return parsed.netloc, parsed.scheme
 
 
+# Errors worth another attempt: the server is away, overloaded or throttling. Anything
+# else (not found, access denied, bad request) fails at once.
+TRANSIENT_ERRORS = (
+    "NETWORK_CONNECTION",
+    "INTERNAL_FAILURE",
+    "SLOW_DOWN",
+    "SERVICE_UNAVAILABLE",
+    "REQUEST_TIMEOUT",
+    "HTTP status 5",
+    "Could not connect",
+    "Couldn't connect",
+    "Connection refused",
+    "Connection reset",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+)
+
+
+def is_transient(err: BaseException) -> bool:
+    return isinstance(err, OSError) and any(p in str(err) for p in TRANSIENT_ERRORS)
+
+
+def with_retries(fn: Callable[[], T], seconds: float, what: str = "") -> T:
+    """``fn()``, called again on transient errors (exponential backoff from 0.1 s, at most
+    5 s apart) until ``seconds`` have passed; then the last error is raised."""
+    deadline = time.monotonic() + seconds
+    delay = 0.1
+    while True:
+        try:
+            return fn()
+        except OSError as err:
+            if not is_transient(err) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("storage: %s failed (%s); retrying in %.1fs", what, err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class _RetryingHandler(pafs.FileSystemHandler):
+    """A pyarrow filesystem over the native S3/GCS one that retries transient errors for
+    :attr:`StorageConfig.retry_seconds` and pickles as its config (a native
+    ``S3FileSystem`` pickles without its retry strategy, so Ray Train's controller and
+    Tune would get the default). Whole-object streams are buffered so that a write or a
+    read is retried as a whole; random-access files (Parquet) are the native ones.
+    """
+
+    def __init__(self, cfg: StorageConfig, scheme: str):
+        self.cfg, self.scheme = cfg, scheme
+        self._fs: pafs.FileSystem | None = None
+
+    def __getstate__(self) -> dict:
+        return {"cfg": self.cfg, "scheme": self.scheme}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["cfg"], state["scheme"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RetryingHandler) and self.__getstate__() == other.__getstate__()
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs = Storage(self.cfg).native_fs(self.scheme)
+        return self._fs
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        return with_retries(fn, self.cfg.retry_seconds, f"{what} ({self.scheme})")
+
+    def get_type_name(self) -> str:
+        return f"raylens-retrying-{self.fs.type_name}"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self._retry("stat", lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector):
+        return self._retry("list", lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path, recursive):
+        self._retry("mkdir", lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path):
+        self._retry("rmdir", lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self._retry(
+            "rm -r", lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+        )
+
+    def delete_root_dir_contents(self):
+        raise OSError("refusing to delete the contents of a whole object store")
+
+    def delete_file(self, path):
+        self._retry("rm", lambda: self.fs.delete_file(path))
+
+    def move(self, src, dest):
+        # S3 has no move: copy, then delete. An attempt can be cut after the copy (or its
+        # reply lost), so a retry first checks whether the move already happened.
+        tried = False
+
+        def attempt() -> None:
+            nonlocal tried
+            if tried:
+                src_info, dest_info = self.fs.get_file_info([src, dest])
+                if src_info.type == pafs.FileType.NotFound and dest_info.type != src_info.type:
+                    return
+            tried = True
+            self.fs.move(src, dest)
+
+        self._retry("move", attempt)
+
+    def copy_file(self, src, dest):
+        self._retry("copy", lambda: self.fs.copy_file(src, dest))
+
+    def open_input_stream(self, path):
+        def read() -> bytes:
+            with self.fs.open_input_stream(path, compression=None) as f:
+                return f.read()
+
+        return pa.BufferReader(self._retry(f"read {path}", read))
+
+    def open_input_file(self, path):
+        return self._retry(f"open {path}", lambda: self.fs.open_input_file(path))
+
+    def open_output_stream(self, path, metadata):
+        return pa.PythonFile(_UploadOnClose(self, path, metadata), mode="w")
+
+    def open_append_stream(self, path, metadata):
+        raise OSError(f"append to {path!r}: object stores do not append")
+
+
+class _UploadOnClose(io.RawIOBase):
+    """A write stream that spools to memory (or disk past 64 MiB) and uploads the whole
+    object on close, retried as a whole."""
+
+    def __init__(self, handler: _RetryingHandler, path: str, metadata):
+        super().__init__()
+        self._handler, self._path, self._metadata = handler, path, metadata
+        self._buf = tempfile.SpooledTemporaryFile(max_size=64 * 1024**2)  # noqa: SIM115
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return self._buf.write(data)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+
+            def upload() -> None:
+                self._buf.seek(0)
+                fs = self._handler.fs
+                with fs.open_output_stream(
+                    self._path, compression=None, metadata=self._metadata
+                ) as out:
+                    shutil.copyfileobj(self._buf, out, 8 * 1024**2)
+
+            self._handler._retry(f"write {self._path}", upload)
+        finally:
+            self._buf.close()
+            super().close()
+
+
 class Storage:
     """Resolves URIs to filesystems with the configured endpoints and credentials.
 
@@ -144,15 +321,30 @@ class Storage:
     # ------------------------------------------------------------------ filesystems
 
     def arrow_fs(self, scheme: str) -> pafs.FileSystem:
-        """The pyarrow filesystem for a scheme (``file``, ``s3``, ``gs``), cached."""
+        """The pyarrow filesystem for a scheme (``file``, ``s3``, ``gs``), cached. Object
+        stores come wrapped so that transient errors are retried for
+        ``storage.retry_seconds``, in this process and wherever the filesystem is pickled
+        to (Ray Data tasks, Ray Train's controller, Tune)."""
+        if scheme == "file":
+            return self.native_fs(scheme)
         key = f"arrow:{scheme}"
+        if key not in self._cache:
+            self._cache[key] = pafs.PyFileSystem(_RetryingHandler(self.cfg, scheme))
+        return self._cache[key]
+
+    def native_fs(self, scheme: str) -> pafs.FileSystem:
+        """pyarrow's own filesystem for a scheme, cached: no retries beyond the client's
+        few fast ones, and it pickles without them. Use :meth:`arrow_fs`."""
+        key = f"native:{scheme}"
         if key in self._cache:
             return self._cache[key]
         if scheme == "file":
             fs: pafs.FileSystem = pafs.LocalFileSystem()
         elif scheme == "s3":
             s = self.s3_settings()
-            kw: dict[str, Any] = {"region": s["region"] or "us-east-1"}
+            kw: dict[str, Any] = {
+                "region": s["region"] or "us-east-1",
+            }
             if s["endpoint"]:
                 kw["endpoint_override"], kw["scheme"] = _host_and_scheme(s["endpoint"])
             if s["anonymous"]:
@@ -162,7 +354,7 @@ class Storage:
             fs = pafs.S3FileSystem(**kw)
         elif scheme == "gs":
             s = self.gcs_settings()
-            kw = {}
+            kw = {"retry_time_limit": datetime.timedelta(seconds=self.cfg.retry_seconds)}
             if s["endpoint"]:
                 kw["endpoint_override"], kw["scheme"] = _host_and_scheme(s["endpoint"])
             if s["anonymous"]:
@@ -201,6 +393,7 @@ class Storage:
                     secret=s["secret"],
                     token=s["token"],
                     client_kwargs=client_kwargs,
+                    config_kwargs={"retries": {"max_attempts": 10, "mode": "standard"}},
                 )
             elif scheme == "gs":
                 import gcsfs
