@@ -30,7 +30,7 @@ demo: install data
 	$(PY) -m jobs.finetune --config jobs/configs/fashion_mnist.yaml
 
 test: install data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: install
 	$(PY) -m ruff check .

@@ -117,7 +117,7 @@ def test_unsupported_scheme_is_named():
 
 
 def test_object_store_outage_is_retried_for_retry_seconds_also_after_pickling(tmp_path):
-    """A SeaweedFS of this test's own is stopped for ~3 s, four times: a write and a read
+    """A SeaweedFS of this test's own is stopped for ~3 s (2.5 s + its start), four times: a write and a read
     through the storage, and a write through its pyarrow filesystem after a pickle round
     trip (as Ray Train's controller gets it), wait for it and succeed; with
     retry_seconds=0 a write fails at once."""
@@ -137,22 +137,25 @@ def test_object_store_outage_is_retried_for_retry_seconds_also_after_pickling(tm
         fs = pickle.loads(pickle.dumps(storage.arrow_fs("s3")))
         storage.write_text("s3://outage/before.txt", "before")
 
-        def bounce(stopped: threading.Event) -> None:
+        def bounce(stopped: threading.Event, started: threading.Event) -> None:
             server.stop()
             stopped.set()
-            time.sleep(3)
+            time.sleep(2.5)
             server.start()
+            started.set()
             done.wait(timeout=300)  # the server dies with the thread that started it
 
+        started = threading.Event()
+        started.set()
         for what in ("no retry", "write", "read", "pickled write"):
-            stopped = threading.Event()
-            threading.Thread(target=bounce, args=(stopped,), daemon=True).start()
+            assert started.wait(timeout=60)  # the last bounce is over
+            stopped, started = threading.Event(), threading.Event()
+            threading.Thread(target=bounce, args=(stopped, started), daemon=True).start()
             assert stopped.wait(timeout=30)
             t0 = time.monotonic()
             if what == "no retry":  # only the AWS client's own 3 quick attempts
                 with pytest.raises(StorageError, match="NETWORK_CONNECTION"):
                     impatient.write_text("s3://outage/x.txt", "no retry")
-                time.sleep(4)  # the server is back
                 continue
             if what == "write":
                 storage.write_text("s3://outage/during.txt", "written during the outage")
@@ -163,6 +166,7 @@ def test_object_store_outage_is_retried_for_retry_seconds_also_after_pickling(tm
                     f.write(b"via the pickled filesystem")
             waited = time.monotonic() - t0
             assert 1.5 < waited < 30, (what, waited)  # it waited for the server, then went on
+        assert started.wait(timeout=60)
         assert storage.read_text("s3://outage/during.txt") == "written during the outage"
         assert storage.read_text("s3://outage/pickled.txt") == "via the pickled filesystem"
         assert not storage.exists("s3://outage/x.txt")
