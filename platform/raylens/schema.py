@@ -17,7 +17,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass
 class RunSection:
-    name: str = opt("", "Run name; a run dir is <output_dir>/<name>. Empty: derived from the job.")
+    name: str = opt(
+        "",
+        "Run name; a run dir is <output_dir>/<name>. Required by jobs.finetune and "
+        "jobs.distill; jobs.tune names its sweep '<run.name or sweep>-tune' (tune.name wins).",
+    )
     output_dir: str = opt("runs", "Where run dirs go: a local path, s3://bucket/prefix or gs://...")
     seed: int = opt(0, "Global seed (splits, augmentation, init).")
 
@@ -49,7 +53,8 @@ class StorageConfig:
         60.0,
         "How long one object-store call keeps retrying transient errors (connection refused, "
         "5xx, throttling), each try a new request, backoff 0.1 s doubling to 5 s; then it "
-        "fails. Covers raylens' reads and writes and Ray Train/Tune's run storage. 0: no retry.",
+        "fails. Covers raylens' reads and writes and Ray Train/Tune's run storage. 0: only the "
+        "S3 client's own 3 quick attempts.",
     )
 
     def validate(self) -> None:
