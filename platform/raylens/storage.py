@@ -501,3 +501,25 @@ class Storage:
             pass
         except OSError as err:
             raise self._fail("delete", uri, err) from None
+
+    def delete_tree(self, uri: str) -> None:
+        """Deletes a directory and everything under it; objects are deleted one by one
+        too, for object stores without directory markers. Missing is fine."""
+        fs, path = self.resolve(uri)
+        with contextlib.suppress(OSError):
+            if fs.get_file_info(path).type == pafs.FileType.Directory:
+                fs.delete_dir(path)
+        for f in self.list_files(uri):
+            self.delete(f.uri)
+
+    def delete_dirs_named(self, uri: str, prefix: str) -> None:
+        """Deletes every directory directly under ``uri`` whose name starts with ``prefix``
+        (e.g. the ``_staging-*`` dirs an interrupted job left behind)."""
+        fs, path = self.resolve(uri)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError:
+            return
+        for info in infos:
+            if info.base_name.startswith(prefix):
+                self.delete_tree(join(uri, info.base_name))

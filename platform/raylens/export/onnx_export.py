@@ -552,43 +552,18 @@ def _move(storage: Storage, src: str, dst: str) -> None:
     fs.move(src_path, dst_path)
 
 
-def _delete_dir(storage: Storage, uri: str) -> None:
-    import pyarrow.fs as pafs
-
-    for f in storage.list_files(uri):  # object stores without directory markers
-        storage.delete(f.uri)
-    fs, path = storage.resolve(uri)
-    with contextlib.suppress(OSError):
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            fs.delete_dir(path)
-
-
-def _clean_staging(storage: Storage, output: str) -> None:
-    """Removes ``_staging-*`` dirs an interrupted earlier export left in ``output``."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(output)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError:
-        return
-    for info in infos:
-        if info.base_name.startswith(STAGING_PREFIX):
-            _delete_dir(storage, join(output, info.base_name))
-
-
 def commit(storage: Storage, output: str, files: dict[str, bytes], report: dict) -> None:
     """Stages ``files`` beside ``output``'s, moves them into place and writes export.json
     last: a reader that finds export.json finds the files it describes (re-runs replace)."""
-    _clean_staging(storage, output)
+    storage.delete_dirs_named(output, STAGING_PREFIX)
     staging = join(output, f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}")
     for name, data in files.items():
         storage.write_bytes(join(staging, name), data)
     storage.delete(join(output, REPORT_FILE))  # from here until the end: not committed
     for name in files:
         _move(storage, join(staging, name), join(output, name))
-    _delete_dir(storage, staging)
-    _delete_dir(storage, join(output, FAILED_DIR))
+    storage.delete_tree(staging)
+    storage.delete_tree(join(output, FAILED_DIR))
     storage.write_text(join(output, REPORT_FILE), json.dumps(report, indent=1))
 
 
@@ -662,7 +637,7 @@ def export_run(plan: ExportPlan, storage: Storage | None = None) -> dict[str, An
     files = {MODEL_FILE: model_bytes, PREPROCESS_FILE: json.dumps(spec, indent=1).encode()}
     if not result["passed"]:
         failed = join(plan.output, FAILED_DIR)
-        _delete_dir(storage, failed)
+        storage.delete_tree(failed)
         for name, data in files.items():
             storage.write_bytes(join(failed, name), data)
         storage.write_text(join(failed, REPORT_FILE), json.dumps(report, indent=1))

@@ -31,7 +31,6 @@ earlier one commits nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -43,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
@@ -359,7 +357,9 @@ def run_embed(
     run_id = uuid.uuid4().hex[:12]
     writer = {"run": run_id, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     storage.write_text(join(plan.output, WRITER), json.dumps(writer))
-    _remove_staging(storage, plan.output)  # leftovers of a run that crashed (or was superseded)
+    storage.delete_dirs_named(
+        plan.output, STAGING_PREFIX
+    )  # leftovers of a run that crashed (or was superseded)
     staging = join(plan.output, f"{STAGING_PREFIX}{run_id}")
     try:
         fs, path = storage.resolve(staging)
@@ -403,7 +403,7 @@ def run_embed(
         }
         return commit(storage, plan.output, staged, manifest, writer=run_id)
     finally:
-        _delete_dir(storage, staging)
+        storage.delete_tree(staging)
 
 
 def _check_rows(
@@ -504,27 +504,6 @@ def _move(storage: Storage, src: str, dst: str) -> None:
     fs, src_path = storage.resolve(src)
     _, dst_path = storage.resolve(dst)
     fs.move(src_path, dst_path)
-
-
-def _delete_dir(storage: Storage, uri: str) -> None:
-    fs, path = storage.resolve(uri)
-    with contextlib.suppress(FileNotFoundError, OSError):
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            fs.delete_dir(path)
-    for f in storage.list_files(uri):  # object stores without directory markers
-        storage.delete(f.uri)
-
-
-def _remove_staging(storage: Storage, output: str) -> None:
-    """Deletes ``_staging-*`` dirs that earlier runs left behind (crashed mid-write)."""
-    fs, path = storage.resolve(output)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError:
-        return
-    for info in infos:
-        if info.base_name.startswith(STAGING_PREFIX):
-            _delete_dir(storage, join(output, info.base_name))
 
 
 def embed(cfg: RunConfig, storage: Storage | None = None) -> dict[str, Any]:
