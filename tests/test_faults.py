@@ -151,9 +151,12 @@ def _corrupt(data: bytes, kind: str, rng: np.random.Generator) -> bytes:
 def test_five_percent_corrupt_images_are_rejected_exactly_and_the_rest_trains(
     ray_session, tmp_path
 ):
-    """400 real Fashion-MNIST images (40 a class), 20 of them (5 %) corrupted four ways.
-    Prepare must reject exactly those 20, each with its reason, keep the other 380, and a
-    run on the result must see every kept image: nothing lost, nothing extra."""
+    """800 real Fashion-MNIST images (80 a class), 40 of them (5 %) corrupted four ways.
+    Prepare must reject exactly those 40, each with its reason, keep the other 760, and a
+    run on the result must see every kept image: nothing lost, nothing extra. (80 a class,
+    3 epochs at lr 0.008: with 40 a class, 2 epochs at 0.004, test top-1 on the 39-image
+    test split ranged 0.38-0.51 over runs and CI failed once on the floor below; this
+    setting measured 0.69-0.71.)"""
     with open(os.path.join(fm.DEBIAN_DIR, fm.FILES["train_images"] + ".gz"), "rb") as f:
         images = fm.parse_idx(gzip.decompress(f.read()))
     with open(os.path.join(fm.DEBIAN_DIR, fm.FILES["train_labels"] + ".gz"), "rb") as f:
@@ -162,7 +165,7 @@ def test_five_percent_corrupt_images_are_rejected_exactly_and_the_rest_trains(
     rng = np.random.default_rng(5)
     files = []
     for c, name in enumerate(fm.CLASSES):
-        for j in np.nonzero(labels == c)[0][:40]:
+        for j in np.nonzero(labels == c)[0][:80]:
             rel = f"{name.replace('/', '-')}/{j}.png"
             files.append(rel)
             storage.write_bytes(str(raw / rel), encode(Image.fromarray(images[j])))
@@ -172,7 +175,7 @@ def test_five_percent_corrupt_images_are_rejected_exactly_and_the_rest_trains(
         path = raw / rel
         path.write_bytes(_corrupt(path.read_bytes(), kind, rng))
         corrupted[rel] = kind
-    assert len(corrupted) == 20 and set(corrupted.values()) == set(CORRUPTIONS)
+    assert len(corrupted) == 40 and set(corrupted.values()) == set(CORRUPTIONS)
 
     card = prepare_quiet(storage, str(raw), str(tmp_path / "ds"))
     rejected = {r["id"]: r for r in card["rejected"]}
@@ -181,8 +184,8 @@ def test_five_percent_corrupt_images_are_rejected_exactly_and_the_rest_trains(
         expected = "zero_bytes" if kind == "zero_bytes" else "undecodable"
         assert rejected[rel]["reason"] == expected, (rel, kind, rejected[rel])
         assert kind == "zero_bytes" or rejected[rel]["detail"], rejected[rel]
-    assert card["total"] == 380
-    assert sum(s["count"] for s in card["splits"].values()) == 380
+    assert card["total"] == 760
+    assert sum(s["count"] for s in card["splits"].values()) == 760
 
     out = finetune(
         C.load(
@@ -199,9 +202,9 @@ def test_five_percent_corrupt_images_are_rejected_exactly_and_the_rest_trains(
                 "data.rrc_scale=[0.8, 1.0]",
                 "data.batch_size=16",
                 "model.backbone=vgg_s16",
-                "train.lr=0.004",
+                "train.lr=0.008",
                 "train.warmup_epochs=0.5",
-                "train.epochs=2",
+                "train.epochs=3",
                 "ray.num_workers=1",
             ],
         )
@@ -209,7 +212,7 @@ def test_five_percent_corrupt_images_are_rejected_exactly_and_the_rest_trains(
     metrics = _epochs(storage, out["run_dir"])
     train_n = card["splits"]["train"]["count"]
     steps = [m["step"] for m in metrics]  # one worker: every train row, once an epoch
-    assert steps == [-(-train_n // 16) * e for e in (1, 2)], (steps, train_n)
+    assert steps == [-(-train_n // 16) * e for e in (1, 2, 3)], (steps, train_n)
     assert all(m["val/count"] == card["splits"]["val"]["count"] for m in metrics)
     assert out["test"]["count"] == card["splits"]["test"]["count"]
     assert out["test"]["top1"] >= 0.5, out["test"]  # 10 classes: chance is 0.1

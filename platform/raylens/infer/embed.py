@@ -357,9 +357,8 @@ def run_embed(
     run_id = uuid.uuid4().hex[:12]
     writer = {"run": run_id, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     storage.write_text(join(plan.output, WRITER), json.dumps(writer))
-    storage.delete_dirs_named(
-        plan.output, STAGING_PREFIX
-    )  # leftovers of a run that crashed (or was superseded)
+    # leftovers of a run that crashed (or was superseded)
+    storage.delete_dirs_named(plan.output, STAGING_PREFIX)
     staging = join(plan.output, f"{STAGING_PREFIX}{run_id}")
     try:
         fs, path = storage.resolve(staging)

@@ -539,6 +539,4 @@ def run_metric_embed(plan: MetricEmbedPlan, storage: Storage) -> dict[str, Any]:
     try:
         return commit(storage, plan.output, [staged], manifest, writer=run_id)
     finally:
-        from raylens.infer.embed import _delete_dir
-
-        _delete_dir(storage, join(plan.output, f"_staging-{run_id}"))
+        storage.delete_tree(join(plan.output, f"_staging-{run_id}"))
