@@ -1,13 +1,15 @@
 """ASHA vs FIFO: the same space, TPE seed and number of trials, one after the other.
 
-    .venv/bin/python benchmarks/tune_asha.py [--trials 8] [--epochs 4] [--write]
+    .venv/bin/python benchmarks/tune_asha.py [--trials 8] [--epochs 8] [--seeds 0 1 2] [--write]
 
 Both sweeps run ``jobs.tune`` (each trial a real TorchTrainer run on Fashion-MNIST, the
 CPU default config with a small model and short epochs: ``vgg_s8``,
 ``train.max_steps_per_epoch``) over ``tune_spaces/classify.yaml``. Reported: trial-epochs
-each scheduler spent (the cost ASHA saves), its best validation top-1, wall time. The
-ASHA sweep also retrains its best config (``tune.retrain=true``) and reports the test
-top-1: the acceptance sweep. Needs ``make demo`` (or ``jobs.prepare``) to have prepared
+each scheduler spent (the cost ASHA saves), its best validation top-1, wall time, per
+TPE seed (``--seeds``: one ASHA/FIFO pair each) and their mean: one pair is a sample of
+one, and a trial's validation top-1 at an early epoch moves by several points between two
+runs of the same config. The first seed's ASHA sweep also retrains its best config
+(``tune.retrain=true``) and reports the test top-1: the acceptance sweep. Needs ``make demo`` (or ``jobs.prepare``) to have prepared
 data/fashion-mnist first.
 """
 
@@ -29,7 +31,7 @@ import results_md  # noqa: E402
 SECTION = "## Tune: ASHA vs FIFO (benchmarks/tune_asha.py)"
 
 
-def sweep(name: str, scheduler: str, args, retrain: bool) -> tuple[dict, float]:
+def sweep(name: str, scheduler: str, seed: int, args, retrain: bool) -> tuple[dict, float]:
     out = Path(args.output_dir)
     shutil.rmtree(out / name, ignore_errors=True)
     shutil.rmtree(out / f"{name}-best", ignore_errors=True)
@@ -39,7 +41,7 @@ def sweep(name: str, scheduler: str, args, retrain: bool) -> tuple[dict, float]:
         "--space", "tune_spaces/classify.yaml",
         f"run.output_dir={out}", f"tune.name={name}", f"tune.scheduler={scheduler}",
         f"tune.num_samples={args.trials}", f"tune.retrain={str(retrain).lower()}",
-        "tune.seed=0", "model.backbone=vgg_s8", f"train.epochs={args.epochs}",
+        f"tune.seed={seed}", "model.backbone=vgg_s8", f"train.epochs={args.epochs}",
         f"train.max_steps_per_epoch={args.steps}", "train.warmup_epochs=0.5",
         f"tune.grace_period={args.grace}",
         "ray.local_num_cpus=3",
@@ -62,42 +64,57 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--steps", type=int, default=30, help="train.max_steps_per_epoch")
     p.add_argument("--grace", type=int, default=2, help="tune.grace_period (epochs)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="TPE seeds (tune.seed)")
     p.add_argument("--output-dir", default=str(REPO / "runs" / "bench-tune"))
     p.add_argument("--write", action="store_true", help="replace this section of RESULTS.md")
     args = p.parse_args()
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    asha, asha_s = sweep("asha", "asha", args, retrain=True)
-    fifo, fifo_s = sweep("fifo", "fifo", args, retrain=False)
-    saved = 1 - asha["trial_epochs"] / fifo["trial_epochs"]
-    gap = 100 * (fifo["best"]["value"] - asha["best"]["value"])
+    pairs = []  # (seed, asha summary, asha s, fifo summary, fifo s)
+    for k, seed in enumerate(args.seeds):
+        sfx = "" if k == 0 else f"-seed{seed}"
+        asha, asha_s = sweep(f"asha{sfx}", "asha", seed, args, retrain=k == 0)
+        fifo, fifo_s = sweep(f"fifo{sfx}", "fifo", seed, args, retrain=False)
+        pairs.append((seed, asha, asha_s, fifo, fifo_s))
+        print(f"[bench] seed {seed}: ASHA {asha['trial_epochs']} trial-epochs, best "
+              f"{asha['best']['value']:.4f}; FIFO {fifo['trial_epochs']}, best "
+              f"{fifo['best']['value']:.4f}", flush=True)  # fmt: skip
+    asha = pairs[0][1]
+    saved = 1 - sum(p[1]["trial_epochs"] for p in pairs) / sum(p[3]["trial_epochs"] for p in pairs)
+    gaps = [100 * (p[3]["best"]["value"] - p[1]["best"]["value"]) for p in pairs]
+    gap = sum(gaps) / len(gaps)
     test = asha["retrained"]["test"]
+    seeds = ", ".join(str(s) for s in args.seeds)
     lines = [
         SECTION,
         "",
         f"`{' '.join(['.venv/bin/python', 'benchmarks/tune_asha.py', *sys.argv[1:]])}` on "
         f"{platform.node() or 'this machine'} ({platform.processor() or platform.machine()}, "
         f"{__import__('os').cpu_count()} cores), {time.strftime('%Y-%m-%d')}. "
-        f"{args.trials} trials of `tune_spaces/classify.yaml`, TPE seed 0, vgg_s8 on "
+        f"{args.trials} trials of `tune_spaces/classify.yaml`, TPE seed(s) {seeds}, vgg_s8 on "
         f"Fashion-MNIST, {args.epochs} epochs of {args.steps} steps x 256 images; ASHA "
-        f"grace {args.grace} epochs, reduction factor 2.",
+        f"grace {args.grace} epochs, reduction factor 2; one trial at a time.",
         "",
-        "| scheduler | trial-epochs | completed / stopped / errored | best val top-1 | wall |",
-        "|---|---|---|---|---|",
+        "| TPE seed | scheduler | trial-epochs | completed / stopped / errored | best val top-1 "
+        "| gap (FIFO - ASHA) | wall |",
+        "|---|---|---:|---|---:|---:|---:|",
     ]
-    for name, s, secs in (("ASHA", asha, asha_s), ("FIFO", fifo, fifo_s)):
-        st = s["status"]
-        lines.append(
-            f"| {name} | {s['trial_epochs']} | {st['completed']} / {st['stopped']} / "
-            f"{st['error']} | {s['best']['value']:.4f} | {secs:.0f} s |"
-        )
+    for (seed, a, a_s, f, f_s), g in zip(pairs, gaps, strict=True):
+        for name, s, secs in (("ASHA", a, a_s), ("FIFO", f, f_s)):
+            st = s["status"]
+            lines.append(
+                f"| {seed} | {name} | {s['trial_epochs']} | {st['completed']} / "
+                f"{st['stopped']} / {st['error']} | {s['best']['value']:.4f} | "
+                f"{f'{g:+.2f}' if name == 'ASHA' else ''} | {secs:.0f} s |"
+            )
     lines += [
         "",
-        f"- ASHA spent **{100 * saved:.0f} % fewer trial-epochs** than FIFO "
-        f"(target >= 40 %: {'met' if saved >= 0.4 else 'NOT met'}); its best validation "
-        f"top-1 is **{gap:+.2f} points** below FIFO's (target within 0.5: "
+        f"- Over {len(pairs)} seed(s), ASHA spent **{100 * saved:.0f} % fewer trial-epochs** "
+        f"than FIFO (target >= 40 %: {'met' if saved >= 0.4 else 'NOT met'}); its best "
+        f"validation top-1 is on average **{gap:+.2f} points** below FIFO's (per seed: "
+        f"{', '.join(f'{g:+.2f}' for g in gaps)}; target within 0.5: "
         f"{'met' if gap <= 0.5 else 'NOT met'}).",
-        f"- ASHA's best config ({json.dumps(asha['best']['params'])}) retrained "
-        f"({args.epochs} epochs): test top-1 **{test['top1']:.4f}** "
+        f"- Seed {args.seeds[0]}'s ASHA best config ({json.dumps(asha['best']['params'])}) "
+        f"retrained ({args.epochs} epochs): test top-1 **{test['top1']:.4f}** "
         f"(`{asha['retrained']['run_dir']}`).",
         "- Wall time includes each trial's TorchTrainer start (~10-15 s) and is noisy on this "
         "shared machine; trial-epochs are the comparable cost.",

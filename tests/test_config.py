@@ -68,6 +68,25 @@ def test_secrets_never_saved_and_saved_config_reloads():
     assert again.data == cfg.data and again.storage.s3_secret_access_key is None
 
 
+def test_changed_keys_compares_a_saved_config_leaf_by_leaf():
+    base = C.load(RunConfig, None, ["run.name=a", "train.lr=0.001"])
+    saved = yaml.safe_load(C.to_yaml(base))  # what a run dir holds: tuples as lists
+    assert C.flatten({"a": {"b": 1, "c": {"d": [2]}}}) == {"a.b": 1, "a.c.d": [2]}
+    assert C.changed_keys(saved, C.to_dict(base)) == {}
+    new = C.apply_overrides(
+        base, ["train.lr=0.01", "data.mean=[0.5, 0.5, 0.5]", "ray.num_workers=4"]
+    )
+    diff = C.changed_keys(saved, C.to_dict(new))
+    assert diff == {
+        "train.lr": (0.001, 0.01),
+        "data.mean": (list(base.data.mean), [0.5, 0.5, 0.5]),
+        "ray.num_workers": (base.ray.num_workers, 4),
+    }
+    assert set(C.changed_keys(saved, C.to_dict(new), ignore=("ray.", "data.mean"))) == {"train.lr"}
+    del saved["train"]["lr"]  # saved before the schema had the key: not a difference
+    assert set(C.changed_keys(saved, C.to_dict(new))) == {"data.mean", "ray.num_workers"}
+
+
 def test_every_shipped_config_loads():
     files = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
     assert files

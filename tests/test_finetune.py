@@ -95,6 +95,14 @@ def test_two_workers_train_and_resume_with_the_run_dir_on_s3(ray_session, seawee
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
     assert [m["resumes"] for m in metrics] == [0, 0, 0, 1]
     assert storage.exists(join(run, "checkpoints/epoch=4/state.json"))
+    # the same run name with another learning rate would resume weights trained at the old
+    # one and record the new: refused before anything runs, naming the key; nothing changed
+    saved = storage.read_text(join(run, "config.yaml"))
+    with pytest.raises(C.ConfigError, match=r"another config \(train\.lr: 0\.005 -> 0\.02\)"):
+        finetune(
+            _cfg(dataset, "run.name=fm", f"run.output_dir=s3://{bucket}/runs", "train.lr=0.02", *s3)
+        )
+    assert storage.read_text(join(run, "config.yaml")) == saved
 
 
 @pytest.mark.parametrize(

@@ -233,6 +233,35 @@ def nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Turns ``{"a": {"b": 1}}`` into ``{"a.b": 1}`` (the inverse of :func:`nest`)."""
+    out: dict[str, Any] = {}
+    for key, value in nested.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_keys(
+    old: Mapping[str, Any], new: Mapping[str, Any], *, ignore: tuple[str, ...] = ()
+) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` for the leaves two nested configs disagree on. Keys
+    starting with an ``ignore`` prefix are skipped, and so are keys ``old`` lacks (a
+    config saved before the schema grew)."""
+    a, b = flatten(old), flatten(new)
+    return {
+        k: (a[k], b[k])
+        for k in b
+        if k in a and not k.startswith(ignore) and _normal(a[k]) != _normal(b[k])
+    }
+
+
+def _normal(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
 def apply_overrides(cfg: T, overrides: Mapping[str, Any] | list[str]) -> T:
     """Applies dotted overrides, given as ``["k.s=v", ...]`` or ``{"k.s": v}``."""
     if isinstance(overrides, list):

@@ -60,7 +60,7 @@ from raylens.train.run import (
     fit_on_worker,
     ray_run_config,
     read_history,
-    run_dir,
+    write_run_config,
 )
 
 
@@ -330,8 +330,7 @@ def metric_learn(
         "x_val": data.x[va],
         "y_val": data.seen_labels(va),
     }
-    out = run_dir(cfg)
-    storage.write_text(join(out, "config.yaml"), C.to_yaml(cfg))
+    out = write_run_config(cfg, storage)
     labels = {
         "classes": [data.classes[i] for i in data.seen],
         "task": "metric",

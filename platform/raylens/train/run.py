@@ -29,6 +29,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+import yaml
 
 from raylens import config as C
 from raylens.data.ingest import (
@@ -51,6 +52,38 @@ from raylens.train.teacher import TeacherInput, load_teacher
 
 def run_dir(cfg: RunConfig) -> str:
     return join(cfg.run.output_dir, cfg.run.name)
+
+
+# Keys a resumed run may change: where and how it runs, and how long (more epochs extend
+# it: the cosine is recomputed over the new total at the resumed step), not what it trains.
+RESUME_MAY_CHANGE = (
+    "run.output_dir", "storage.", "source.", "prepare.", "embed.", "tune.", "ray.",
+    "train.epochs", "train.patience", "train.val_every_n_steps",
+    "data.decode_batch_size", "data.prefetch_batches", "distill.teacher_batch_size",
+    "distill.teacher_concurrency", "distill.teacher_num_gpus", "distill.check_samples",
+    "metric.cache",  # the location and the cache_* knobs; the features are keyed
+)  # fmt: skip
+
+
+def write_run_config(cfg: RunConfig, storage: Storage) -> str:
+    """Writes ``config.yaml`` to the run dir and returns the dir. Re-running a run name
+    resumes that run, so a run dir that has trained (``metrics.jsonl``) under a config
+    that differs in what it trains is refused, naming the keys: resuming would continue
+    the old run's weights and then record the new config as how they were trained."""
+    out = run_dir(cfg)
+    path = join(out, "config.yaml")
+    if storage.exists(join(out, "metrics.jsonl")) and storage.exists(path):
+        old = yaml.safe_load(storage.read_text(path)) or {}
+        diff = C.changed_keys(old, C.to_dict(cfg), ignore=RESUME_MAY_CHANGE)
+        if diff:
+            keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise C.ConfigError(
+                f"run dir {out!r} already holds a run trained with another config ({keys}); "
+                "re-running a run name resumes that run. Choose another run.name, or "
+                "delete the run dir to start over"
+            )
+    storage.write_text(path, C.to_yaml(cfg))
+    return out
 
 
 def _say(message: str) -> None:
@@ -382,8 +415,7 @@ def finetune(
     targets, clock = distill_setup(cfg, info, storage) if distill else (None, None)
     if targets is not None:
         train_ds, _ = build_split(cfg, "train", storage, targets=targets)
-    out = run_dir(cfg)
-    storage.write_text(join(out, "config.yaml"), C.to_yaml(cfg))
+    out = write_run_config(cfg, storage)
     storage.write_text(
         join(out, "labels.json"), json.dumps({"classes": info.classes, "task": info.task}, indent=1)
     )
