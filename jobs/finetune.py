@@ -14,6 +14,7 @@ import sys
 from raylens.cli import parse_job_args
 from raylens.config import ConfigError
 from raylens.models.backbones import UnknownBackbone
+from raylens.storage import Storage, StorageError
 from raylens.train.launch import init_ray
 from raylens.train.run import finetune
 
@@ -34,10 +35,14 @@ def run(argv: list[str] | None, *, prog: str, description: str, distill: bool) -
         sections=sections + (["distill"] if distill else []),
     )
     init_ray(cfg.ray)
+    storage = Storage(cfg.storage)
     try:
         out = finetune(cfg, distill=distill)
-    except (ConfigError, UnknownBackbone, ValueError, FileNotFoundError) as err:
+    except StorageError as err:  # unreachable or refused storage: already scrubbed
         print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (ConfigError, UnknownBackbone, ValueError, FileNotFoundError) as err:
+        print(f"{prog}: error: {storage.scrub(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
     best = out["best"] or {}
     print(f"\nrun dir: {out['run_dir']}")

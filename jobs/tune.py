@@ -19,7 +19,7 @@ import sys
 from raylens.cli import parse_job_args
 from raylens.config import ConfigError
 from raylens.models.backbones import UnknownBackbone
-from raylens.storage import Storage
+from raylens.storage import Storage, StorageError
 from raylens.train.launch import init_ray
 from raylens.tune.space import load_space
 
@@ -46,10 +46,14 @@ def main(argv: list[str] | None = None) -> dict:
     cfg, args = parse_job_args(
         argv, prog=PROG, description=__doc__, sections=sections, add_arguments=_flags
     )
+    storage = Storage(cfg.storage)
     try:
-        space = load_space(Storage(cfg.storage).read_text(args.space), cfg, args.space)
-    except (ConfigError, FileNotFoundError) as err:
+        space = load_space(storage.read_text(args.space), cfg, args.space)
+    except StorageError as err:  # unreachable or refused storage: already scrubbed
         print(f"{PROG}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"{PROG}: error: {storage.scrub(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
     distill = args.distill or bool(cfg.distill.teacher)
     init_ray(cfg.ray, dashboard=True)  # Tune + Train: stopped trials' CPUs get released
@@ -63,8 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
         summary = run_sweep(plan, resume=args.resume)
         if cfg.tune.retrain:
             summary["retrained"] = retrain_best(plan, summary)
-    except (ConfigError, UnknownBackbone, ValueError, FileNotFoundError, FileExistsError) as err:
+    except StorageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (ConfigError, UnknownBackbone, ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"{PROG}: error: {storage.scrub(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"\nexperiment: {plan.exp_dir}")
     print(f"best config: {summary['best_config']}")

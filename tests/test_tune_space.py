@@ -121,3 +121,25 @@ def _escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_the_tune_job_names_a_missing_space_without_showing_a_credential(tmp_path, capsys):
+    """A bad --space fails before Ray starts, exit 2, and a credential that lands in the
+    message (here: in the path) is scrubbed like every other job's errors."""
+    import jobs.tune
+
+    secret = "s3cr3t-Xq9vLw"
+    missing = tmp_path / secret / "space.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        jobs.tune.main(
+            [
+                "--config",
+                str(ROOT / "jobs/configs/fashion_mnist.yaml"),
+                "--space",
+                str(missing),
+                f"storage.s3_secret_access_key={secret}",
+            ]
+        )
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "space.yaml" in err and "***" in err and secret not in err, err
