@@ -484,7 +484,7 @@ def run_metric_embed(plan: MetricEmbedPlan, storage: Storage) -> dict[str, Any]:
     import tempfile
     import uuid
 
-    from raylens.infer.embed import FORMAT, WRITER, commit
+    from raylens.infer.embed import FORMAT, STAGING_PREFIX, WRITER, commit
 
     t0 = time.time()
     entries = ensure_cache(plan.cfg, storage)
@@ -512,7 +512,8 @@ def run_metric_embed(plan: MetricEmbedPlan, storage: Storage) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         local = f"{tmp}/part.parquet"
         pq.write_table(out, local)
-        staged = join(plan.output, f"_staging-{run_id}", "part.parquet")
+        staging = join(plan.output, f"{STAGING_PREFIX}{run_id}")
+        staged = join(staging, "part.parquet")
         with open(local, "rb") as f:
             storage.write_bytes(staged, f.read())
     counts = {s: int((table.split[keep] == s).sum()) for s in plan.splits}
@@ -538,4 +539,4 @@ def run_metric_embed(plan: MetricEmbedPlan, storage: Storage) -> dict[str, Any]:
     try:
         return commit(storage, plan.output, [staged], manifest, writer=run_id)
     finally:
-        storage.delete_tree(join(plan.output, f"_staging-{run_id}"))
+        storage.delete_tree(staging)
