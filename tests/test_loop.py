@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from raylens.schema import TaskConfig, TrainConfig
-from raylens.train.loop import Hooks, fit, make_task, warmup_cosine
+from raylens.train.loop import Hooks, fit, make_task, precise_bn, warmup_cosine
 from torch import nn
 
 DEV = torch.device("cpu")
@@ -189,3 +189,95 @@ def test_a_mid_epoch_best_carries_its_own_checkpoint():
             assert ck is not None and ck["name"] == m["checkpoint"]
         if ck is not None:
             assert ck["name"].startswith(f"checkpoints/epoch={ck['extra']['epoch']}")
+
+
+def _bn_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(24, 8),
+        nn.BatchNorm1d(8),
+        nn.Linear(8, 4),
+    )
+
+
+def _inputs(k, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 3, 4, 4, generator=g) * 2 + 1 for _ in range(k)]
+
+
+def test_precise_bn_gives_the_statistics_of_the_inputs_under_the_current_weights():
+    model = _bn_model()
+    model.train()
+    model[6].eval()  # a BatchNorm the caller keeps frozen: training would not update it
+    frozen = model[6].running_mean.clone(), model[6].running_var.clone()
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    xs = _inputs(3)
+    rng = torch.get_rng_state()
+    assert precise_bn(model, xs, None) == 1
+    with torch.no_grad():
+        h = torch.cat([model[0](x) for x in xs])  # what the BatchNorm2d sees, all batches
+    # equal-sized batches: the mean of batch means is the overall mean; the variance is the
+    # overall one up to each batch's n / (n - 1) (64 values per channel per batch)
+    assert torch.allclose(model[1].running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(model[1].running_var, h.var((0, 2, 3)), rtol=0.03)
+    assert model[1].momentum == 0.1 and model.training and not model[6].training
+    assert torch.equal(model[6].running_mean, frozen[0])
+    assert torch.equal(model[6].running_var, frozen[1])
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout saw no draw
+    assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())
+    assert precise_bn(model.eval(), xs, None) == 0  # nothing in training mode: nothing to do
+
+
+def test_precise_bn_pools_workers_like_one_worker_with_all_batches():
+    xs = _inputs(4)
+    whole, a, b = _bn_model(), _bn_model(), _bn_model()
+    for m in (whole, a, b):
+        m[4].eval()  # no dropout: its masks would differ between the splits
+    precise_bn(whole, xs, None)
+    sent = []  # worker b's all_reduce contributions, in call order
+    precise_bn(b, xs[2:], None, all_reduce=lambda t: sent.append(t.clone()) or t)
+    received = iter(sent)
+    precise_bn(a, xs[:2], None, all_reduce=lambda t: t + next(received))
+    for layer in (1, 6):
+        assert torch.allclose(a[layer].running_mean, whole[layer].running_mean, atol=1e-6)
+        assert torch.allclose(a[layer].running_var, whole[layer].running_var, atol=1e-5)
+    assert not torch.allclose(b[1].running_mean, whole[1].running_mean)  # b alone differs
+
+
+def test_precise_bn_in_fit_changes_the_statistics_not_the_training():
+    x, y = _data()
+    task = make_task(TaskConfig(), 4)
+    runs = {}
+    for n in (0, 2):
+        model, reports = _bn_model(), []
+        fit(
+            model,
+            task,
+            _cfg(epochs=2, lr=0.05, precise_bn_batches=n),
+            train_batches=_batches(x, y, "label"),
+            val_batches=_batches(*_data(seed=1), "label"),
+            steps_per_epoch=8,
+            device=DEV,
+            hooks=Hooks(report=lambda m, ck, r=reports: r.append(m), log=lambda m: None),
+        )
+        runs[n] = model, reports
+    plain, precise = runs[0][0], runs[2][0]
+    for (name, p), q in zip(plain.named_parameters(), precise.parameters(), strict=True):
+        assert torch.equal(p, q), name  # same weights, dropout masks and steps
+    assert not torch.equal(plain[1].running_mean, precise[1].running_mean)
+    # the checkpointed statistics are those of the last two training batches, final weights
+    expected = copy.deepcopy(plain).train()
+    precise_bn(expected, [x[192:224], x[224:256]], None)
+    assert torch.allclose(precise[1].running_mean, expected[1].running_mean, atol=1e-6)
+    assert torch.allclose(precise[6].running_var, expected[6].running_var, atol=1e-5)
+    assert runs[2][1][-1]["val/loss"] != runs[0][1][-1]["val/loss"]
+
+
+def test_precise_bn_batches_must_not_be_negative():
+    with pytest.raises(Exception, match="train.precise_bn_batches"):
+        _cfg(precise_bn_batches=-1).validate()

@@ -379,6 +379,11 @@ class TrainConfig:
         "Metric selecting the best checkpoint; null: top1 (classify), f1_weighted (multilabel).",
     )
     max_steps_per_epoch: int | None = opt(None, "Cap steps per epoch (smoke tests).")
+    precise_bn_batches: int = opt(
+        0,
+        "Before each validation, recompute BatchNorm running statistics over the last N "
+        "training batches (precise BN); 0: off. Training itself is unchanged.",
+    )
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -387,6 +392,8 @@ class TrainConfig:
             raise ConfigError("config key 'train.grad_accum': expected >= 1")
         if self.lr <= 0:
             raise ConfigError("config key 'train.lr': expected > 0")
+        if self.precise_bn_batches < 0:
+            raise ConfigError("config key 'train.precise_bn_batches': expected >= 0 (0: off)")
 
 
 @dataclass
