@@ -279,6 +279,10 @@ def test_bad_settings_name_the_key():
         load_settings({"models": [{"id": "a"}]})
     with pytest.raises(ConfigError, match="http\\(s\\) URLs are never fetched"):
         load_settings({"models": [{"id": "a", "run": "r"}], "allowed_uri_prefixes": ["http://x/"]})
+    with pytest.raises(ConfigError, match="'ftp://host/images/'.*scheme 'ftp' is never fetched"):
+        load_settings(
+            {"models": [{"id": "a", "run": "r"}], "allowed_uri_prefixes": ["ftp://host/images/"]}
+        )
     with pytest.raises(ConfigError, match="default_model"):
         load_settings({"models": [{"id": "a", "run": "r"}], "default_model": "b"})
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from raylens.data.images import ImageInfo, ImageRejected, _open
+from raylens.serving.settings import FETCHED_SCHEMES
 from raylens.storage import Storage, split_uri
 
 
@@ -102,7 +103,7 @@ def check_uri(uri: object, what: str, prefixes: list[str]) -> str:
         raise RequestError(
             403, "uri_not_allowed", f"{what}: this server fetches no URIs (no allowed prefixes)"
         )
-    if scheme.lower() not in ("s3", "gs", "file"):
+    if scheme.lower() not in FETCHED_SCHEMES:
         raise RequestError(403, "uri_not_allowed", f"{what}: scheme {scheme!r} is never fetched")
     if any(part in ("..", ".") for part in path.split("/")) or "\\" in path or "\x00" in path:
         raise RequestError(403, "uri_not_allowed", f"{what}: '.'/'..' segments are not allowed")

@@ -18,6 +18,7 @@ from raylens import config as C
 from raylens.config import ConfigError, opt
 from raylens.schema import StorageConfig
 
+FETCHED_SCHEMES = ("s3", "gs", "file")  # the URI schemes a server may fetch images from
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -98,10 +99,16 @@ class ServeConfig:
                     f"config key 'allowed_uri_prefixes': {p!r} is not a URI prefix such as "
                     "s3://bucket/images/ or gs://bucket/prefix/"
                 )
-            if p.split("://", 1)[0] in ("http", "https"):
+            scheme = p.split("://", 1)[0].lower()
+            if scheme in ("http", "https"):
                 raise ConfigError(
                     f"config key 'allowed_uri_prefixes': {p!r}: http(s) URLs are never "
                     "fetched (server-side request forgery); use s3://, gs:// or file://"
+                )
+            if scheme not in FETCHED_SCHEMES:
+                raise ConfigError(
+                    f"config key 'allowed_uri_prefixes': {p!r}: scheme {scheme!r} is never "
+                    "fetched; expected s3://, gs:// or file://"
                 )
         b, lim = self.batching, self.limits
         for key, value in (
