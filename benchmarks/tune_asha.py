@@ -1,6 +1,7 @@
 """ASHA vs FIFO: the same space, TPE seed and number of trials, one after the other.
 
-    .venv/bin/python benchmarks/tune_asha.py [--trials 8] [--epochs 8] [--seeds 0 1 2] [--write]
+    .venv/bin/python benchmarks/tune_asha.py [--trials 8] [--epochs 8] [--seeds 0 1 2]
+        [--grace 2] [--rf 2] [--precise-bn 8] [--write]
 
 Both sweeps run ``jobs.tune`` (each trial a real TorchTrainer run on Fashion-MNIST, the
 CPU default config with a small model and short epochs: ``vgg_s8``,
@@ -43,7 +44,8 @@ def sweep(name: str, scheduler: str, seed: int, args, retrain: bool) -> tuple[di
         f"tune.num_samples={args.trials}", f"tune.retrain={str(retrain).lower()}",
         f"tune.seed={seed}", "model.backbone=vgg_s8", f"train.epochs={args.epochs}",
         f"train.max_steps_per_epoch={args.steps}", "train.warmup_epochs=0.5",
-        f"tune.grace_period={args.grace}",
+        f"tune.grace_period={args.grace}", f"tune.reduction_factor={args.rf}",
+        f"train.precise_bn_batches={args.precise_bn}",
         "ray.local_num_cpus=3",
     ]  # fmt: skip
     t0 = time.perf_counter()
@@ -64,7 +66,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--steps", type=int, default=30, help="train.max_steps_per_epoch")
     p.add_argument("--grace", type=int, default=2, help="tune.grace_period (epochs)")
+    p.add_argument("--rf", type=float, default=2.0, help="tune.reduction_factor")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="TPE seeds (tune.seed)")
+    p.add_argument(
+        "--precise-bn", type=int, default=8,
+        help="train.precise_bn_batches (0: validate with BatchNorm running statistics)",
+    )  # fmt: skip
     p.add_argument("--output-dir", default=str(REPO / "runs" / "bench-tune"))
     p.add_argument("--write", action="store_true", help="replace this section of RESULTS.md")
     args = p.parse_args()
@@ -92,7 +99,12 @@ def main() -> None:
         f"{__import__('os').cpu_count()} cores), {time.strftime('%Y-%m-%d')}. "
         f"{args.trials} trials of `tune_spaces/classify.yaml`, TPE seed(s) {seeds}, vgg_s8 on "
         f"Fashion-MNIST, {args.epochs} epochs of {args.steps} steps x 256 images; ASHA "
-        f"grace {args.grace} epochs, reduction factor 2; one trial at a time.",
+        f"grace {args.grace} epochs, reduction factor {args.rf:g}; one trial at a time; validation "
+        + (
+            f"with precise BN (`train.precise_bn_batches={args.precise_bn}`)."
+            if args.precise_bn
+            else "with BatchNorm running statistics (`train.precise_bn_batches=0`)."
+        ),
         "",
         "| TPE seed | scheduler | trial-epochs | completed / stopped / errored | best val top-1 "
         "| gap (FIFO - ASHA) | wall |",
