@@ -236,10 +236,11 @@ def precise_bn(
     below the model's (vgg_s8, lr 0.025, 30 steps an epoch: val top-1 0.16 with the running
     statistics, 0.76 recomputed, after one epoch; ``benchmarks/precise_bn.py``). As in
     pycls's precise BN, every BatchNorm layer in training mode gets the statistics of
-    ``inputs`` under the current weights: the mean of the per-batch means, and E[batch var + batch mean²] - mean²
-    as the variance, pooled over workers through ``all_reduce`` (a sum). The forward runs on
-    the unwrapped module (DDP would broadcast rank 0's buffers), without gradients, and
-    restores the RNG state, so dropout masks and the training that follows are unchanged.
+    ``inputs`` under the current weights: the mean of the per-batch means, and
+    E[batch var + batch mean²] - mean² as the variance, pooled over workers through
+    ``all_reduce`` (a sum). The forward runs on the unwrapped module (DDP would broadcast
+    rank 0's buffers), without gradients, and restores the RNG state, so dropout masks and
+    the training that follows are unchanged. Every worker must call it (it all-reduces).
     Returns the number of layers updated.
     """
     net = getattr(model, "module", model)
