@@ -231,6 +231,9 @@ def test_precise_bn_gives_the_statistics_of_the_inputs_under_the_current_weights
     assert torch.equal(torch.get_rng_state(), rng)  # dropout saw no draw
     assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())
     assert precise_bn(model.eval(), xs, None) == 0  # nothing in training mode: nothing to do
+    before = model[1].running_mean.clone()
+    assert precise_bn(model.train(), [], None) == 0  # no batch anywhere: statistics kept
+    assert torch.equal(model[1].running_mean, before)
 
 
 def test_precise_bn_pools_workers_like_one_worker_with_all_batches():

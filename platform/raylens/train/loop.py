@@ -250,9 +250,9 @@ def precise_bn(
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
     ]
     inputs = list(inputs)
-    if not bns or not inputs:
+    if not bns:  # the same on every worker (one model)
         return 0
-    device = inputs[0].device
+    device = bns[0].running_mean.device
     momenta = [m.momentum for m in bns]
     means = [torch.zeros_like(m.running_mean) for m in bns]
     squares = [torch.zeros_like(m.running_var) for m in bns]
@@ -271,6 +271,8 @@ def precise_bn(
         for m, momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum
     count = all_reduce(torch.tensor(float(len(inputs)), device=device))
+    if count == 0:  # no worker had a batch: keep the running statistics
+        return 0
     for m, mean, square in zip(bns, means, squares, strict=True):
         mean = all_reduce(mean) / count
         m.running_mean.copy_(mean)
