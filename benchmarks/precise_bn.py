@@ -115,10 +115,7 @@ def main() -> None:
         "stopping and the best-checkpoint choice all rank on what validation measures.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        results_md.write_section(results_md.RESULTS, SECTION, text)
+    results_md.emit(SECTION, lines, args.write)
 
 
 if __name__ == "__main__":

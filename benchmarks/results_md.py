@@ -21,3 +21,11 @@ def write_section(path: Path, section: str, text: str) -> None:
         new = old[:start] + text + ("\n" + old[end:] if nxt else "")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)
+
+
+def emit(section: str, lines: list[str], write: bool) -> None:
+    """Prints a script's section; with ``write`` (its ``--write``) replaces it in RESULTS.md."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(RESULTS, section, text)

@@ -132,10 +132,7 @@ def main() -> None:
         "shared machine; trial-epochs are the comparable cost.",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        results_md.write_section(results_md.RESULTS, SECTION, text)
+    results_md.emit(SECTION, lines, args.write)
 
 
 if __name__ == "__main__":
