@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/precise_bn.py [--lrs 0.025 0.003] [--seeds 0 1] [--write]
 
-Trains ``vgg_s8`` + a linear head on Fashion-MNIST (the Debian ``dataset-fashion-mnist``
-IDX files; 55,000 train images, the other 5,000 as validation) in this process, as the
-Tune benchmark's trials do: batch 256, 30 steps an epoch, AdamW, 0.5-epoch warmup, cosine
-over 8 epochs, label smoothing 0.05. After every epoch the same model is validated twice:
-with the running statistics training keeps (``model.eval()``) and after
-``raylens.train.loop.precise_bn`` over the last 8 training batches (``train.precise_bn_batches:
-8``), on a copy, so the trajectory is one and the same. Accuracy, not speed: no timing.
+Trains ``vgg_s8`` + a linear head on Fashion-MNIST (the IDX files of
+``raylens.data.fashion_mnist.default_dir``: the Debian ``dataset-fashion-mnist`` package,
+else a download; 55,000 train images, the other 5,000 as validation) in this process, as
+the Tune benchmark's trials do: batch 256, 30 steps an epoch, AdamW from
+``raylens.train.loop.build_optimizer`` (weight decay 0.01, none on norms and biases),
+0.5-epoch warmup, cosine over 8 epochs, label smoothing 0.05. After every epoch the same
+model is validated twice: with the running statistics training keeps (``model.eval()``)
+and after ``raylens.train.loop.precise_bn`` over the last 8 training batches
+(``train.precise_bn_batches: 8``), on a copy, so the trajectory is one and the same.
+Accuracy, not speed: no timing.
 ``--write`` replaces this script's section of RESULTS.md.
 """
 
@@ -24,37 +27,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from raylens.data import fashion_mnist
 from raylens.models.small import FMNIST_MEAN, FMNIST_STD, VGGSmall
-from raylens.train.loop import precise_bn, warmup_cosine
+from raylens.schema import TrainConfig
+from raylens.train.loop import build_optimizer, precise_bn, warmup_cosine
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import results_md  # noqa: E402
 
-IDX = Path("/usr/share/datasets/fashion-mnist")
 SECTION = "## Precise BN vs running statistics (benchmarks/precise_bn.py)"
 
 
 def load() -> tuple[torch.Tensor, torch.Tensor]:
-    def read(name: str, offset: int) -> np.ndarray:
-        with gzip.open(IDX / name) as f:
-            return np.frombuffer(f.read(), np.uint8, offset=offset)
+    root = Path(fashion_mnist.default_dir())
 
-    x = read("train-images-idx3-ubyte.gz", 16).reshape(-1, 1, 28, 28)
-    y = read("train-labels-idx1-ubyte.gz", 8)
+    def read(key: str) -> np.ndarray:
+        name = fashion_mnist.FILES[key]
+        return fashion_mnist.parse_idx(gzip.decompress((root / f"{name}.gz").read_bytes()))
+
+    x = read("train_images")[:, None]
     x = (torch.tensor(x, dtype=torch.float32) / 255 - FMNIST_MEAN[0]) / FMNIST_STD[0]
-    return x.expand(-1, 3, -1, -1), torch.tensor(y, dtype=torch.int64)
+    return x.expand(-1, 3, -1, -1), torch.tensor(read("train_labels"), dtype=torch.int64)
 
 
 def run(x, y, lr: float, seed: int, epochs: int, steps: int = 30, bs: int = 256) -> list:
     torch.manual_seed(seed)
     net = VGGSmall(8)
     model = nn.Sequential(net, nn.Linear(net.num_features, 10))
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+    opt = build_optimizer(model, TrainConfig(lr=lr, weight_decay=0.01))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(8 * steps, steps // 2, 0.0))
     order = torch.randperm(55_000, generator=torch.Generator().manual_seed(seed))
     loss_fn, recent, rows, k = nn.CrossEntropyLoss(label_smoothing=0.05), [], [], 0

@@ -382,7 +382,8 @@ class TrainConfig:
     precise_bn_batches: int = opt(
         0,
         "Before each validation, recompute BatchNorm running statistics over the last N "
-        "training batches (precise BN); 0: off. Training itself is unchanged.",
+        "training batches (precise BN; keeps those N batches in memory); 0: off. Training "
+        "itself is unchanged.",
     )
 
     def validate(self) -> None:

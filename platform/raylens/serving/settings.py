@@ -108,7 +108,7 @@ class ServeConfig:
             if scheme not in FETCHED_SCHEMES:
                 raise ConfigError(
                     f"config key 'allowed_uri_prefixes': {p!r}: scheme {scheme!r} is never "
-                    "fetched; expected s3://, gs:// or file://"
+                    f"fetched; expected one of {', '.join(f'{s}://' for s in FETCHED_SCHEMES)}"
                 )
         b, lim = self.batching, self.limits
         for key, value in (

@@ -401,7 +401,7 @@ def fit(
             sched.step()
         state.step += 1
 
-    recent: deque[torch.Tensor] = deque(maxlen=cfg.precise_bn_batches or None)
+    recent: deque[torch.Tensor] = deque(maxlen=cfg.precise_bn_batches)  # maxlen 0: keeps none
 
     for epoch in range(state.epoch, cfg.epochs):
         model.train()
@@ -434,8 +434,7 @@ def fit(
                     if validate_and_report(False, loss_sum / max(n_loss, 1), seen, t0):
                         return state
                     model.train()
-            if cfg.precise_bn_batches:
-                recent.append(x)
+            recent.append(x)
             seen += x.shape[0]
             loss_sum += loss.item()
             n_loss += 1
