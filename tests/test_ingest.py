@@ -10,6 +10,7 @@ import uuid
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from conftest import s3_storage
 from raylens import config as C
@@ -91,6 +92,42 @@ def test_augmentation_is_seeded_per_sample_and_replayable(ray_session, prepared)
         assert a[rid][3] == sample_seed(3, rid, 5)
         assert torch.equal(a[rid][2], b[rid][2])
     assert any(not torch.equal(a[rid][2], c[rid][2]) for rid in a)
+
+
+def test_train_passes_differ_and_a_rerun_repeats_them(ray_session, prepared, tmp_path):
+    """Ray Train reads one pass per epoch from a streaming split. Each pass has its own
+    block order and augmentation seeds (an int block-order seed repeated the first blocks
+    every epoch); with preserve_order, a second build replays the same passes exactly."""
+    storage, _, raw, _ = prepared
+    ds_uri = str(tmp_path / "small-shards")
+    prepare_quiet(storage, raw, ds_uri, shard_rows=3)
+    cfg = _cfg(ds_uri, "run.seed=3", "data.shuffle_buffer=0")
+
+    def passes():
+        ds, _ = build_split(cfg, "train", storage)
+        (it,) = ds.streaming_split(1, equal=True)
+        out = []
+        for _ in range(2):
+            rows = [
+                (rid, seed)
+                for b in it.iter_batches(batch_size=8)
+                for rid, seed in zip(b["id"], b["aug_seed"].tolist(), strict=True)
+            ]
+            out.append(rows)
+        return out
+
+    ctx = ray.data.DataContext.get_current()
+    keep, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
+    try:
+        first, second = passes(), passes()
+    finally:
+        ctx.execution_options.preserve_order = keep
+    assert first == second
+    (p0, p1) = first
+    assert len(p0) == len(p1) == 24 and {r for r, _ in p0} == {r for r, _ in p1}
+    assert [r for r, _ in p0] != [r for r, _ in p1]  # a new block order in epoch 2
+    for epoch, rows in enumerate(first):
+        assert all(seed == sample_seed(3, rid, epoch) for rid, seed in rows)
 
 
 def test_corrupt_record_at_ingest_is_skipped_and_counted(ray_session, prepared, tmp_path):

@@ -57,6 +57,17 @@ def test_concurrency_never_oversubscribes_the_cluster(tmp_path):
     assert _plan({"CPU": 2.0}, "train.best_metric=loss").mode == "min"
 
 
+def test_trials_read_data_in_a_fixed_order_unless_turned_off(tmp_path):
+    from raylens.tune.sweep import trial_config
+
+    plan = _plan({"CPU": 4.0}, f"run.output_dir={tmp_path}")
+    cfg = trial_config(plan, "t_0001", {"train.lr": 0.01})
+    assert cfg.data.preserve_order and cfg.train.lr == 0.01 and cfg.run.name == "t_0001"
+    assert cfg.ray.budget_cpus == plan.cpus_per_trial and not plan.base.data.preserve_order
+    off = _plan({"CPU": 4.0}, "tune.reproducible_trials=false")
+    assert not trial_config(off, "t_0001", {}).data.preserve_order
+
+
 @pytest.fixture(scope="module")
 def sweep_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")

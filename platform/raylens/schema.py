@@ -215,6 +215,12 @@ class DataConfig:
     )
     prefetch_batches: int = opt(2, "Batches prefetched by each worker's iterator.")
     shuffle_buffer: int = opt(2048, "Train: rows in each worker's local shuffle buffer (0: off).")
+    preserve_order: bool = opt(
+        False,
+        "Hand blocks to the workers in a fixed order (Ray Data preserve_order), so a run with "
+        "the same seed sees the same batches; off: blocks go out as they finish (faster when "
+        "decode times vary).",
+    )
 
     def decode_rows(self) -> int:
         """Rows per decode batch: fewer, larger Ray Data tasks amortize per-task overhead
@@ -489,6 +495,11 @@ class TuneConfig:
     n_startup_trials: int = opt(4, "TPE: random trials before the sampler models the results.")
     retrain: bool = opt(
         True, "After the sweep, retrain the best config as <name>-best and report its test split."
+    )
+    reproducible_trials: bool = opt(
+        True,
+        "Trials run with data.preserve_order=true: a config scores the same in any sweep "
+        "(ASHA, FIFO, a resumed sweep), so schedulers compare configs, not data orders.",
     )
 
     def validate(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.data import RandomSeedConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raylens.data.prepare import CARD
@@ -27,7 +28,6 @@ from raylens.data.sources import SPLITS, label_space, open_source
 from raylens.data.transforms import (
     ImageTransform,
     decode_and_transform,
-    fresh_seeds,
     normalize,
     sample_seed,
 )
@@ -258,6 +258,19 @@ def read_raw(
 # ----------------------------------------------------------------------------- transform
 
 
+def execution_index() -> int:
+    """Which pass over its dataset the calling Ray Data task belongs to (0, 1, ...): the
+    index Ray Data itself reseeds ``randomize_block_order`` with, carried to each task in
+    its DataContext. Ray Train runs one pass per epoch (a resumed run counts from 0 again)."""
+    idx = getattr(ray.data.DataContext.get_current(), "_execution_idx", None)
+    if not isinstance(idx, int):  # a private field: fail loudly if Ray renames it
+        raise RuntimeError(
+            "ray.data.DataContext has no integer _execution_idx in this Ray version: "
+            "per-epoch augmentation seeds need it (pass build_split(epoch=...))"
+        )
+    return idx
+
+
 class _DecodeBatch:
     """Ray Data UDF: bytes → uint8 pixels; drops undecodable rows and records them."""
 
@@ -289,10 +302,9 @@ class _DecodeBatch:
             stored = _epoch_targets(self.targets, replay)
         elif not self.transform.train:
             seeds = np.zeros(len(ids), dtype=np.int64)
-        elif self.epoch is None:
-            seeds = fresh_seeds(len(ids))
         else:
-            seeds = np.array([sample_seed(self.seed, i, self.epoch) for i in ids], dtype=np.int64)
+            epoch = execution_index() if self.epoch is None else self.epoch
+            seeds = np.array([sample_seed(self.seed, i, epoch) for i in ids], dtype=np.int64)
         pixels, kept, failures = decode_and_transform(
             list(batch["image"]), self.transform, seeds if self.transform.train else None
         )
@@ -353,7 +365,9 @@ def build_split(
     Args:
         train: augment (default: ``split == "train"``).
         epoch: derive each sample's augmentation seed from ``(run.seed, id, epoch)``; None
-            draws fresh seeds each pass (recorded in ``aug_seed`` either way).
+            uses the pass over the dataset (:func:`execution_index`) as the epoch, so each
+            training epoch augments differently and a rerun augments the same (recorded in
+            ``aug_seed`` either way).
         targets: distillation: each pass reads the epoch from ``targets.clock``, replays the
             teacher's augmentation of epoch ``e % E`` and adds ``teacher_idx``,
             ``teacher_prob`` and ``aug_epoch`` columns from the store.
@@ -382,7 +396,12 @@ def build_split(
         targets,
     )
     if train:
-        ds = ds.randomize_block_order(seed=cfg.run.seed)  # rows reshuffle per epoch on workers
+        # A new block order each pass (epoch), seeded: an int seed would repeat one order
+        # every epoch, so a run capped by train.max_steps_per_epoch saw the same rows each
+        # epoch. Rows also reshuffle in each worker's local buffer.
+        ds = ds.randomize_block_order(
+            seed=RandomSeedConfig(seed=cfg.run.seed, reseed_after_execution=True)
+        )
     ds = ds.map_batches(udf, batch_size=data.decode_rows(), batch_format="numpy")
     return ds, info
 

@@ -71,6 +71,7 @@ def build_trainer(
     )
     options = DataConfig.default_ingest_options()
     options.resource_limits = options.resource_limits.copy(cpu=plan.data_cpus)
+    options.preserve_order = options.preserve_order or cfg.data.preserve_order
     data_config = DataConfig(datasets_to_split=split or "all", execution_options=options)
     trainer = TorchTrainer(
         train_loop,

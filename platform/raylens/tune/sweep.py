@@ -136,7 +136,8 @@ class DefineByRun:
 
 
 def trial_config(plan: SweepPlan, trial_id: str, params: dict[str, Any]) -> RunConfig:
-    """A trial's run config: base + params, its run dir under ``trials/``, its CPU share."""
+    """A trial's run config: base + params, its run dir under ``trials/``, its CPU share
+    and (``tune.reproducible_trials``) a fixed data order."""
     return C.apply_overrides(
         plan.base,
         {
@@ -145,6 +146,7 @@ def trial_config(plan: SweepPlan, trial_id: str, params: dict[str, Any]) -> RunC
             "run.output_dir": join(plan.exp_dir, "trials"),
             "ray.budget_cpus": plan.cpus_per_trial,
             "ray.data_cpus": plan.base.ray.data_cpus or 1.0,
+            **({"data.preserve_order": True} if plan.base.tune.reproducible_trials else {}),
         },
     )
 
