@@ -68,6 +68,23 @@ def test_trials_read_data_in_a_fixed_order_unless_turned_off(tmp_path):
     assert not trial_config(off, "t_0001", {}).data.preserve_order
 
 
+def test_asha_and_tpe_rank_trials_by_their_best_value_so_far():
+    from raylens.tune.sweep import with_best
+
+    plan = _plan({"CPU": 2.0})
+    assert plan.rank_metric == "val/top1_best"
+    best, seen = None, []
+    for value in (0.52, 0.74, 0.71, None, 0.76):
+        row = with_best({"epoch": len(seen) + 1, "val/top1": value}, plan, best)
+        best = row.get(plan.rank_metric)
+        seen.append(best)
+    assert seen == [0.52, 0.74, 0.74, 0.74, 0.76]  # a dip (or a missing value) keeps the best
+    loss = _plan({"CPU": 2.0}, "train.best_metric=loss")
+    assert with_best({"val/loss": 0.9}, loss, 0.7)["val/loss_best"] == 0.7
+    assert with_best({"val/loss": 0.6}, loss, 0.7)["val/loss_best"] == 0.6
+    assert plan.rank_metric not in with_best({"epoch": 1}, plan, None)
+
+
 @pytest.fixture(scope="module")
 def sweep_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")

@@ -13,7 +13,10 @@ Experiment directory (``<tune.output_dir>/<tune.name>``, local, ``s3://`` or ``g
 
 Each trial is a Tune function trainable that runs the same ``TorchTrainer`` training as
 ``jobs.finetune`` (:func:`raylens.train.run.finetune`) with the trial's dotted overrides;
-``TuneReportCallback`` forwards each epoch's report to Tune, so ASHA can stop it.
+:class:`BestSoFarReport` forwards each epoch's report to Tune with the trial's best value
+so far (``<metric>_best``, :attr:`SweepPlan.rank_metric`), which ASHA's rungs and TPE
+compare: the sweep selects trials on their best epoch, and the latest epoch's value swings
+by points at a high learning rate.
 
 Resume (``--resume``) after the driver died: Tune restores its experiment state and the
 searcher (whose study lives in the journal); a trial whose ``metrics.jsonl`` ends with its
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from raylens import config as C
 from raylens.schema import RunConfig
@@ -57,6 +61,11 @@ class SweepPlan:
     cpus_per_trial: float
     distill: bool
     journal: str  # local path of the Optuna journal
+
+    @property
+    def rank_metric(self) -> str:
+        """What ASHA and TPE compare: the trial's best :attr:`metric` up to this epoch."""
+        return f"{self.metric}_best"
 
     @property
     def name(self) -> str:
@@ -151,10 +160,32 @@ def trial_config(plan: SweepPlan, trial_id: str, params: dict[str, Any]) -> RunC
     )
 
 
+def with_best(metrics: dict[str, Any], plan: SweepPlan, best: float | None) -> dict[str, Any]:
+    """``metrics`` plus :attr:`SweepPlan.rank_metric`: the better of ``best`` and this
+    report's value (``best`` alone when the report lacks the metric)."""
+    value = metrics.get(plan.metric)
+    if value is not None and value == value:
+        better = min if plan.mode == "min" else max
+        best = float(value) if best is None else better(best, float(value))
+    return metrics if best is None else {**metrics, plan.rank_metric: best}
+
+
+class BestSoFarReport(TuneReportCallback):
+    """Ray Train → Tune report forwarding that adds the trial's best value so far."""
+
+    def __init__(self, plan: SweepPlan, best: float | None):
+        super().__init__()
+        self.plan, self.best = plan, best
+
+    def after_report(self, run_context, metrics, checkpoint):
+        first = with_best(metrics[0], self.plan, self.best)
+        self.best = first.get(self.plan.rank_metric)
+        super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+
 def run_trial(config: dict[str, Any], plan: SweepPlan) -> None:
     """The Tune function trainable: one ``TorchTrainer`` fit with the trial's overrides."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from raylens.train.run import finetune, read_history
 
@@ -162,10 +193,14 @@ def run_trial(config: dict[str, Any], plan: SweepPlan) -> None:
     cfg = trial_config(plan, trial_id, config)
     storage = Storage(cfg.storage)
     history = read_history(storage, join(cfg.run.output_dir, trial_id))
+    best = None  # a resumed trial's best so far includes its epochs before the resume
+    for row in history:
+        best = with_best(row, plan, best).get(plan.rank_metric)
     if history and history[-1].get("final"):  # finished before the driver died: never retrain
-        tune.report(history[-1])
+        tune.report(with_best(history[-1], plan, best))
         return
-    finetune(cfg, distill=plan.distill, callbacks=[TuneReportCallback()], evaluate=False)
+    callback = BestSoFarReport(plan, best)
+    finetune(cfg, distill=plan.distill, callbacks=[callback], evaluate=False)
 
 
 def _searcher(plan: SweepPlan):
@@ -177,7 +212,7 @@ def _searcher(plan: SweepPlan):
     seed = plan.base.run.seed if t.seed is None else t.seed
     return OptunaSearch(
         space=DefineByRun(plan.space, plan.base),
-        metric=plan.metric,
+        metric=plan.rank_metric,
         mode=plan.mode,
         sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=t.n_startup_trials),
         study_name=plan.name,
@@ -273,7 +308,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
                 scheduler=_scheduler(plan),
                 num_samples=plan.base.tune.num_samples,
                 max_concurrent_trials=plan.concurrency,
-                metric=plan.metric,
+                metric=plan.rank_metric,
                 mode=plan.mode,
             ),
             run_config=tune.RunConfig(
@@ -440,11 +475,11 @@ def _plots(plan: SweepPlan, rows: list[dict]) -> dict[str, bytes]:
 
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if done:
-        ax = ovm.plot_optimization_history(study, target_name=plan.metric)
+        ax = ovm.plot_optimization_history(study, target_name=plan.rank_metric)
         out["optimization_history.png"] = png(ax.figure)
     if len(done) >= 2 and any(len(t.params) for t in done):
         try:
-            ax = ovm.plot_param_importances(study, target_name=plan.metric)
+            ax = ovm.plot_param_importances(study, target_name=plan.rank_metric)
             out["param_importances.png"] = png(ax.figure)
         except (RuntimeError, ValueError) as err:  # e.g. every trial got the same params
             print(f"[tune] parameter importances skipped: {err}")
