@@ -164,6 +164,22 @@ def test_early_stopping_stops_after_patience():
     assert state.epoch == 3 and any("early stop" in m for m in logs)
 
 
+def test_an_unknown_best_metric_fails_naming_the_key_and_the_reported_metrics():
+    x, y = _data()
+    with pytest.raises(
+        ValueError, match=r"'train.best_metric': 'top3' .*\['f1_macro', .*'loss', .*'top1'"
+    ):
+        fit(
+            _model(),
+            make_task(TaskConfig(), 4),
+            _cfg(epochs=1, best_metric="top3"),
+            train_batches=_batches(x, y, "label"),
+            val_batches=_batches(*_data(seed=1), "label"),
+            steps_per_epoch=8,
+            device=DEV,
+        )
+
+
 def test_warmup_cosine_shape():
     f = warmup_cosine(100, 10, 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)

@@ -246,6 +246,8 @@ def test_bad_input_fails_naming_the_problem(ray_session, dataset, tmp_path):
         plan_cache(_cfg(dataset, "metric.backbones=[vgg_s8, vgg_s7]"), storage)
     with pytest.raises(ValueError, match=r"metric.train_classes.*unknown class\(es\) \['cyan'\]"):
         metric_learn(_cfg(dataset, "metric.train_classes=[red, cyan]"))
+    with pytest.raises(ValueError, match=r"'train.best_metric': 'recall_at_3'.*'map_at_r'"):
+        metric_learn(_cfg(dataset, "train.best_metric=recall_at_3"))
     cfg = _cfg(dataset, "metric.cache=" + str(dataset / "cache-bad"))
     entries = ensure_cache(cfg, storage)
     table = load_features(entries, storage)

@@ -382,7 +382,9 @@ class TrainConfig:
     val_every_n_steps: int | None = opt(None, "Validate every N steps too; null: once per epoch.")
     best_metric: str | None = opt(
         None,
-        "Metric selecting the best checkpoint; null: top1 (classify), f1_weighted (multilabel).",
+        "Validation metric selecting the best checkpoint (and early stopping); any the task "
+        "reports, e.g. top1, f1_macro, recall_at_1, map_at_r, loss; null: top1 (classify, "
+        "distill), f1_weighted (multilabel), the smallest recall_at_k (metric).",
     )
     max_steps_per_epoch: int | None = opt(None, "Cap steps per epoch (smoke tests).")
     precise_bn_batches: int = opt(

@@ -350,6 +350,11 @@ def fit(
             "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
             **scalars,
         }
+        if metric not in metrics:
+            raise ValueError(
+                f"config key 'train.best_metric': {metric!r} is not a validation metric of "
+                f"this task; it reports {sorted(k[4:] for k in scalars if k != 'val/count')}"
+            )
         value = float(metrics[metric])
         improved = bool(is_better(metric, value, state.best))
         if improved:

@@ -188,6 +188,13 @@ def check_metric_config(cfg: RunConfig) -> None:
         raise ValueError("config key 'run.name' is required: the run dir is <output_dir>/<name>")
     if not cfg.metric.backbones:
         raise ValueError("config key 'metric.backbones': expected at least one frozen backbone")
+    reported = MetricMeter(cfg.metric.recall_ks).keys()  # a method, not a dict
+    selectable = [k for k in reported if k != "count"]
+    if cfg.train.best_metric and cfg.train.best_metric not in [*selectable, "loss"]:
+        raise ValueError(
+            f"config key 'train.best_metric': {cfg.train.best_metric!r} is not a metric-learning "
+            f"validation metric; expected one of {[*selectable, 'loss']}"
+        )
 
 
 def _abs_metric(cfg: RunConfig) -> RunConfig:
@@ -377,7 +384,7 @@ def metric_learn(
             storage,
             out,
             history=history,
-            metric=make_metric_task(cfg, model).best_metric,
+            metric=cfg.train.best_metric or make_metric_task(cfg, model).best_metric,
             best=best,
             splits=splits,
             classes=labels["classes"],
