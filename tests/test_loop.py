@@ -164,13 +164,15 @@ def test_early_stopping_stops_after_patience():
     assert state.epoch == 3 and any("early stop" in m for m in logs)
 
 
-def test_an_unknown_best_metric_fails_naming_the_key_and_the_reported_metrics():
+def test_an_unknown_best_metric_fails_before_training_naming_the_reported_metrics():
     x, y = _data()
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(
         ValueError, match=r"'train.best_metric': 'top3' .*\['f1_macro', .*'loss', .*'top1'"
     ):
         fit(
-            _model(),
+            model,
             make_task(TaskConfig(), 4),
             _cfg(epochs=1, best_metric="top3"),
             train_batches=_batches(x, y, "label"),
@@ -178,6 +180,7 @@ def test_an_unknown_best_metric_fails_naming_the_key_and_the_reported_metrics():
             steps_per_epoch=8,
             device=DEV,
         )
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_warmup_cosine_shape():

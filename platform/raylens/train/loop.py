@@ -162,6 +162,16 @@ def lower_is_better(metric: str) -> bool:
     return metric.endswith("loss")
 
 
+def validation_metric_names(task: Task) -> list[str]:
+    """The scalar validation metrics ``task`` reports (``train.best_metric`` choices)."""
+    meter = task.meter()
+    if callable(getattr(meter, "keys", None)):  # metric learning: known without data
+        names = list(meter.keys())
+    else:  # an empty meter computes the same scalar keys as a full one
+        names = [k for k, v in meter.compute().items() if isinstance(v, (int, float))]
+    return sorted({*names, "loss"} - {"count"})
+
+
 def is_better(metric: str, new: float, best: float | None) -> bool:
     if best is None:
         return True
@@ -304,6 +314,12 @@ def fit(
     """
     hooks = hooks or Hooks()
     metric = cfg.best_metric or task.best_metric
+    reported = validation_metric_names(task)
+    if metric not in reported:
+        raise ValueError(
+            f"config key 'train.best_metric': {metric!r} is not a validation metric of "
+            f"this task; it reports {reported}"
+        )
     opt = build_optimizer(model, cfg)
     updates_per_epoch = max(1, math.ceil(steps_per_epoch / cfg.grad_accum))
     if cfg.max_steps_per_epoch:
@@ -350,11 +366,6 @@ def fit(
             "images_per_s": seen / max(time.perf_counter() - t0, 1e-9),
             **scalars,
         }
-        if metric not in metrics:
-            raise ValueError(
-                f"config key 'train.best_metric': {metric!r} is not a validation metric of "
-                f"this task; it reports {sorted(k[4:] for k in scalars if k != 'val/count')}"
-            )
         value = float(metrics[metric])
         improved = bool(is_better(metric, value, state.best))
         if improved:
