@@ -162,14 +162,18 @@ def lower_is_better(metric: str) -> bool:
     return metric.endswith("loss")
 
 
-def validation_metric_names(task: Task) -> list[str]:
-    """The scalar validation metrics ``task`` reports (``train.best_metric`` choices)."""
-    meter = task.meter()
+def check_best_metric(metric: str, meter: Any) -> None:
+    """Fails naming ``train.best_metric`` unless ``meter`` (a fresh one) reports ``metric``."""
     if callable(getattr(meter, "keys", None)):  # metric learning: known without data
         names = list(meter.keys())
     else:  # an empty meter computes the same scalar keys as a full one
         names = [k for k, v in meter.compute().items() if isinstance(v, (int, float))]
-    return sorted({*names, "loss"} - {"count"})
+    reported = sorted({*names, "loss"} - {"count"})
+    if metric not in reported:
+        raise ValueError(
+            f"config key 'train.best_metric': {metric!r} is not a validation metric of "
+            f"this task; it reports {reported}"
+        )
 
 
 def is_better(metric: str, new: float, best: float | None) -> bool:
@@ -314,12 +318,7 @@ def fit(
     """
     hooks = hooks or Hooks()
     metric = cfg.best_metric or task.best_metric
-    reported = validation_metric_names(task)
-    if metric not in reported:
-        raise ValueError(
-            f"config key 'train.best_metric': {metric!r} is not a validation metric of "
-            f"this task; it reports {reported}"
-        )
+    check_best_metric(metric, task.meter())
     opt = build_optimizer(model, cfg)
     updates_per_epoch = max(1, math.ceil(steps_per_epoch / cfg.grad_accum))
     if cfg.max_steps_per_epoch:
