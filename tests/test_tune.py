@@ -181,6 +181,7 @@ def test_sweep_killed_mid_way_resumes_keeping_finished_trials(sweep_setup, no_ra
     assert cfg.run.name == "tiny-tune-best"
     assert cfg.train.lr == pytest.approx(summary["best"]["params"]["train.lr"])
     assert cfg.train.warmup_epochs == 0.0  # the space's fixed overrides are in it
+    assert cfg.data.preserve_order  # the trials' fixed data order: a retrain repeats the trial
     retrained = json.loads((results / "best_retrained.json").read_text())
     assert retrained["test"]["top1"] >= 0.9, retrained
     assert Path(retrained["run_dir"], "test_metrics.json").exists()

@@ -501,7 +501,8 @@ class TuneConfig:
     reproducible_trials: bool = opt(
         True,
         "Trials run with data.preserve_order=true: a config scores the same in any sweep "
-        "(ASHA, FIFO, a resumed sweep), so schedulers compare configs, not data orders.",
+        "(ASHA, FIFO, a resumed sweep), so schedulers compare configs, not data orders; "
+        "results/best_config.yaml keeps it, so its retrain sees the best trial's data order.",
     )
 
     def validate(self) -> None:

@@ -46,7 +46,7 @@ from raylens.storage import Storage, join, split_uri
 from raylens.train.checkpoint import load_checkpoint, save_checkpoint
 from raylens.train.events import EventLog
 from raylens.train.launch import build_trainer
-from raylens.train.loop import Hooks, amp_dtype, evaluate, fit, make_distill_task, make_task
+from raylens.train.loop import Hooks, evaluate, fit, make_distill_task, make_task
 from raylens.train.teacher import TeacherInput, load_teacher
 
 
@@ -497,6 +497,8 @@ def evaluate_split(
     """Metrics of a checkpoint on one split (eval transform), on the driver; None if empty.
 
     The test split is only ever evaluated here, after training: never for model selection.
+    It runs in full precision whatever ``train.amp`` (as Serve and the predictor do by
+    default), so the reported metrics are what the served model scores on the same images.
     ``samples``, when given, receives the split's first ``max_samples`` images (un-normalized)
     with their true and predicted labels.
     """
@@ -536,7 +538,7 @@ def evaluate_split(
         task,
         batches,
         cpu,
-        amp_dtype(cfg.train.amp, cpu),
+        None,  # full precision
         Hooks(log=lambda m: None),
         on_batch=keep,
     )

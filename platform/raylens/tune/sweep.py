@@ -155,9 +155,15 @@ def trial_config(plan: SweepPlan, trial_id: str, params: dict[str, Any]) -> RunC
             "run.output_dir": join(plan.exp_dir, "trials"),
             "ray.budget_cpus": plan.cpus_per_trial,
             "ray.data_cpus": plan.base.ray.data_cpus or 1.0,
-            **({"data.preserve_order": True} if plan.base.tune.reproducible_trials else {}),
+            **_same_data_order(plan),
         },
     )
+
+
+def _same_data_order(plan: SweepPlan) -> dict[str, Any]:
+    """``tune.reproducible_trials``: every trial, and the best config written after the
+    sweep, read the data in one fixed order, so retraining the best config repeats its trial."""
+    return {"data.preserve_order": True} if plan.base.tune.reproducible_trials else {}
 
 
 def with_best(metrics: dict[str, Any], plan: SweepPlan, best: float | None) -> dict[str, Any]:
@@ -412,7 +418,9 @@ def write_results(plan: SweepPlan, grid, storage: Storage, log=print) -> dict[st
         raise RuntimeError(f"sweep {plan.exp_dir!r}: no trial reported {plan.metric}")
     best = (min if plan.mode == "min" else max)(ok, key=lambda r: r["best"])
     params = {k: best[k] for k in plan.space.keys if best[k] is not None and best[k] == best[k]}
-    best_cfg = C.apply_overrides(plan.base, {**params, "run.name": f"{plan.name}-best"})
+    best_cfg = C.apply_overrides(
+        plan.base, {**params, **_same_data_order(plan), "run.name": f"{plan.name}-best"}
+    )
     header = (
         f"# Best trial {best['trial_id']} of sweep {plan.exp_dir}: {plan.metric} = "
         f"{best['best']:.4f} ({best['status']}, {best['epochs']} epochs).\n"
