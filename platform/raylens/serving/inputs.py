@@ -1,4 +1,4 @@
-"""Request inputs → image bytes, or a :class:`RequestError` naming what is wrong (a 4xx).
+"""Image inputs → image bytes, or a :class:`RequestError` naming what is wrong (a 4xx).
 
 Every check the server makes before an image reaches a model: body size, base64 and data
 URIs, URIs under an allow-list (never anything else: no server-side request forgery),
@@ -12,28 +12,11 @@ import base64
 import binascii
 import posixpath
 import re
-from dataclasses import dataclass, field
 
 from raylens.data.images import ImageInfo, ImageRejected, _open
+from raylens.serving.errors import RequestError
 from raylens.serving.settings import FETCHED_SCHEMES
 from raylens.storage import Storage, split_uri
-
-
-@dataclass
-class RequestError(Exception):
-    """A request the server refuses: ``status`` (4xx/5xx) and a JSON body."""
-
-    status: int
-    error: str  # a short code, e.g. "not_an_image"
-    detail: str  # what was wrong and what was expected
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def body(self) -> dict:
-        return {"error": self.error, "detail": self.detail}
-
-    def __str__(self) -> str:
-        return f"{self.status} {self.error}: {self.detail}"
-
 
 # Rejection reasons of raylens.data.images → HTTP status and error code.
 _REJECTED = {

@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raylens.serving.errors import RequestError
+from raylens.serving.labels import METRIC, choose
 from raylens.storage import Storage, join
 
 TRAINED = "prototypes.parquet"
@@ -37,6 +39,17 @@ def check_class_name(name: object) -> str:
             f"class name {name!r}: no control characters or leading/trailing whitespace"
         )
     return name
+
+
+def require_metric(model_id: str, kind: str) -> None:
+    """Refuses (409) to enrol into or delete from a model that is not a metric run."""
+    if kind != METRIC:
+        raise RequestError(
+            409,
+            "not_a_metric_model",
+            f"model {model_id!r} is a {kind}: classes can be enrolled only in a "
+            "metric-learning run (task.name=metric)",
+        )
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -140,12 +153,16 @@ class PrototypeStore:
             for n, c, s, e in zip(self.names, self.counts, self.seen, self.enrolled, strict=True)
         ]
 
+    def similarities(self, queries: np.ndarray) -> np.ndarray:
+        """Cosine similarity of each query to each class's prototype: ``queries [N, dim]``
+        → ``[N, classes]`` in :attr:`names` order (decode with
+        :func:`raylens.serving.labels.decode`, kind ``metric``)."""
+        q = _unit(np.asarray(queries, np.float32).reshape(-1, self.dim))
+        return q @ self.protos.T
+
     def nearest(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
         """Per query, the ``k`` nearest classes by cosine similarity (highest first)."""
-        q = _unit(np.asarray(queries, np.float32).reshape(-1, self.dim))
-        if not self.names:
-            return [[] for _ in range(len(q))]
-        sim = q @ self.protos.T
-        k = min(k, len(self.names))
-        top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-        return [[(self.names[j], float(sim[i, j])) for j in row] for i, row in enumerate(top)]
+        sim = self.similarities(queries)
+        return [
+            [(self.names[j], float(row[j])) for j in choose(row, kind=METRIC, k=k)] for row in sim
+        ]

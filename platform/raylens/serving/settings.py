@@ -17,6 +17,8 @@ from typing import Any, Literal
 from raylens import config as C
 from raylens.config import ConfigError, opt
 from raylens.schema import StorageConfig
+from raylens.serving.errors import ModelNotFound
+from raylens.storage import join
 
 FETCHED_SCHEMES = ("s3", "gs", "file")  # the URI schemes a server may fetch images from
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -130,6 +132,22 @@ class ServeConfig:
         if self.default_model:
             return self.default_model
         return self.models[0].id if self.models else None
+
+    @property
+    def ids(self) -> list[str]:
+        """The configured model ids, in order (runs under ``runs_root`` aside)."""
+        return [m.id for m in self.models]
+
+    def entry(self, model_id: str) -> ModelEntry:
+        """The model ``model_id``: a configured one, else the run dir
+        ``<runs_root>/<model_id>`` when ``runs_root`` is set (its existence is the loader's
+        question). Raises :class:`ModelNotFound`."""
+        for m in self.models:
+            if m.id == model_id:
+                return m
+        if self.runs_root and MODEL_ID.match(model_id):
+            return ModelEntry(id=model_id, run=join(self.runs_root, model_id))
+        raise ModelNotFound(model_id)
 
 
 def load_settings(args: Mapping[str, Any] | None) -> ServeConfig:
