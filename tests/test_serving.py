@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from raylens.data.images import encode_png
 from raylens.predict import Predictor
-from raylens.serving.inputs import RequestError, check_uri, decode_base64, probe_image
+from raylens.serving.errors import RequestError
+from raylens.serving.inputs import check_uri, decode_base64, probe_image
+from raylens.serving.labels import METRIC, decode
 from raylens.serving.models import load_served_model
 from raylens.serving.prototypes import PrototypeStore, check_class_name
 from raylens.serving.settings import ModelEntry
@@ -117,15 +119,16 @@ def test_classifier_model_matches_the_predictor_and_isolates_bad_images(tmp_path
 def test_prototypes_enrol_update_replace_delete_and_persist(tmp_path):
     storage, run = Storage(), str(tmp_path / "run")
     store = PrototypeStore(storage, run, 4).load()
-    assert store.source == "" and store.nearest(np.ones((1, 4)), 3) == [[]]
+    assert store.source == "" and store.similarities(np.ones((1, 4))).shape == (1, 0)
     e = np.eye(4, dtype=np.float32)
     assert store.enroll("a", e[:1] * 3) == {"class": "a", "created": True, "count": 1}
     store.enroll("b", np.stack([e[1], e[1] + 0.1 * e[2]]))
     info = store.enroll("a", e[1:2])  # update: the mean of 2 unit vectors
     assert info == {"class": "a", "created": False, "count": 2}
     np.testing.assert_allclose(store.protos[0], [0.70710677, 0.70710677, 0, 0], atol=1e-6)
-    top = store.nearest(np.array([[0, 1.0, 0.05, 0]]), 2)[0]
-    assert [n for n, _ in top] == ["b", "a"] and top[0][1] > top[1][1]
+    sims = store.similarities(np.array([[0, 1.0, 0.05, 0]]))
+    top = decode(sims, kind=METRIC, classes=store.names, k=2)[0]
+    assert [x["label"] for x in top] == ["b", "a"] and top[0]["score"] > top[1]["score"]
     store.enroll("a", e[3:4], replace=True)
     np.testing.assert_allclose(store.protos[0], e[3], atol=1e-6)
     assert store.delete("b") and not store.delete("b")

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raylens.serving.errors import RequestError
-from raylens.serving.labels import METRIC, choose
+from raylens.serving.labels import METRIC
 from raylens.storage import Storage, join
 
 TRAINED = "prototypes.parquet"
@@ -159,10 +159,3 @@ class PrototypeStore:
         :func:`raylens.serving.labels.decode`, kind ``metric``)."""
         q = _unit(np.asarray(queries, np.float32).reshape(-1, self.dim))
         return q @ self.protos.T
-
-    def nearest(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
-        """Per query, the ``k`` nearest classes by cosine similarity (highest first)."""
-        sim = self.similarities(queries)
-        return [
-            [(self.names[j], float(row[j])) for j in choose(row, kind=METRIC, k=k)] for row in sim
-        ]
