@@ -9,50 +9,46 @@ backbone name (model.pretrained / model.weights apply). A metric-learning run di
 through its frozen backbones' feature cache, then its fusion model. The eval transform comes from the
 model (the run's data section or the backbone's preprocessing); of data.*, data.dataset
 is read: a prepared dataset, or a raw folder / manifest (source.*, prepare.*_fraction).
-Re-running replaces the output: one row per image, never duplicates.
+Re-running replaces the output: one row per image, never duplicates. Exit status 1 also
+when a later run took the output over (nothing of this run is committed).
 """
 
 from __future__ import annotations
 
-import sys
-
-from raylens.cli import parse_job_args
-from raylens.config import ConfigError
-from raylens.infer.embed import MANIFEST, NotCommitted, plan_embed, run_embed
-from raylens.storage import Storage, StorageError, join
-from raylens.train.launch import init_ray
-from raylens.train.metric_run import is_metric_run, plan_metric_embed, run_metric_embed
+from raylens.cli import init_ray, run_job
+from raylens.schema import RunConfig
+from raylens.storage import Storage, join
 
 PROG = "python -m jobs.embed"
 
 
-def _fail(storage: Storage, err: BaseException, code: int) -> None:
-    print(f"{PROG}: error: {storage.scrub(str(err))}", file=sys.stderr)
-    raise SystemExit(code) from None
-
-
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_job_args(
+    return run_job(
         argv,
         prog=PROG,
         description=__doc__,
         sections=["run", "storage", "data", "model", "embed", "ray"],
+        main=_embed,
+        exit_codes=_exit_codes,
     )
+
+
+def _exit_codes() -> dict:
+    from raylens.infer.embed import NotCommitted
+
+    return {NotCommitted: 1}  # a later run took the output over: nothing of this run committed
+
+
+def _embed(cfg: RunConfig, _flags) -> dict:
+    from raylens.infer.embed import MANIFEST, plan_embed, run_embed
+    from raylens.train.metric_run import is_metric_run, plan_metric_embed, run_metric_embed
+
     storage = Storage(cfg.storage)
     metric = is_metric_run(cfg.embed.model, storage)
-    try:  # model, dataset and output are checked before Ray starts
-        plan = plan_metric_embed(cfg, storage) if metric else plan_embed(cfg, storage)
-    except StorageError as err:  # unreachable or refused storage: already scrubbed
-        _fail(storage, err, 1)
-    except (ValueError, FileNotFoundError) as err:  # ConfigError, UnknownBackbone included
-        _fail(storage, err, 2)
+    # model, dataset and output are checked before Ray starts
+    plan = plan_metric_embed(cfg, storage) if metric else plan_embed(cfg, storage)
     init_ray(cfg.ray)
-    try:
-        manifest = run_metric_embed(plan, storage) if metric else run_embed(plan, storage)
-    except ConfigError as err:  # an actor pool the cluster can't hold
-        _fail(storage, err, 2)
-    except (StorageError, NotCommitted) as err:
-        _fail(storage, err, 1)
+    manifest = run_metric_embed(plan, storage) if metric else run_embed(plan, storage)
     print(
         f"\nembeddings: {plan.output}  ({manifest['rows']:,} rows, dim {manifest['dim']}, "
         f"{len(manifest['files'])} file(s); manifest: {join(plan.output, MANIFEST)})"

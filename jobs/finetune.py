@@ -9,16 +9,13 @@ Re-running with the same run.name resumes from the run's last checkpoint.
 
 from __future__ import annotations
 
-import sys
+import functools
 
-from raylens.cli import parse_job_args
-from raylens.config import ConfigError
-from raylens.models.backbones import UnknownBackbone
-from raylens.storage import Storage, StorageError
-from raylens.train.launch import init_ray
-from raylens.train.run import finetune
+from raylens.cli import init_ray, run_job
+from raylens.schema import RunConfig
 
 PROG = "python -m jobs.finetune"
+SECTIONS = ["run", "storage", "data", "model", "task", "train", "metric", "ray"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -27,23 +24,24 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(argv: list[str] | None, *, prog: str, description: str, distill: bool) -> dict:
     """The fine-tune (or, with ``distill``, the distillation) job's command line."""
-    sections = ["run", "storage", "data", "model", "task", "train", "metric", "ray"]
-    cfg, _ = parse_job_args(
+    return run_job(
         argv,
         prog=prog,
         description=description,
-        sections=sections + (["distill"] if distill else []),
+        sections=SECTIONS + (["distill"] if distill else []),
+        main=functools.partial(_train, distill=distill),
+        report=_report,
     )
+
+
+def _train(cfg: RunConfig, _flags, *, distill: bool) -> dict:
+    from raylens.train.run import finetune
+
     init_ray(cfg.ray)
-    storage = Storage(cfg.storage)
-    try:
-        out = finetune(cfg, distill=distill)
-    except StorageError as err:  # unreachable or refused storage: already scrubbed
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except (ConfigError, UnknownBackbone, ValueError, FileNotFoundError) as err:
-        print(f"{prog}: error: {storage.scrub(str(err))}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return finetune(cfg, distill=distill)
+
+
+def _report(out: dict) -> None:
     best = out["best"] or {}
     print(f"\nrun dir: {out['run_dir']}")
     val = best.get("metrics", {})
@@ -66,7 +64,6 @@ def run(argv: list[str] | None, *, prog: str, description: str, distill: bool) -
     if out.get("report"):
         print(f"report: {out['report']}")
     print(f"tensorboard: tensorboard --logdir {out['run_dir']}/tensorboard")
-    return out
 
 
 if __name__ == "__main__":

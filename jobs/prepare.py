@@ -6,30 +6,27 @@ ray job submit --working-dir . -- python -m jobs.prepare source.uri=s3://b/raw p
 
 from __future__ import annotations
 
-import sys
-
 from raylens import config as C
-from raylens.cli import parse_job_args
-from raylens.data.prepare import format_card, prepare
-from raylens.storage import Storage, StorageError, join
+from raylens.cli import run_job
+from raylens.schema import RunConfig
+from raylens.storage import Storage, join
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, _ = parse_job_args(
+    return run_job(
         argv,
         prog="python -m jobs.prepare",
         description=__doc__,
         sections=["run", "storage", "source", "prepare"],
+        main=_prepare,
     )
+
+
+def _prepare(cfg: RunConfig, _flags) -> dict:
+    from raylens.data.prepare import format_card, prepare
+
     storage = Storage(cfg.storage)
-    try:
-        card = prepare(cfg.source, cfg.prepare, storage, seed=cfg.run.seed)
-    except (ValueError, FileNotFoundError) as err:  # bad input: exit 2, like a bad flag
-        print(f"python -m jobs.prepare: error: {storage.scrub(str(err))}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except StorageError as err:  # storage unreachable or refused: already scrubbed
-        print(f"python -m jobs.prepare: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+    card = prepare(cfg.source, cfg.prepare, storage, seed=cfg.run.seed)
     storage.write_text(join(cfg.prepare.output, "config.yaml"), C.to_yaml(cfg))
     print(format_card(card))
     print(f"\ndataset: {cfg.prepare.output}  (card: {join(cfg.prepare.output, 'dataset.json')})")

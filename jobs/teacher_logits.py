@@ -4,25 +4,24 @@
     python -m jobs.teacher_logits --config ... --check     # replay a subset, compare
 
 The store (``distill.store``) holds per sample and epoch: id, augmentation seed, top-k
-class indices and float16 probabilities (see raylens/data/teacher_store.py).
+class indices and float16 probabilities (see raylens/data/teacher_store.py). Exit status 2
+also when the store lacks a sample the dataset has.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
-from raylens.cli import parse_job_args
-from raylens.storage import Storage, StorageError
-from raylens.train.launch import init_ray
-from raylens.train.run import absolute_paths
-from raylens.train.teacher import check_store, teacher_pass
+from raylens.cli import init_ray, run_job
+from raylens.schema import RunConfig
+from raylens.storage import Storage
 
 PROG = "python -m jobs.teacher_logits"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg, args = parse_job_args(
+    return run_job(
         argv,
         prog=PROG,
         description=__doc__,
@@ -30,22 +29,23 @@ def main(argv: list[str] | None = None) -> dict:
         add_arguments=lambda p: p.add_argument(
             "--check", action="store_true", help="replay stored samples and compare"
         ),
+        main=_teacher,
+        exit_codes={KeyError: 2},  # the teacher store has no targets for a sample
     )
+
+
+def _teacher(cfg: RunConfig, flags: argparse.Namespace) -> dict:
+    from raylens.train.run import absolute_paths
+    from raylens.train.teacher import check_store, teacher_pass
+
     cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)
-    try:
-        if args.check:
-            out = check_store(cfg, storage)
-            print(json.dumps(out, indent=1))
-            return out
-        init_ray(cfg.ray)
-        card = teacher_pass(cfg, storage)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"{PROG}: error: {storage.scrub(str(err))}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except StorageError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
+    if flags.check:
+        out = check_store(cfg, storage)
+        print(json.dumps(out, indent=1))
+        return out
+    init_ray(cfg.ray)
+    card = teacher_pass(cfg, storage)
     b = card["bytes_per_sample_epoch"]
     print(
         f"\nstore: {card['store']}  ({card['rows_per_epoch']} samples x {card['epochs']} epochs, "

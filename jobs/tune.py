@@ -14,19 +14,17 @@ tune.retrain=true the best config retrained with its test-split metrics.
 
 from __future__ import annotations
 
-import sys
+import argparse
 
-from raylens.cli import parse_job_args
-from raylens.config import ConfigError
-from raylens.models.backbones import UnknownBackbone
-from raylens.storage import Storage, StorageError
-from raylens.train.launch import init_ray
-from raylens.tune.space import load_space
+from raylens.cli import init_ray, run_job
+from raylens.schema import RunConfig
+from raylens.storage import Storage
 
 PROG = "python -m jobs.tune"
+SECTIONS = ["run", "storage", "data", "model", "task", "train", "metric", "distill", "ray", "tune"]
 
 
-def _flags(parser) -> None:
+def _flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--space", required=True, help="search space YAML (tune_spaces/*.yaml; local, s3://, gs://)"
     )
@@ -39,47 +37,44 @@ def _flags(parser) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    return run_job(
+        argv,
+        prog=PROG,
+        description=__doc__,
+        sections=SECTIONS,
+        add_arguments=_flags,
+        main=_sweep,
+        report=_report,
+    )
+
+
+def _sweep(cfg: RunConfig, flags: argparse.Namespace) -> dict:
+    from raylens.tune.space import load_space
     from raylens.tune.sweep import cluster_resources, plan_sweep, retrain_best, run_sweep
 
-    sections = ["run", "storage", "data", "model", "task", "train", "metric", "distill", "ray",
-                "tune"]  # fmt: skip
-    cfg, args = parse_job_args(
-        argv, prog=PROG, description=__doc__, sections=sections, add_arguments=_flags
-    )
-    storage = Storage(cfg.storage)
-    try:
-        space = load_space(storage.read_text(args.space), cfg, args.space)
-    except StorageError as err:  # unreachable or refused storage: already scrubbed
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"{PROG}: error: {storage.scrub(str(err))}", file=sys.stderr)
-        raise SystemExit(2) from None
-    distill = args.distill or bool(cfg.distill.teacher)
+    space = load_space(Storage(cfg.storage).read_text(flags.space), cfg, flags.space)
     init_ray(cfg.ray, dashboard=True)  # Tune + Train: stopped trials' CPUs get released
-    try:
-        plan = plan_sweep(cfg, space, distill=distill, cluster=cluster_resources())
-        print(
-            f"[tune] {cfg.tune.num_samples} trials of {len(space.params)} params, "
-            f"{cfg.tune.scheduler} on {plan.metric} ({plan.mode}), {plan.concurrency} at once "
-            f"x {plan.cpus_per_trial:g} CPUs; experiment {plan.exp_dir}"
-        )
-        summary = run_sweep(plan, resume=args.resume)
-        if cfg.tune.retrain:
-            summary["retrained"] = retrain_best(plan, summary)
-    except StorageError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except (ConfigError, UnknownBackbone, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"{PROG}: error: {storage.scrub(str(err))}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"\nexperiment: {plan.exp_dir}")
+    plan = plan_sweep(
+        cfg, space, distill=flags.distill or bool(cfg.distill.teacher), cluster=cluster_resources()
+    )
+    print(
+        f"[tune] {cfg.tune.num_samples} trials of {len(space.params)} params, "
+        f"{cfg.tune.scheduler} on {plan.metric} ({plan.mode}), {plan.concurrency} at once "
+        f"x {plan.cpus_per_trial:g} CPUs; experiment {plan.exp_dir}"
+    )
+    summary = run_sweep(plan, resume=flags.resume)
+    if cfg.tune.retrain:
+        summary["retrained"] = retrain_best(plan, summary)
+    return summary
+
+
+def _report(summary: dict) -> None:
+    print(f"\nexperiment: {summary['exp_dir']}")
     print(f"best config: {summary['best_config']}")
     test = (summary.get("retrained") or {}).get("test")
     if test:
         shown = {k: v for k, v in test.items() if isinstance(v, float)}
         print("retrained best, test: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
-    return summary
 
 
 if __name__ == "__main__":

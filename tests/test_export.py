@@ -22,12 +22,12 @@ from conftest import REPO, s3_storage
 from imagegen import bad_files, class_image, encode
 from PIL import Image
 from raylens import config as C
+from raylens.checkpoint import save_checkpoint
 from raylens.export import preprocess as P
 from raylens.models.classifier import build_model
 from raylens.predict import Predictor
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
-from raylens.train.checkpoint import save_checkpoint
 from sourcegen import CLASSES, prepare_quiet, read_prepared, write_manifest
 
 import jobs.export as job
@@ -92,7 +92,7 @@ def make_run(storage: Storage, run: str, dataset: str, *, multi: bool = False) -
 
 
 def export(*args: str) -> dict:
-    return job.main(["--images", "12", *args])
+    return job.main(["export.images=12", *args])
 
 
 def read_json(path) -> dict:
@@ -108,7 +108,7 @@ def data(tmp_path_factory):
     prepare_quiet(storage, str(root / "raw"), str(root / "ds"), **SPLIT)
     run = str(root / "run")
     make_run(storage, run, str(root / "ds"))
-    report = export("--run", run)  # default output: <run>/export
+    report = export(f"export.run={run}")  # default output: <run>/export
     card, rows = read_prepared(storage, str(root / "ds"))
     return {"root": root, "run": run, "ds": str(root / "ds"), "rows": rows, "report": report}
 
@@ -148,7 +148,7 @@ def test_export_writes_a_verified_model_and_its_preprocessing(data):
     assert spec["source"]["checkpoint_sha256"] == report["checkpoint_sha256"] == ck_sha
     assert report["model"]["sha256"] == hashlib.sha256(model).hexdigest()
     assert report["model"]["exporter"] == "torch.onnx dynamo" and report["model"]["opset"] == 18
-    assert report["command"] == f"python -m jobs.export --images 12 --run {data['run']}"
+    assert report["command"] == f"python -m jobs.export export.images=12 export.run={data['run']}"
     # everything an edge runtime needs
     assert spec["input"] == {
         "name": "pixels",
@@ -222,7 +222,7 @@ def test_multi_label_run_exports_sigmoids_and_its_threshold(data, tmp_path):
     prepare_quiet(storage, manifest, str(tmp_path / "ds"), **SPLIT)
     run, out = str(tmp_path / "run"), str(tmp_path / "edge")
     make_run(storage, run, str(tmp_path / "ds"), multi=True)
-    report = export("--run", run, "--output", out)
+    report = export(f"export.run={run}", f"export.output={out}")
     spec = read_json(join(out, "preprocess.json"))
     assert report["passed"] and report["task"] == spec["task"] == "multi_label"
     assert spec["outputs"]["probs"]["activation"] == "sigmoid"
@@ -238,14 +238,17 @@ def test_a_failed_verification_commits_nothing_and_reruns_replace(data, tmp_path
     (another checkpoint, the TorchScript exporter for opset 17, then the defaults)."""
     run, out = data["run"], tmp_path / "edge"
     first = export(
-        "--run", run, "--output", str(out), "--checkpoint", "checkpoints/epoch=1", "--opset", "17"
+        f"export.run={run}",
+        f"export.output={out}",
+        "export.checkpoint=checkpoints/epoch=1",
+        "export.opset=17",
     )
     assert first["checkpoint"].endswith("checkpoints/epoch=1")
     assert first["model"]["exporter"] == "torch.onnx torchscript" and first["model"]["opset"] == 17
     committed = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
     with pytest.raises(SystemExit) as err:  # any difference at all fails at zero tolerance
-        export("--run", run, "--output", str(out), "--atol", "0", "--rtol", "0")
+        export(f"export.run={run}", f"export.output={out}", "export.atol=0", "export.rtol=0")
     assert err.value.code == 1
     msg = capsys.readouterr().err
     assert "verification failed (logits, probs" in msg and "nothing committed" in msg
@@ -256,7 +259,7 @@ def test_a_failed_verification_commits_nothing_and_reruns_replace(data, tmp_path
     assert failed["checkpoint"].endswith("checkpoints/epoch=2")
     assert (out / "failed" / "model.onnx").exists()
 
-    last = export("--run", run, "--output", str(out))
+    last = export(f"export.run={run}", f"export.output={out}")
     assert last["passed"] and last["checkpoint"].endswith("checkpoints/epoch=2")
     assert last["model"]["exporter"] == "torch.onnx dynamo"
     assert last["checkpoint_sha256"] != first["checkpoint_sha256"]
@@ -281,17 +284,43 @@ def _no_best(run: str) -> None:
 @pytest.mark.parametrize(
     "args, setup, expected",
     [
-        (["--run", "{tmp}/none"], None, "not a run dir (no labels.json"),
-        (["--run", "{run}", "--checkpoint", "checkpoints/epoch=9"], None, "no complete checkpoint"),
-        (["--run", "{run}"], _no_best, "no best.json (is the run still training?)"),
-        (["--run", "{run}"], _metric_run, "is a metric-learning run"),
-        (["--run", "{run}"], _moved_dataset, "verification needs real images"),
-        (["--run", "{run}", "--images", "0"], None, "--images: expected a count >= 1, got 0"),
-        (["--run", "{run}", "--atol", "-1"], None, "--atol: expected a finite tolerance >= 0"),
-        (["--run", "{run}", "--rtol", "nan"], None, "--rtol: expected a finite tolerance >= 0"),
-        (["--run", "{run}", "--opset", "3"], None, "--opset: expected 7.."),
-        (["--run", "{run}", "--device", "tpu"], None, "--device: expected cpu or cuda[:N]"),
-        (["--run", "{run}", "--output", "{run}"], None, "is the run dir"),
+        (["export.run={tmp}/none"], None, "not a run dir (no labels.json"),
+        (
+            ["export.run={run}", "export.checkpoint=checkpoints/epoch=9"],
+            None,
+            "no complete checkpoint",
+        ),
+        (["export.run={run}"], _no_best, "no best.json (is the run still training?)"),
+        (["export.run={run}"], _metric_run, "is a metric-learning run"),
+        (["export.run={run}"], _moved_dataset, "verification needs real images"),
+        (
+            ["export.run={run}", "export.images=0"],
+            None,
+            "'export.images': expected a count >= 1, got 0",
+        ),
+        (
+            ["export.run={run}", "export.atol=-1"],
+            None,
+            "'export.atol': expected a finite tolerance >= 0",
+        ),
+        (
+            ["export.run={run}", "export.rtol=.nan"],
+            None,
+            "'export.rtol': expected a finite tolerance >= 0",
+        ),
+        (
+            ["export.run={run}", "export.opset=3"],
+            None,
+            "'export.opset': expected an ONNX opset >= 7",
+        ),
+        (
+            ["export.run={run}", "export.device=tpu"],
+            None,
+            "'export.device': expected cpu or cuda[:N]",
+        ),
+        (["export.run={run}", "export.opset=99"], None, "'export.opset': expected 7.."),
+        (["export.run={run}", "export.output={run}"], None, "is the run dir"),
+        ([], None, "config key 'export.run' is required"),
     ],
 )
 def test_bad_input_is_refused_naming_it(data, tmp_path, capsys, args, setup, expected):
@@ -322,7 +351,7 @@ def test_export_of_a_run_on_s3(seaweed, data, monkeypatch, capsys):
     ds, run = f"s3://{bucket}/ds", f"s3://{bucket}/runs/tiny"
     prepare_quiet(storage, str(data["root"] / "raw"), ds, **SPLIT)
     make_run(storage, run, ds)
-    report = export("--run", run)
+    report = export(f"export.run={run}")
     assert report["passed"] and report["run"] == run
     written = json.loads(storage.read_text(join(run, "export/export.json")))
     assert written == json.loads(json.dumps(report))

@@ -32,7 +32,7 @@ DEFAULT_PATH = "docs/config-reference.md"
 COMMAND = f"python -m raylens.reference --write {DEFAULT_PATH}"
 
 # The sections each job's ``--help`` lists (the ``sections`` each job passes to
-# raylens.cli.parse_job_args; tests/test_reference.py checks them against the jobs).
+# raylens.cli.run_job; tests/test_reference.py checks them against the jobs).
 JOB_SECTIONS: dict[str, tuple[str, ...]] = {
     "jobs.prepare": ("run", "storage", "source", "prepare"),
     "jobs.finetune": ("run", "storage", "data", "model", "task", "train", "metric", "ray"),
@@ -61,6 +61,7 @@ JOB_SECTIONS: dict[str, tuple[str, ...]] = {
         "ray",
         "tune",
     ),
+    "jobs.export": ("storage", "export"),
 }
 
 # Sections read besides the listed ones when data.dataset is a raw folder or manifest.

@@ -6,6 +6,8 @@ YAML files and ``key.sub=value`` overrides are merged into :class:`RunConfig` by
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -521,6 +523,52 @@ class TuneConfig:
 
 
 @dataclass
+class ExportConfig:
+    run: str = opt(
+        "", "Run dir written by jobs.finetune (local, s3://, gs://). Required by jobs.export."
+    )
+    checkpoint: str | None = opt(
+        None, "Checkpoint dir relative to the run dir (checkpoints/epoch=N); null: best.json's."
+    )
+    output: str | None = opt(
+        None, "Output dir (local, s3://, gs://); null: <run>/export. Re-running replaces it."
+    )
+    images: int = opt(32, "Real images of the run's dataset (test split, then val) to verify on.")
+    atol: float = opt(
+        1e-4, "Verification: absolute tolerance, |onnx - torch| <= atol + rtol*|torch|."
+    )
+    rtol: float = opt(1e-4, "Verification: relative tolerance (see atol).")
+    opset: int = opt(
+        18,
+        "ONNX opset, 7 to the installed onnx's newest; below 18 the deprecated TorchScript "
+        "exporter writes the model, else torch.export's.",
+    )
+    device: str = opt("cpu", "Device of the PyTorch reference: cpu or cuda[:N].")
+
+    def validate(self) -> None:
+        # what depends on the machine (onnx's newest opset, a CUDA device) is checked by
+        # raylens.export.onnx_export.plan_export
+        if self.images < 1:
+            raise ConfigError(
+                f"config key 'export.images': expected a count >= 1, got {self.images}"
+            )
+        for key in ("atol", "rtol"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(
+                    f"config key 'export.{key}': expected a finite tolerance >= 0, got {value}"
+                )
+        if self.opset < 7:
+            raise ConfigError(
+                f"config key 'export.opset': expected an ONNX opset >= 7, got {self.opset}"
+            )
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(
+                f"config key 'export.device': expected cpu or cuda[:N], got {self.device!r}"
+            )
+
+
+@dataclass
 class RunConfig:
     """A raylens run: every job reads the sections it needs."""
 
@@ -537,6 +585,7 @@ class RunConfig:
     metric: MetricConfig = opt(MetricConfig, "Metric learning over frozen backbone features.")
     ray: RayConfig = opt(RayConfig, "Cluster and resource budget.")
     tune: TuneConfig = opt(TuneConfig, "Hyperparameter sweep (jobs.tune).")
+    export: ExportConfig = opt(ExportConfig, "ONNX export of a trained run (jobs.export).")
 
     def validate(self) -> None:
         for section in (
@@ -548,5 +597,6 @@ class RunConfig:
             self.metric,
             self.ray,
             self.tune,
+            self.export,
         ):
             section.validate()

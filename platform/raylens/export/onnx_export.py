@@ -1,9 +1,9 @@
 """A run's model as ONNX for edge runtimes, verified against PyTorch on real images.
 
-    plan = plan_export(ExportOptions(run="runs/fashion-mnist-vgg"), storage)  # cheap checks
+    plan = plan_export(ExportConfig(run="runs/fashion-mnist-vgg"), storage)  # cheap checks
     report = export_run(plan, storage)   # raises VerificationFailed when parity fails
 
-Output dir (``--output``, default ``<run>/export``; local, ``s3://`` or ``gs://``)::
+Output dir (``export.output``, default ``<run>/export``; local, ``s3://`` or ``gs://``)::
 
     model.onnx       # input "pixels": float32 [batch, 3, s, s] (NCHW, RGB, normalized);
                      # outputs "logits" [batch, C] and "probs" [batch, C] (softmax for a
@@ -11,7 +11,7 @@ Output dir (``--output``, default ``<run>/export``; local, ``s3://`` or ``gs://`
     preprocess.json  # image bytes -> "pixels", classes, outputs, source checkpoint + sha256
     export.json      # written last, only when verification passed: numbers, image ids, command
 
-Verification uses ``--images`` real images of the run's dataset (its test split, topped up
+Verification uses ``export.images`` real images of the run's dataset (its test split, topped up
 from val). PyTorch's input is the run's own eval transform, and its outputs are the served
 model's (:class:`~raylens.predict.Predictor`, fp32). ONNX Runtime (CPUExecutionProvider)
 runs the exported file on the same input twice, as one batch of all images and one image
@@ -33,7 +33,7 @@ The preprocessing check allows ``1e-5`` on the normalized input (float32 roundin
 two formulas, 2.4e-7 to 4.8e-7 seen; one uint8 level is ~1e-2).
 
 Opset: default 18, the lowest the torch.export-based exporter (``dynamo=True``, needs
-onnxscript) emits, and run by every current edge runtime. A lower ``--opset`` (or a model
+onnxscript) emits, and run by every current edge runtime. A lower ``export.opset`` (or a model
 torch.export cannot trace) goes through the deprecated TorchScript exporter; export.json
 records which one wrote the file. Pure: no Ray.
 """
@@ -45,7 +45,6 @@ import copy
 import hashlib
 import io
 import json
-import math
 import os
 import platform
 import tempfile
@@ -61,12 +60,12 @@ from torch import nn
 
 import raylens
 from raylens import config as C
+from raylens.checkpoint import MODEL, STATE
 from raylens.config import ConfigError
 from raylens.export import preprocess as P
 from raylens.predict import ModelSource, Predictor, resolve_model, run_checkpoint
-from raylens.schema import RunConfig, SourceConfig
+from raylens.schema import ExportConfig, RunConfig, SourceConfig
 from raylens.storage import Storage, join, split_uri
-from raylens.train.checkpoint import MODEL, STATE
 
 INPUT = "pixels"
 OUTPUTS = ("logits", "probs")
@@ -76,9 +75,6 @@ FAILED_DIR = "failed"
 STAGING_PREFIX = "_staging-"
 EXPORT_BATCH = 2  # the example batch traced; verification uses other sizes
 DYNAMO_MIN_OPSET = 18
-DEFAULT_OPSET = 18
-DEFAULT_ATOL = 1e-4
-DEFAULT_RTOL = 1e-4
 PREPROCESS_ATOL = 1e-5
 FORMAT = "raylens.onnx-export/1"
 
@@ -96,58 +92,18 @@ class VerificationFailed(RuntimeError):
         self.report = report
 
 
-@dataclass(frozen=True)
-class ExportOptions:
-    """The job's flags (see ``python -m jobs.export --help``)."""
-
-    run: str
-    checkpoint: str | None = None
-    output: str | None = None
-    images: int = 32
-    atol: float = DEFAULT_ATOL
-    rtol: float = DEFAULT_RTOL
-    opset: int = DEFAULT_OPSET
-    device: str = "cpu"
-    command: str = ""
-
-    def validate(self) -> None:
-        """Raises ConfigError naming the flag and what it expects."""
-        import onnx
-
-        if not self.run:
-            raise ConfigError("--run is required: a run dir written by jobs.finetune")
-        if self.images < 1:
-            raise ConfigError(f"--images: expected a count >= 1, got {self.images}")
-        for name in ("atol", "rtol"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"--{name}: expected a finite tolerance >= 0, got {value}")
-        top = onnx.defs.onnx_opset_version()
-        if not 7 <= self.opset <= top:
-            raise ConfigError(
-                f"--opset: expected 7..{top} (the installed onnx's range), got {self.opset}"
-            )
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise ConfigError(f"--device: expected cpu or cuda[:N], got {self.device!r}") from None
-        if device.type not in ("cpu", "cuda"):
-            raise ConfigError(f"--device: expected cpu or cuda[:N], got {self.device!r}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {self.device}: no CUDA device here; use --device cpu")
-
-
 @dataclass
 class ExportPlan:
     """What :func:`plan_export` checked: the model, its run and the verification images."""
 
-    options: ExportOptions
+    options: ExportConfig
     run: str  # the run dir URI (local paths absolute)
     source: ModelSource
     run_cfg: RunConfig
     output: str
     dataset: str
     images: list[tuple[str, str, bytes]] = field(default_factory=list)  # (id, split, bytes)
+    command: str = ""  # the command line, recorded (scrubbed) in export.json
 
     @property
     def task(self) -> str:
@@ -176,18 +132,50 @@ def _checkpoints(storage: Storage, run: str) -> list[str]:
     return sorted(f"checkpoints/{n}" for n in names if n and "/" not in n)
 
 
-def plan_export(options: ExportOptions, storage: Storage | None = None) -> ExportPlan:
-    """Checks the flags, the run dir, its checkpoint, its model and its dataset, and reads
-    the verification images; loads no weights.
+def check_options(options: ExportConfig) -> None:
+    """What :meth:`ExportConfig.validate` cannot know: ``export.run`` is set (only this job
+    needs it), the opset is one the installed onnx has, the device is here.
 
     Raises:
-        ConfigError: a bad flag. FileNotFoundError: no run / checkpoint / dataset there.
+        ConfigError: naming the key and what it expects.
+    """
+    import onnx
+
+    if not options.run:
+        raise ConfigError("config key 'export.run' is required: a run dir written by jobs.finetune")
+    top = onnx.defs.onnx_opset_version()
+    if not 7 <= options.opset <= top:
+        raise ConfigError(
+            f"config key 'export.opset': expected 7..{top} (the installed onnx's range), "
+            f"got {options.opset}"
+        )
+    try:
+        device = torch.device(options.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"config key 'export.device': expected cpu or cuda[:N], got {options.device!r}"
+        )
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"export.device={options.device}: no CUDA device here; use cpu")
+
+
+def plan_export(
+    options: ExportConfig, storage: Storage | None = None, *, command: str = ""
+) -> ExportPlan:
+    """Checks the options, the run dir, its checkpoint, its model and its dataset, and reads
+    the verification images; loads no weights. ``command`` is recorded in export.json.
+
+    Raises:
+        ConfigError: a bad option. FileNotFoundError: no run / checkpoint / dataset there.
         ValueError: a run that cannot be exported (metric learning, unknown backbone).
     """
     storage = storage or Storage()
     options.validate()
+    check_options(options)
     run = _run_uri(options.run)
-    what = f"--run {options.run!r}"
+    what = f"export.run {options.run!r}"
     try:
         labels = json.loads(storage.read_text(join(run, "labels.json")))
     except FileNotFoundError:
@@ -204,14 +192,14 @@ def plan_export(options: ExportOptions, storage: Storage | None = None) -> Expor
         )
     if options.checkpoint is None and not storage.exists(join(run, "best.json")):
         raise FileNotFoundError(
-            f"{what}: no best.json (is the run still training?); pass --checkpoint, one of "
+            f"{what}: no best.json (is the run still training?); set export.checkpoint, one of "
             f"{_checkpoints(storage, run) or 'none found'}"
         )
     try:
         run_checkpoint(storage, run, options.checkpoint, what)
     except FileNotFoundError as err:
         raise FileNotFoundError(
-            f"{err}; --checkpoint takes a checkpoint dir relative to the run dir, one of "
+            f"{err}; export.checkpoint takes a checkpoint dir relative to the run dir, one of "
             f"{_checkpoints(storage, run) or 'none found'}"
         ) from None
     source = resolve_model(run, storage, checkpoint=options.checkpoint)
@@ -219,8 +207,10 @@ def plan_export(options: ExportOptions, storage: Storage | None = None) -> Expor
     output = options.output or join(run, "export")
     output = output.rstrip("/") if "://" in output else split_uri(output)[1]
     if output == run:
-        raise ConfigError(f"--output {options.output!r} is the run dir; give a dir of its own")
-    plan = ExportPlan(options, run, source, run_cfg, output, run_cfg.data.dataset)
+        raise ConfigError(
+            f"config key 'export.output': {options.output!r} is the run dir; give a dir of its own"
+        )
+    plan = ExportPlan(options, run, source, run_cfg, output, run_cfg.data.dataset, command=command)
     plan.images = sample_images(storage, run_cfg, options.images, what)
     return plan
 
@@ -481,7 +471,7 @@ def verify(
     except Exception as err:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
         raise ExportError(
             f"onnxruntime {ort.__version__} cannot load the exported model (opset "
-            f"{spec['model']['opset']}): {type(err).__name__}: {str(err)[:500]}; try --opset 18"
+            f"{spec['model']['opset']}): {type(err).__name__}: {str(err)[:500]}; try export.opset=18"
         ) from None
 
     def run(batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -609,7 +599,7 @@ def export_run(plan: ExportPlan, storage: Storage | None = None) -> dict[str, An
         "format": FORMAT,
         "passed": result["passed"],
         "failed_checks": result["failed_checks"],
-        "command": storage.scrub(o.command),
+        "command": storage.scrub(plan.command),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "run": plan.run,
         "checkpoint": source.checkpoint,
