@@ -5,7 +5,7 @@
 
 Same student (``--student``, default vgg_s8 as in jobs/configs/distill_fashion_mnist.yaml),
 same teacher (``--teacher``, default vgg_s32, the CPU default; random init: the cost does
-not depend on the weights), same in-memory batches, same loop (``raylens.train.loop.fit``
+not depend on the weights), same in-memory batches, same loop (``raylens.loop.fit``
 with ``make_distill_task``): stored mode reads each batch's top-k targets, online mode runs
 the teacher forward on every step. Rounds interleave (stored, online, ...) and medians are
 compared, because the machine is shared. Also reports the bytes a sample and epoch of a real
@@ -19,36 +19,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
-import sys
-import time
 
-import results_md  # benchmarks/results_md.py
+import harness  # benchmarks/harness.py (the script's own folder is on sys.path)
 import torch
 from raylens import config as C
+from raylens.loop import Hooks, fit, make_distill_task
 from raylens.models.classifier import build_model
 from raylens.schema import RunConfig
 from raylens.tasks.distill import topk_sparse
-from raylens.train.loop import Hooks, fit, make_distill_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTION = "## Distillation (benchmarks/distill.py)"
 
 
-def run(mode: str, batches: list[dict], teacher, steps: int, cfg: RunConfig) -> float:
-    """Images/s of one epoch of ``steps`` steps (after 3 untimed warm-up steps)."""
+def run(mode: str, batches: list[dict], teacher, steps: int, cfg: RunConfig) -> dict:
+    """One epoch of ``steps`` steps timed after 3 untimed warm-up steps: a harness window
+    (images/s, CPU-s per image)."""
     torch.manual_seed(0)
     student = build_model(cfg.model, 10)
     task = make_distill_task(cfg.distill, 10, teacher if mode == "online" else None)
-    times: list[float] = []
+    meter: list[harness.Meter] = []
+    out: list[dict] = []
 
     def timed(epoch):
         for i in range(steps + 3):
             if i == 3:
-                times.append(time.perf_counter())
+                meter.append(harness.Meter())
             yield batches[i % len(batches)]
-        times.append(time.perf_counter())
+        out.append(meter[0].stop(steps * batches[0]["image"].shape[0]))
 
     fit(
         student,
@@ -61,7 +59,7 @@ def run(mode: str, batches: list[dict], teacher, steps: int, cfg: RunConfig) -> 
         hooks=Hooks(log=lambda m: None),
         channels_last=True,
     )
-    return steps * batches[0]["image"].shape[0] / (times[1] - times[0])
+    return out[0]
 
 
 def epoch_rates(run_dir: str) -> list[float]:
@@ -80,7 +78,7 @@ def main() -> None:
     ap.add_argument("--student", default="vgg_s8")
     ap.add_argument("--teacher", default="vgg_s32")
     ap.add_argument("--runs", nargs=2, metavar=("STORED", "ONLINE"), help="two jobs.distill runs")
-    ap.add_argument("--write", action="store_true", help="replace this section of RESULTS.md")
+    harness.add_output_args(ap)
     args = ap.parse_args()
     cfg = C.load(
         RunConfig,
@@ -117,12 +115,14 @@ def main() -> None:
                 "teacher_prob": prob,
             }
         )
-    results: dict[str, list[float]] = {"stored": [], "online": []}
-    for rep in range(args.reps):
-        for mode in ("stored", "online") if rep % 2 == 0 else ("online", "stored"):
-            results[mode].append(run(mode, batches, teacher, args.steps, cfg))
-            print(f"round {rep + 1} {mode}: {results[mode][-1]:,.0f} img/s", flush=True)
-    med = {m: statistics.median(v) for m, v in results.items()}
+    results, _ = harness.interleave(
+        {m: lambda m=m: run(m, batches, teacher, args.steps, cfg) for m in ("stored", "online")},
+        args.reps,
+        unit="images",
+    )
+    summary = {m: harness.summarize(v) for m, v in results.items()}
+    med = {m: s["ips"] for m, s in summary.items()}
+    cpu_ms = {m: 1000 * s["cpu_per_item"] for m, s in summary.items()}
     ratio = med["online"] / med["stored"]  # epoch time stored / online
     store_line = "no store found (run jobs.teacher_logits first)"
     store_card = os.path.join(args.store, "store.json")
@@ -140,7 +140,7 @@ def main() -> None:
     runs_text = ""
     if args.runs:
         e2e = {m: epoch_rates(d) for m, d in zip(("stored", "online"), args.runs, strict=True)}
-        e2e_med = {m: statistics.median(v) for m, v in e2e.items()}
+        e2e_med = {m: harness.median(v) for m, v in e2e.items()}
         e2e_ratio = e2e_med["online"] / e2e_med["stored"]
         runs_text = f"""
 End to end (`jobs.distill`, Ray Data decode + augmentation + the loop, 1 Train worker;
@@ -154,35 +154,25 @@ training images/s per epoch from each run's `metrics.jsonl`, epochs 2 onward):
 Epoch time stored / online, end to end: **{e2e_ratio:.2f}** (target <= 0.6:
 {"met" if e2e_ratio <= 0.6 else "NOT met"}).
 """
-    cpu = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    text = f"""
-## Distillation (benchmarks/distill.py)
-
-Command: `.venv/bin/python benchmarks/distill.py {" ".join(sys.argv[1:])}`
-Date: {time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime())}
-Machine: {cpu} CPUs, no GPU; Python {platform.python_version()}, torch {torch.__version__}
-
-Student `{args.student}` trained by `raylens.train.loop.fit` (bf16 autocast, channels_last) on the
+    text = f"""{chr(10).join(harness.heading(SECTION))}
+Student `{args.student}` trained by `raylens.loop.fit` (bf16 autocast, channels_last) on the
 same {len(batches)} in-memory batches of {args.batch_size} 28 px images, {args.steps} timed
 steps after 3 warm-up steps; teacher `{args.teacher}` (bf16 autocast, random init: cost only).
+CPU-ms per image: this process's CPU time over the timed steps.
 
-| mode | median images/s | runs |
-|---|---:|---|
-| stored top-5 targets | {med["stored"]:,.0f} | {", ".join(f"{v:,.0f}" for v in results["stored"])} |
-| online teacher | {med["online"]:,.0f} | {", ".join(f"{v:,.0f}" for v in results["online"])} |
+| mode | median images/s | median CPU-ms per image | runs (images/s) |
+|---|---:|---:|---|
+| stored top-5 targets | {med["stored"]:,.0f} | {cpu_ms["stored"]:.2f} | {harness.rates(results["stored"])} |
+| online teacher | {med["online"]:,.0f} | {cpu_ms["online"]:.2f} | {harness.rates(results["online"])} |
 
 | ratio | value | target | |
 |---|---:|---:|---|
 | epoch time, stored / online | {ratio:.2f} | <= 0.6 | {"met" if ratio <= 0.6 else "NOT met"} |
+| CPU per image, stored / online | {cpu_ms["stored"] / cpu_ms["online"]:.2f} | | |
 
 Store size: {store_line}.
 {runs_text}"""
-    print(text)
-    if args.write:
-        results_md.write_section(
-            results_md.RESULTS, "## Distillation (benchmarks/distill.py)", text.lstrip("\n")
-        )
-    sys.exit(0)
+    harness.emit(SECTION, text, args.write)
 
 
 if __name__ == "__main__":

@@ -36,15 +36,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import results_md  # benchmarks/results_md.py (the script's own folder is on sys.path)
+import harness  # benchmarks/harness.py (the script's own folder is on sys.path)
+from harness import log, median
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
@@ -55,77 +51,14 @@ SECTION = "## Embeddings (benchmarks/embed.py)"
 TARGET = 0.8
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def machine_busy_s() -> float:
-    """Busy CPU seconds of the whole machine so far (all cores, from ``/proc/stat``)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_quiet(max_cores: float, timeout: float) -> float:
-    """Waits until the machine's busy CPU over 1 s is <= ``max_cores``; returns the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        b0 = machine_busy_s()
-        time.sleep(1.0)
-        load = machine_busy_s() - b0
-        if load <= max_cores or time.monotonic() >= deadline:
-            return load
-
-
-class OwnCpu:
-    """CPU seconds used by this process and all its descendants (Ray's processes, actors)
-    during a window: a thread samples the process tree every 0.2 s, so processes that exit
-    within the window (the actors) are counted up to their last sample."""
-
-    def __init__(self):
-        import threading
-
-        import psutil
-
-        self.psutil, self.me = psutil, psutil.Process()
-        self.first: dict[int, float] = {}
-        self.last: dict[int, float] = {}
-        self.stop = threading.Event()
-        self.initial = True
-        self.sample()
-        self.initial = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def sample(self) -> None:
-        for proc in [self.me, *self.me.children(recursive=True)]:
-            try:
-                t = proc.cpu_times()
-                cpu = t.user + t.system
-            except self.psutil.Error:
-                continue
-            self.first.setdefault(proc.pid, cpu if self.initial else 0.0)
-            self.last[proc.pid] = cpu
-
-    def _run(self) -> None:
-        while not self.stop.wait(0.2):
-            self.sample()
-
-    def done(self) -> float:
-        self.stop.set()
-        self.thread.join()
-        self.sample()
-        return sum(self.last[p] - self.first[p] for p in self.last)
-
-
 def make_run(run: Path) -> str:
     """A run dir holding the CPU default's architecture (random init) and its data section."""
     import torch
     from raylens import config as C
+    from raylens.checkpoint import save_checkpoint
     from raylens.models.classifier import build_model
     from raylens.schema import RunConfig
     from raylens.storage import Storage
-    from raylens.train.checkpoint import save_checkpoint
 
     cfg = C.load(RunConfig, TRAIN_CONFIG.read_text(), ["run.name=embed-bench"])
     torch.manual_seed(0)
@@ -159,12 +92,11 @@ def preprocessed_batches(plan, pred, batch_size: int):
 
 
 def run_forward(pred, batches, e) -> dict:
-    """The job's computation on in-memory batches: features (+ logits, probs), L2 norm."""
+    """The job's computation on in-memory batches: features (+ logits, probs), L2 norm;
+    ``items`` (images) and the outputs (``out``)."""
     import torch
 
     outs = []
-    b0, own = machine_busy_s(), OwnCpu()
-    t0 = time.perf_counter()
     for x in batches:
         if e.include_logits:
             feats, logits = pred.embed_and_logits(x)
@@ -174,33 +106,15 @@ def run_forward(pred, batches, e) -> dict:
         if e.normalize:
             feats = torch.nn.functional.normalize(feats, dim=1)
         outs.append((feats, probs))
-    seconds = time.perf_counter() - t0
-    rows = sum(len(x) for x in batches)
-    return {
-        "rows": rows,
-        "seconds": seconds,
-        "ips": rows / seconds,
-        "machine_cores": (machine_busy_s() - b0) / seconds,
-        "own_cores": own.done() / seconds,
-        "out": outs,
-    }
+    return {"items": sum(len(x) for x in batches), "out": outs}
 
 
 def run_job(plan) -> dict:
+    """``run_embed(plan)``: ``items`` (rows written), ``write_s`` (until the last row)."""
     from raylens.infer.embed import run_embed
 
-    b0, own = machine_busy_s(), OwnCpu()
-    t0 = time.perf_counter()
     manifest = run_embed(plan)
-    seconds = time.perf_counter() - t0
-    return {
-        "rows": manifest["rows"],
-        "seconds": seconds,
-        "ips": manifest["rows"] / seconds,
-        "machine_cores": (machine_busy_s() - b0) / seconds,
-        "own_cores": own.done() / seconds,
-        "write_s": manifest["seconds"],
-    }
+    return {"items": manifest["rows"], "write_s": manifest["seconds"]}
 
 
 def check_outputs(plan, ids, forward_out, e) -> dict:
@@ -228,53 +142,35 @@ def marginal_rates(runs: dict) -> list[float]:
     """Per round: (full rows - small rows) / (full s - small s): the job's images/s with its
     fixed costs (actor start, Ray Data start, commit) cancelled out."""
     return [
-        (j["rows"] - s["rows"]) / (j["seconds"] - s["seconds"])
+        (j["items"] - s["items"]) / (j["seconds"] - s["seconds"])
         for j, s in zip(runs["job"], runs["small"], strict=True)
         if j["seconds"] > s["seconds"]
     ]
-
-
-def others(r: dict) -> float:
-    """Busy cores of other jobs during a window: the machine's minus ours."""
-    return max(0.0, r["machine_cores"] - r["own_cores"])
 
 
 def clean_medians(runs: dict, max_others: float) -> dict[str, tuple[float, int]]:
     """``{variant: (median images/s, windows)}`` over windows others hardly disturbed."""
     out = {}
     for name, rs in runs.items():
-        ok = [r["ips"] for r in rs if others(r) <= max_others]
+        ok = [r["ips"] for r in rs if r["other_cores"] <= max_others]
         if ok:
-            out[name] = (statistics.median(ok), len(ok))
+            out[name] = (median(ok), len(ok))
     return out
 
 
-def machine_line() -> str:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from ingest import machine_info  # benchmarks/ingest.py
-
-    i = machine_info()
-    return (
-        f"{i['nproc']} CPUs ({i['cpu']}), {i['ram_gib']} GiB RAM, no GPU; Python {i['python']}, "
-        f"Ray {i['ray']}, torch {i['torch']}, pyarrow {i['pyarrow']}; {i['os']}"
-    )
-
-
 def render(args, date, plan, runs, warm, check, variants, notes) -> str:
-    med = {k: statistics.median(r["ips"] for r in v) for k, v in runs.items()}
-    fmt = lambda rs: ", ".join(f"{r['ips']:,.0f}" for r in rs)  # noqa: E731
-    load = lambda rs: ", ".join(f"{others(r):.2f}" for r in rs)  # noqa: E731
+    med = {k: median(r["ips"] for r in v) for k, v in runs.items()}
+    cpu = {k: 1000 * median(r["cpu_per_item"] for r in v) for k, v in runs.items()}
+    load = lambda rs: harness.rates(rs, "other_cores", ".2f")  # noqa: E731
+    row = lambda k: (  # noqa: E731
+        f"| {med[k]:,.0f} | {cpu[k]:.3f} | {harness.rates(runs[k])} | {load(runs[k])} "
+        f"| {warm[k]['ips']:,.0f} |"
+    )
     e = plan.cfg.embed
-    cmd = ".venv/bin/python benchmarks/embed.py " + " ".join(args.argv)
     ratio = med["job"] / med["forward"]
     model = plan.model
     lines = [
-        SECTION,
-        "",
-        f"Command: `{cmd.strip()}`  ",
-        f"Date: {date}  ",
-        f"Machine: {machine_line()}",
-        "",
+        *harness.heading(SECTION, args.argv, date=date),
         f"Workload: {plan.input_rows:,} images ({', '.join(plan.splits)}) of the prepared "
         f"Fashion-MNIST, model `{args.model or 'vgg_s32 + linear head (10 classes)'}` "
         f"(dim {model.dim}) at {model.data.image_size} px, fp32; job config "
@@ -283,23 +179,16 @@ def render(args, date, plan, runs, warm, check, variants, notes) -> str:
         f"{e.num_cpus:g} CPU, Ray with {plan.cfg.ray.local_num_cpus} logical CPUs. "
         f"{args.reps} timed rounds, order alternating, after one warm-up of each.",
         "",
-        "| variant | median images/s | runs (images/s) | other jobs' cores per run | warm-up |",
-        "|---|---:|---|---|---:|",
-        f"| forward: in-memory preprocessed batches, one process "
-        f"| {med['forward']:,.0f} | {fmt(runs['forward'])} | {load(runs['forward'])} "
-        f"| {warm['forward']['ips']:,.0f} |",
-        f"| job: `run_embed` (read, decode, actor pool, write, commit) "
-        f"| {med['job']:,.0f} | {fmt(runs['job'])} | {load(runs['job'])} "
-        f"| {warm['job']['ips']:,.0f} |",
-        f"| job on a small input ({runs['small'][0]['rows']:,} images: {args.small_splits}) "
-        f"| {med['small']:,.0f} | {fmt(runs['small'])} | {load(runs['small'])} "
-        f"| {warm['small']['ips']:,.0f} |",
+        "| variant | median images/s | median CPU-ms per image | runs (images/s) "
+        "| other jobs' cores per run | warm-up |",
+        "|---|---:|---:|---|---|---:|",
+        "| forward: in-memory preprocessed batches, one process " + row("forward"),
+        "| job: `run_embed` (read, decode, actor pool, write, commit) " + row("job"),
+        f"| job on a small input ({int(runs['small'][0]['items']):,} images: "
+        f"{args.small_splits}) " + row("small"),
     ]
     for name, overrides in variants.items():
-        lines.append(
-            f"| job variant `{name}` ({', '.join(overrides)}) | {med[name]:,.0f} | "
-            f"{fmt(runs[name])} | {load(runs[name])} | {warm[name]['ips']:,.0f} |"
-        )
+        lines.append(f"| job variant `{name}` ({', '.join(overrides)}) " + row(name))
     verdict = "met" if ratio >= TARGET else "NOT MET"
     lines += [
         "",
@@ -317,7 +206,7 @@ def render(args, date, plan, runs, warm, check, variants, notes) -> str:
         )
     marginal = marginal_rates(runs)
     if marginal:
-        m = statistics.median(marginal)
+        m = median(marginal)
         lines.append(
             f"| job marginal images/s (fixed costs cancelled) / forward | "
             f"{m / med['forward']:.2f} | | report only |"
@@ -325,7 +214,7 @@ def render(args, date, plan, runs, warm, check, variants, notes) -> str:
     for name in variants:
         lines.append(f"| `{name}` / forward (medians) | {med[name] / med['forward']:.2f} | | |")
     paired = [j["ips"] / f["ips"] for f, j in zip(runs["forward"], runs["job"], strict=True)]
-    fixed = [j["seconds"] - (j["rows"] / r) for j, r in zip(runs["job"], marginal, strict=False)]
+    fixed = [j["seconds"] - (j["items"] / r) for j, r in zip(runs["job"], marginal, strict=False)]
     lines += [
         "",
         f"Per-round job / forward: {', '.join(f'{x:.2f}' for x in paired)}. Marginal job rate "
@@ -333,8 +222,8 @@ def render(args, date, plan, runs, warm, check, variants, notes) -> str:
         f"{', '.join(f'{x:,.0f}' for x in marginal)} images/s, i.e. a fixed cost of "
         f"{', '.join(f'{x:.1f}' for x in fixed)} s per run. Job time split "
         "(median): until the last row was written "
-        f"{statistics.median(r['write_s'] for r in runs['job']):.1f} s of "
-        f"{statistics.median(r['seconds'] for r in runs['job']):.1f} s (the rest: listing the "
+        f"{median(r['write_s'] for r in runs['job']):.1f} s of "
+        f"{median(r['seconds'] for r in runs['job']):.1f} s (the rest: listing the "
         "staged files, checking ids, moving them into place, the manifest).",
         "",
         "Notes:",
@@ -351,11 +240,6 @@ def render(args, date, plan, runs, warm, check, variants, notes) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replaces this script's section of ``path`` (appends it if absent); others kept."""
-    results_md.write_section(path, SECTION, text)
-
-
 def default_notes(plan, runs) -> list[str]:
     actors = plan.cfg.embed.concurrency
     return [
@@ -366,7 +250,8 @@ def default_notes(plan, runs) -> list[str]:
         "third logical CPU.",
         "'other jobs' cores': the whole machine's busy CPU time over each window "
         "(`/proc/stat`) minus this benchmark's own (its process and every descendant: Ray's "
-        "processes and the actors, sampled every 0.2 s), per second. Windows started only "
+        "processes and the actors, sampled every 0.2 s; the same count gives CPU-ms per "
+        "image), per second. Windows started only "
         "after the machine was idle for 1 s (or after waiting the maximum); the machine is "
         "shared with other sessions' jobs, so medians are compared, also over the windows "
         "they hardly touched.",
@@ -398,10 +283,7 @@ def main() -> int:
     p.add_argument(
         "--clean-max", type=float, default=0.25, help="a clean window: other jobs' cores at most"
     )
-    p.add_argument("--write", action="store_true", help="write the section into --out")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
-    p.add_argument("--json", help="also write raw results as JSON here")
-    p.add_argument("--note", action="append", default=[], help="extra note for RESULTS.md")
+    harness.add_output_args(p, out=True)
     args = p.parse_args()
     args.argv = sys.argv[1:]
 
@@ -410,12 +292,11 @@ def main() -> int:
     from raylens import config as C
     from raylens.infer.embed import plan_embed
     from raylens.predict import Predictor
+    from raylens.runtime.launch import init_ray
     from raylens.schema import RunConfig
-    from raylens.train.launch import init_ray
 
-    date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
-    tmp = Path(tempfile.mkdtemp(prefix="raylens-embed-bench-"))
-    try:
+    date = harness.utc_date()
+    with harness.scratch("raylens-embed-bench-") as tmp:
         model = args.model or make_run(tmp / "run")
         base = [
             f"data.dataset={args.dataset}",
@@ -454,49 +335,37 @@ def main() -> int:
             return r
 
         names = ["forward", "job", "small", *variants]
-        warm = {n: one(n) for n in names}
-        for n in names:
-            warm[n].pop("out", None)
-        log("warm-up: " + ", ".join(f"{n} {warm[n]['ips']:,.0f} img/s" for n in names))
-        runs: dict[str, list[dict]] = {n: [] for n in names}
         last_forward = None
-        for rnd in range(args.reps):
-            order = names[:3] if rnd % 2 == 0 else names[2::-1]
-            order += names[3:]
-            for n in order:
-                idle = wait_quiet(args.quiet_max, args.quiet_wait)
-                r = one(n)
-                r["idle_before"] = idle
-                if "out" in r:
-                    last_forward = r.pop("out")
-                runs[n].append(r)
-                log(
-                    f"round {rnd} {n}: {r['ips']:,.0f} img/s ({r['seconds']:.1f} s, machine "
-                    f"{r['machine_cores']:.2f} busy cores, ours {r['own_cores']:.2f}, "
-                    f"{idle:.2f} before)"
-                )
+
+        def keep_out(name: str, r: dict) -> None:
+            nonlocal last_forward
+            if "out" in r:
+                last_forward = r.pop("out")
+
+        runs, warm = harness.interleave(
+            {n: lambda n=n: one(n) for n in names},
+            args.reps,
+            warmup=True,
+            order=lambda rnd: (names[:3] if rnd % 2 == 0 else names[2::-1]) + names[3:],
+            quiet=(args.quiet_max, args.quiet_wait),
+            tree=True,
+            unit="images",
+            check=keep_out,
+        )
         check = check_outputs(plan, ids, last_forward, e)
         log(f"checks: {check}")
-        med = {n: statistics.median(r["ips"] for r in v) for n, v in runs.items()}
+        med = {n: median(r["ips"] for r in v) for n, v in runs.items()}
         marginal = marginal_rates(runs)
         log(
             f"job / forward = {med['job'] / med['forward']:.3f} (medians); marginal / forward "
-            f"= {statistics.median(marginal) / med['forward']:.3f}"
+            f"= {median(marginal) / med['forward']:.3f}"
         )
         text = render(
             args, date, plan, runs, warm, check, variants, default_notes(plan, runs) + args.note
         )
-        print(text)
-        if args.write:
-            write_section(Path(args.out), text)
-            log(f"wrote {args.out}")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"runs": runs, "warm": warm, "check": check}))
+        harness.emit(SECTION, text, args.write, args.out)
+        harness.dump(args.json, {"runs": runs, "warm": warm, "check": check})
         return 0
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

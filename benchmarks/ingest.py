@@ -13,7 +13,7 @@ from its IDX files. Steps:
    those rows is written for (a). Setup, not timed.
 3. Time, interleaved (a, b, c, a, b, c, ...) after one untimed warm-up round, the delivery
    of the same N images as normalized float32 torch batches ``[128, 3, 28, 28]`` with the
-   Fashion-MNIST train transform (random-resized-crop scale [0.7, 1.0] + hflip):
+   Fashion-MNIST train transform (the config's random-resized-crop scale + hflip):
 
    (a) raylens: ``build_split`` on the prepared S3 dataset + ``iter_torch_batches`` with
        ``TorchCollate`` on the driver (``ray.init(num_cpus=2)``; ray.init not timed);
@@ -36,19 +36,17 @@ import argparse
 import io
 import json
 import os
-import platform
-import re
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
-import results_md  # benchmarks/results_md.py (the script's own folder is on sys.path)
+import harness  # benchmarks/harness.py (the script's own folder is on sys.path)
+from harness import log
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -59,10 +57,6 @@ SECTION = "## Ingest (benchmarks/ingest.py)"
 BUCKET = "raylens-bench"
 BATCH = 128
 TARGETS = {"a/b": 3.0, "a/c": 0.7}
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def storage_from_env():
@@ -197,17 +191,17 @@ def upload_objects(storage, ids, images, labels) -> list[str]:
 
 def build_dataset(cfg, storage):
     """``build_split`` exactly as shipped (train transform on the benchmark split)."""
-    from raylens.data.ingest import build_split
+    from raylens.runtime.ingest import build_split
 
     ds, _ = build_split(cfg, "test", storage, train=True)
     return ds
 
 
 def run_raylens(cfg, storage, n: int, prefetch: int | None = None) -> dict:
+    """(a): ``items`` delivered, their ``ids``, the ``mean`` normalized pixel."""
     import torch
-    from raylens.data.ingest import TorchCollate
+    from raylens.runtime.ingest import TorchCollate
 
-    t0 = time.perf_counter()
     ds = build_dataset(cfg, storage)
     kw = {} if prefetch is None else {"prefetch_batches": prefetch}
     rows, ids, checksum = 0, set(), 0.0
@@ -217,8 +211,7 @@ def run_raylens(cfg, storage, n: int, prefetch: int | None = None) -> dict:
         rows += image.shape[0]
         ids.update(batch["id"])
         checksum += float(image.sum())
-    seconds = time.perf_counter() - t0
-    return {"rows": rows, "seconds": seconds, "ids": ids, "mean": checksum / max(rows, 1) / 2352}
+    return {"items": rows, "ids": ids, "mean": checksum / max(rows, 1) / 2352}
 
 
 # ----------------------------------------------------------------------------- (b) per-object
@@ -280,10 +273,10 @@ def make_loader(dataset: ObjectDataset):
 
 
 def run_objects(loader, mean, std) -> dict:
+    """(b): ``items`` delivered, their indices ``idx``, the ``mean`` normalized pixel."""
     import torch
     from raylens.data.transforms import normalize
 
-    t0 = time.perf_counter()
     rows, idx, checksum = 0, set(), 0.0
     for pixels, _label, index in loader:
         image = normalize(pixels, mean, std)
@@ -291,8 +284,7 @@ def run_objects(loader, mean, std) -> dict:
         rows += image.shape[0]
         idx.update(index.tolist())
         checksum += float(image.sum())
-    seconds = time.perf_counter() - t0
-    return {"rows": rows, "seconds": seconds, "idx": idx, "mean": checksum / max(rows, 1) / 2352}
+    return {"items": rows, "idx": idx, "mean": checksum / max(rows, 1) / 2352}
 
 
 # ----------------------------------------------------------------------------- (c) in-memory
@@ -333,15 +325,13 @@ def run_memory(pool, n: int, mean, std) -> dict:
     from raylens.data.transforms import normalize
 
     chunks = [(lo, min(lo + BATCH, n)) for lo in range(0, n, BATCH)]
-    t0 = time.perf_counter()
     rows, checksum = 0, 0.0
     for pixels in pool.imap(_c_chunk, chunks):
         image = normalize(torch.from_numpy(pixels), mean, std)
         assert image.dtype == torch.float32
         rows += image.shape[0]
         checksum += float(image.sum())
-    seconds = time.perf_counter() - t0
-    return {"rows": rows, "seconds": seconds, "mean": checksum / max(rows, 1) / 2352}
+    return {"items": rows, "mean": checksum / max(rows, 1) / 2352}
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -349,7 +339,7 @@ def run_memory(pool, n: int, mean, std) -> dict:
 
 def run_trainer(cfg, storage, n: int, out_dir: Path) -> dict:
     from ray.train import RunConfig as RayRunConfig
-    from raylens.train.launch import build_trainer, ingest_check_loop
+    from raylens.runtime.launch import build_trainer, ingest_check_loop
 
     cfg.ray.num_workers = 2
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -384,72 +374,31 @@ def run_trainer(cfg, storage, n: int, out_dir: Path) -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def machine_info() -> dict:
-    import pyarrow
-    import ray
-    import torch
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = 0.0
-    try:
-        m = re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())
-        mem_gib = int(m.group(1)) / 2**20 if m else 0.0
-    except OSError:
-        pass
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    return {
-        "nproc": nproc,
-        "cpu": cpu,
-        "ram_gib": round(mem_gib, 1),
-        "python": platform.python_version(),
-        "ray": ray.__version__,
-        "torch": torch.__version__,
-        "pyarrow": pyarrow.__version__,
-        "os": platform.platform(),
-    }
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def render(args, info, date, prep, n, rates, cold, trainer, notes) -> str:
-    med = {k: median(v) for k, v in rates.items()}
+def render(args, date, prep, n, scale, runs, warm, trainer, notes) -> str:
+    sm = {k: harness.summarize(v) for k, v in runs.items()}
+    med = {k: v["ips"] for k, v in sm.items()}
     ab = med["a"] / med["b"]
     ac = med["a"] / med["c"]
     verdict = lambda x, t: "met" if x >= t else "MISSED"  # noqa: E731
-    fmt = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)  # noqa: E731
-    cmd = ".venv/bin/python benchmarks/ingest.py " + " ".join(args.argv)
+    row = lambda v: (  # noqa: E731
+        f"| {med[v]:,.0f} | {1000 * sm[v]['cpu_per_item']:.3f} | {harness.rates(runs[v])} "
+        f"| {warm[v]['ips']:,.0f} |"
+    )
     lines = [
-        SECTION,
-        "",
-        f"Command: `{cmd.strip()}`  ",
-        f"Date: {date}  ",
-        f"Machine: {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, no GPU; "
-        f"Python {info['python']}, Ray {info['ray']}, torch {info['torch']}, "
-        f"pyarrow {info['pyarrow']}; {info['os']}",
-        "",
+        *harness.heading(SECTION, args.argv, date=date),
         f"Workload: the first {n:,} rows of the prepared Fashion-MNIST `test` split (same images "
-        f"for all variants), train transform at 28 px (RRC scale [0.7, 1.0], hflip 0.5), "
+        f"for all variants), train transform at 28 px (RRC scale {list(scale)}, hflip 0.5), "
         f"normalized float32 batches `[{BATCH}, 3, 28, 28]`. SeaweedFS (local S3) shares the "
         f"same CPUs. {args.reps} timed rounds interleaved "
-        f"{','.join(rates)} after one untimed warm-up round.",
+        f"{','.join(runs)} after one untimed warm-up round. CPU-ms per image: this process "
+        "and its descendants (Ray, DataLoader and Pool workers, SeaweedFS), sampled.",
         "",
-        "| variant | median images/s | runs (images/s) | warm-up |",
-        "|---|---:|---|---:|",
-        f"| (a) raylens: `build_split` + `iter_torch_batches` (Ray Data, S3 Parquet) "
-        f"| {med['a']:,.0f} | {fmt(rates['a'])} | {cold['a']:,.0f} |",
-        f"| (b) DataLoader(num_workers=2, batch 128), one s3fs GET + PIL decode per image "
-        f"| {med['b']:,.0f} | {fmt(rates['b'])} | {cold['b']:,.0f} |",
-        f"| (c) limit: bytes in memory, Pool(2) decode+transform, normalize "
-        f"| {med['c']:,.0f} | {fmt(rates['c'])} | {cold['c']:,.0f} |",
+        "| variant | median images/s | median CPU-ms per image | runs (images/s) | warm-up |",
+        "|---|---:|---:|---|---:|",
+        "| (a) raylens: `build_split` + `iter_torch_batches` (Ray Data, S3 Parquet) " + row("a"),
+        "| (b) DataLoader(num_workers=2, batch 128), one s3fs GET + PIL decode per image "
+        + row("b"),
+        "| (c) limit: bytes in memory, Pool(2) decode+transform, normalize " + row("c"),
         "",
         "| ratio | value | target | |",
         "|---|---:|---:|---|",
@@ -485,11 +434,6 @@ def render(args, info, date, prep, n, rates, cold, trainer, notes) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replaces this script's section of ``path`` (appends it if absent); others kept."""
-    results_md.write_section(path, SECTION, text)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -499,9 +443,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3, help="timed interleaved rounds")
     p.add_argument("--trainer", action="store_true", help="also run (a) via TorchTrainer x2")
     p.add_argument("--trainer-reps", type=int, default=2)
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
-    p.add_argument("--json", help="also write raw results as JSON here")
-    p.add_argument("--note", action="append", default=[], help="extra note for RESULTS.md")
+    harness.add_output_args(p, write=False, out=True)  # it always writes --out
     p.add_argument("--prepare-only", metavar="OUTPUT", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.argv = sys.argv[1:]
@@ -512,165 +454,157 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "tests"))
     from servers import start_seaweedfs
 
-    date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
-    tmp = Path(tempfile.mkdtemp(prefix="raylens-bench-"))
-    srv = None
-    ray_mod = None
-    loader = pool = None
-    try:
-        log(f"starting SeaweedFS in {tmp}")
-        srv = start_seaweedfs(tmp / "seaweed")
-        srv.create_bucket(BUCKET)
-        env = {
-            **os.environ,
-            "BENCH_S3_ENDPOINT": srv.endpoint_url,
-            "BENCH_S3_KEY": srv.access_key,
-            "BENCH_S3_SECRET": srv.secret_key,
-            "BENCH_S3_REGION": srv.region,
-        }
-        os.environ.update({k: v for k, v in env.items() if k.startswith("BENCH_")})
-        storage = storage_from_env()
-        dataset = f"s3://{BUCKET}/fmnist"
+    date = harness.utc_date()
+    with harness.scratch("raylens-bench-") as tmp:
+        srv = None
+        loader = pool = None
+        try:
+            log(f"starting SeaweedFS in {tmp}")
+            srv = start_seaweedfs(tmp / "seaweed")
+            srv.create_bucket(BUCKET)
+            env = {
+                **os.environ,
+                "BENCH_S3_ENDPOINT": srv.endpoint_url,
+                "BENCH_S3_KEY": srv.access_key,
+                "BENCH_S3_SECRET": srv.secret_key,
+                "BENCH_S3_REGION": srv.region,
+            }
+            os.environ.update({k: v for k, v in env.items() if k.startswith("BENCH_")})
+            storage = storage_from_env()
+            dataset = f"s3://{BUCKET}/fmnist"
 
-        log("prepare: all of Fashion-MNIST in a subprocess (peak RSS, wall)")
-        prep = run_prepare(dataset, env)
-        log(f"prepare: {prep}")
+            log("prepare: all of Fashion-MNIST in a subprocess (peak RSS, wall)")
+            prep = run_prepare(dataset, env)
+            log(f"prepare: {prep}")
 
-        ids, images, labels, card = read_rows(dataset, storage, args.n)
-        n = len(ids)
-        bench_ds = dataset
-        if n < card["splits"]["test"]["count"]:
-            bench_ds = f"s3://{BUCKET}/fmnist-test{n}"
-            write_subset(dataset, bench_ds, storage, card, n)
-        log(f"uploading {n} PNG objects for (b)")
-        t0 = time.perf_counter()
-        uris = upload_objects(storage, ids, images, labels)
-        log(f"uploaded in {time.perf_counter() - t0:.1f} s")
+            ids, images, labels, card = read_rows(dataset, storage, args.n)
+            n = len(ids)
+            bench_ds = dataset
+            if n < card["splits"]["test"]["count"]:
+                bench_ds = f"s3://{BUCKET}/fmnist-test{n}"
+                write_subset(dataset, bench_ds, storage, card, n)
+            log(f"uploading {n} PNG objects for (b)")
+            t0 = time.perf_counter()
+            uris = upload_objects(storage, ids, images, labels)
+            log(f"uploaded in {time.perf_counter() - t0:.1f} s")
 
-        cfg = load_cfg(bench_ds)
-        from raylens.data.transforms import ImageTransform
+            cfg = load_cfg(bench_ds)
+            from raylens.data.transforms import ImageTransform
 
-        transform = ImageTransform.from_config(cfg.data, train=True)
-        assert transform.train and transform.size == 28 and transform.scale == (0.7, 1.0)
-        mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
-        objects = ObjectDataset(
-            uris,
-            labels,
-            srv.endpoint_url,
-            srv.access_key,
-            srv.secret_key,
-            transform,
-        )
-        loader = make_loader(objects)
-        pool = make_pool(images, transform)
+            transform = ImageTransform.from_config(cfg.data, train=True)
+            assert transform.train and transform.size == 28
+            mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
+            objects = ObjectDataset(
+                uris,
+                labels,
+                srv.endpoint_url,
+                srv.access_key,
+                srv.secret_key,
+                transform,
+            )
+            loader = make_loader(objects)
+            pool = make_pool(images, transform)
 
-        import ray
+            import ray
 
-        ray_mod = ray
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
 
-        expected_ids = set(ids)
-        order = "abc"
-        rates: dict[str, list[float]] = {v: [] for v in order}
-        cold: dict[str, float] = {}
-        means: dict[str, list[float]] = {v: [] for v in order}
-        for rnd in range(args.reps + 1):
-            for v in order:
+            expected_ids = set(ids)
+
+            def check(v: str, r: dict) -> None:
+                """Every variant delivers exactly the chosen images (the id sets then dropped)."""
+                assert r["items"] == n, f"({v}) delivered {r['items']} rows, expected {n}"
                 if v == "a":
-                    r = run_raylens(cfg, storage, n)
-                    assert r["ids"] == expected_ids, f"({v}) delivered other images"
+                    assert r.pop("ids") == expected_ids, f"({v}) delivered other images"
                 elif v == "b":
-                    r = run_objects(loader, mean, std)
-                    assert r["idx"] == set(range(n)), "(b) delivered other images"
-                else:
-                    r = run_memory(pool, n, mean, std)
-                assert r["rows"] == n, f"({v}) delivered {r['rows']} rows, expected {n}"
-                ips = n / r["seconds"]
-                means[v].append(r["mean"])
-                if rnd == 0:
-                    cold[v] = ips
-                else:
-                    rates[v].append(ips)
-                log(
-                    f"round {rnd}{' (warm-up)' if rnd == 0 else ''} ({v}): {n} images in "
-                    f"{r['seconds']:.2f} s = {ips:,.0f} img/s (mean normalized pixel {r['mean']:.3f})"
-                )
+                    assert r.pop("idx") == set(range(n)), "(b) delivered other images"
 
-        trainer = []
-        if args.trainer:
-            for i in range(args.trainer_reps):
-                for v in "a":
-                    out = tmp / "trainer" / f"out{i}{v}"
-                    t = run_trainer(load_cfg(bench_ds), storage, n, out)
-                    assert t["rows"] == n, f"trainer delivered {t['rows']} rows, expected {n}"
-                    log(
-                        f"trainer {i + 1}: e2e {t['e2e_ips']:,.0f} img/s "
-                        f"({t['wall_s']:.1f} s), in-loop {t['loop_ips']:,.0f} img/s "
-                        f"({t['loop_s']:.2f} s)"
-                    )
-                    trainer.append(t)
+            runs, warm = harness.interleave(
+                {
+                    "a": partial(run_raylens, cfg, storage, n),
+                    "b": partial(run_objects, loader, mean, std),
+                    "c": partial(run_memory, pool, n, mean, std),
+                },
+                args.reps,
+                warmup=True,
+                order=lambda rnd: "abc",
+                tree=True,
+                unit="images",
+                check=check,
+            )
+            order = "abc"
+            means = {v: [warm[v]["mean"]] + [r["mean"] for r in runs[v]] for v in order}
+            rates = {v: [r["ips"] for r in runs[v]] for v in order}
+            cold = {v: warm[v]["ips"] for v in order}
 
-        med = {k: median(v) for k, v in rates.items()}
-        ab, ac = med["a"] / med["b"], med["a"] / med["c"]
-        notes = [
-            f"Checks: every variant delivered exactly the {n:,} chosen images (ids/indices "
-            f"compared for (a) and (b)); mean normalized pixel "
-            + ", ".join(f"{v}: {median(means[v]):.3f}" for v in order)
-            + ".",
-            "(a) timing runs from `build_split` (dataset creation) to the last batch; "
-            "`ray.init` is excluded. (b) and (c) run on worker processes started before "
-            "timing and kept across rounds (persistent DataLoader workers, Pool), so neither "
-            "includes process start-up; their workers come from a forkserver because forking "
-            "the Ray driver once left a DataLoader worker hung in an import (a lock held by "
-            "another thread at fork time).",
-        ]
-        if ab < TARGETS["a/b"]:
-            notes.append(f"Target a/b >= {TARGETS['a/b']:g} MISSED ({ab:.2f}).")
-        if ac < TARGETS["a/c"]:
-            notes.append(f"Target a/c >= {TARGETS['a/c']:g} MISSED ({ac:.2f}).")
-        if trainer:
-            notes.append(
-                "TorchTrainer rows: end-to-end runs from `build_split` to `fit()` returning "
-                "(worker start-up included); in-loop is the ranks' own `ingest_check_loop` time. "
-                f"The resource plan ({trainer[0]['plan']}) caps Ray Data's CPUs, so at most "
-                "one decode task (1 CPU) runs at a time while the train workers' CPU share sits "
-                "mostly idle in this ingest-only loop; that explains part of the gap to the "
-                "driver numbers above (the in-loop time also includes starting the dataset "
-                "execution behind `streaming_split`); the rest was not broken down further."
-            )
-        notes += args.note
-        text = render(args, machine_info(), date, prep, n, rates, cold, trainer, notes)
-        write_section(Path(args.out), text)
-        log(f"wrote {args.out}")
-        print(text)
-        if args.json:
-            Path(args.json).write_text(
-                json.dumps(
-                    {
-                        "n": n,
-                        "rates": rates,
-                        "cold": cold,
-                        "medians": med,
-                        "a/b": ab,
-                        "a/c": ac,
-                        "prepare": prep,
-                        "trainer": [{k: v for k, v in t.items()} for t in trainer],
-                    },
-                    indent=1,
-                    default=str,
+            trainer = []
+            if args.trainer:
+                for i in range(args.trainer_reps):
+                    for v in "a":
+                        out = tmp / "trainer" / f"out{i}{v}"
+                        t = run_trainer(load_cfg(bench_ds), storage, n, out)
+                        assert t["rows"] == n, f"trainer delivered {t['rows']} rows, expected {n}"
+                        log(
+                            f"trainer {i + 1}: e2e {t['e2e_ips']:,.0f} img/s "
+                            f"({t['wall_s']:.1f} s), in-loop {t['loop_ips']:,.0f} img/s "
+                            f"({t['loop_s']:.2f} s)"
+                        )
+                        trainer.append(t)
+
+            med = {k: harness.median(v) for k, v in rates.items()}
+            ab, ac = med["a"] / med["b"], med["a"] / med["c"]
+            notes = [
+                f"Checks: every variant delivered exactly the {n:,} chosen images (ids/indices "
+                f"compared for (a) and (b)); mean normalized pixel "
+                + ", ".join(f"{v}: {harness.median(means[v]):.3f}" for v in order)
+                + ".",
+                "(a) timing runs from `build_split` (dataset creation) to the last batch; "
+                "`ray.init` is excluded. (b) and (c) run on worker processes started before "
+                "timing and kept across rounds (persistent DataLoader workers, Pool), so neither "
+                "includes process start-up; their workers come from a forkserver because forking "
+                "the Ray driver once left a DataLoader worker hung in an import (a lock held by "
+                "another thread at fork time).",
+            ]
+            if ab < TARGETS["a/b"]:
+                notes.append(f"Target a/b >= {TARGETS['a/b']:g} MISSED ({ab:.2f}).")
+            if ac < TARGETS["a/c"]:
+                notes.append(f"Target a/c >= {TARGETS['a/c']:g} MISSED ({ac:.2f}).")
+            if trainer:
+                notes.append(
+                    "TorchTrainer rows: end-to-end runs from `build_split` to `fit()` "
+                    "returning (worker start-up included); in-loop is the ranks' own "
+                    f"`ingest_check_loop` time. The resource plan ({trainer[0]['plan']}) caps "
+                    "Ray Data's CPUs, so at most one decode task (1 CPU) runs at a time while "
+                    "the train workers' CPU share sits mostly idle in this ingest-only loop; "
+                    "that explains part of the gap to the driver numbers above (the in-loop "
+                    "time also includes starting the dataset execution behind "
+                    "`streaming_split`); the rest was not broken down further."
                 )
+            notes += args.note
+            text = render(args, date, prep, n, transform.scale, runs, warm, trainer, notes)
+            harness.emit(SECTION, text, True, args.out)  # no --write here: it always writes
+            harness.dump(
+                args.json,
+                {
+                    "n": n,
+                    "rates": rates,
+                    "cold": cold,
+                    "windows": runs,
+                    "medians": med,
+                    "a/b": ab,
+                    "a/c": ac,
+                    "prepare": prep,
+                    "trainer": trainer,
+                },
             )
-        return 0
-    finally:
-        if ray_mod is not None and ray_mod.is_initialized():
-            ray_mod.shutdown()
-        if pool is not None:
-            pool.terminate()
-        del loader  # persistent DataLoader workers exit with their iterator
-        if srv is not None:
-            srv.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+            return 0
+        finally:
+            if pool is not None:
+                pool.terminate()
+            del loader  # persistent DataLoader workers exit with their iterator
+            if srv is not None:
+                srv.stop()
 
 
 if __name__ == "__main__":

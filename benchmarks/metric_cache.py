@@ -22,14 +22,9 @@ Backbones: the config's run dirs when present (``make``-free: train them with
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
-import sys
-import time
 from pathlib import Path
 
-import results_md  # benchmarks/results_md.py (the script's own folder is on sys.path)
+import harness  # benchmarks/harness.py (the script's own folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "jobs" / "configs" / "metric_fashion_mnist.yaml"
@@ -61,7 +56,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dataset", default=str(REPO / "data" / "fashion-mnist"))
-    p.add_argument("--write", action="store_true", help="replace this section of RESULTS.md")
+    harness.add_output_args(p)
     args = p.parse_args()
 
     import json
@@ -69,9 +64,9 @@ def main() -> int:
     import pyarrow.parquet as pq
     import torch
     from raylens import config as C
+    from raylens.loop import build_optimizer
     from raylens.models.fusion import l2_concat
     from raylens.schema import RunConfig
-    from raylens.train.loop import build_optimizer
     from raylens.train.metric_run import build_fusion
 
     cfg = C.load(RunConfig, CONFIG.read_text())
@@ -98,13 +93,14 @@ def main() -> int:
     bs = args.batch_size
     steps = len(images) // bs
 
-    def epoch(variant: str) -> float:
+    def epoch(variant: str) -> dict:
+        """One epoch: a harness window (images/s, CPU-s per image; ``seconds`` per epoch)."""
         torch.manual_seed(0)
         model = build_fusion(cfg, dims, 5)
         opt = build_optimizer(model, cfg.train)
         model.train()
         order = torch.randperm(len(images))
-        t0 = time.perf_counter()
+        meter = harness.Meter()
         for s in range(steps):
             idx = order[s * bs : (s + 1) * bs]
             if variant == "cached":
@@ -123,40 +119,38 @@ def main() -> int:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return meter.stop(steps * bs)
 
-    epoch("cached"), epoch("recompute")  # warm-up
-    runs: dict[str, list[float]] = {"cached": [], "recompute": []}
-    for rep in range(args.reps):
-        for v in ("cached", "recompute") if rep % 2 == 0 else ("recompute", "cached"):
-            runs[v].append(epoch(v))
-            print(f"round {rep + 1} {v}: {runs[v][-1]:.2f} s", flush=True)
-    med = {k: statistics.median(v) for k, v in runs.items()}
+    runs, _ = harness.interleave(
+        {v: lambda v=v: epoch(v) for v in ("cached", "recompute")},
+        args.reps,
+        warmup=True,
+        unit="images",
+    )
+    summary = {k: harness.summarize(v) for k, v in runs.items()}
+    med = {k: s["seconds"] for k, s in summary.items()}
+    cpu_ms = {k: 1000 * s["cpu_per_item"] for k, s in summary.items()}
     ratio = med["recompute"] / med["cached"]
     names = ", ".join(f"`{n}` ({d}-d)" for (n, _, _), d in zip(backbones, dims, strict=True))
-    text = f"""{SECTION}
-
-Command: `.venv/bin/python benchmarks/metric_cache.py {" ".join(sys.argv[1:])}`
-Date: {time.strftime("%a %b %d %H:%M:%S UTC %Y", time.gmtime())}
-Machine: {os.cpu_count()} CPUs, no GPU; Python {platform.python_version()}, torch {torch.__version__}
-
+    secs = {k: harness.rates(v, "seconds", ".2f") for k, v in runs.items()}
+    text = f"""{chr(10).join(harness.heading(SECTION))}
 One epoch of {steps} steps x {bs} Fashion-MNIST train images of the fusion model of
 `jobs/configs/metric_fashion_mnist.yaml` (gate + `{cfg.metric.fusion}` head ->
 {cfg.metric.embedding_dim}-d, ProxyAnchor), frozen backbones {names}; images decoded and
-transformed once up front for both variants (decode not timed).
+transformed once up front for both variants (decode not timed). CPU-ms per image: this
+process's CPU time over the epoch.
 
-| variant | median s / epoch | runs (s) |
-|---|---:|---|
-| cached features | {med["cached"]:.2f} | {", ".join(f"{v:.2f}" for v in runs["cached"])} |
-| recompute backbone features every step | {med["recompute"]:.2f} | {", ".join(f"{v:.2f}" for v in runs["recompute"])} |
+| variant | median s / epoch | median CPU-ms per image | runs (s) |
+|---|---:|---:|---|
+| cached features | {med["cached"]:.2f} | {cpu_ms["cached"]:.3f} | {secs["cached"]} |
+| recompute backbone features every step | {med["recompute"]:.2f} | {cpu_ms["recompute"]:.3f} | {secs["recompute"]} |
 
 | ratio | value | target | |
 |---|---:|---:|---|
 | epoch time, recompute / cached | {ratio:.1f} | >= {TARGET:g} | {"met" if ratio >= TARGET else "NOT met"} |
+| CPU per image, recompute / cached | {cpu_ms["recompute"] / cpu_ms["cached"]:.1f} | | |
 """
-    print(text)
-    if args.write:
-        results_md.write_section(results_md.RESULTS, SECTION, text)
+    harness.emit(SECTION, text, args.write)
     return 0
 
 

@@ -6,10 +6,10 @@ Trains ``vgg_s8`` + a linear head on Fashion-MNIST (the IDX files of
 ``raylens.data.fashion_mnist.default_dir``: the Debian ``dataset-fashion-mnist`` package,
 else a download; 55,000 train images, the other 5,000 as validation) in this process, as
 the Tune benchmark's trials do: batch 256, 30 steps an epoch, AdamW from
-``raylens.train.loop.build_optimizer`` (weight decay 0.01, none on norms and biases),
+``raylens.loop.build_optimizer`` (weight decay 0.01, none on norms and biases),
 0.5-epoch warmup, cosine over 8 epochs, label smoothing 0.05. After every epoch the same
 model is validated twice: with the running statistics training keeps (``model.eval()``)
-and after ``raylens.train.loop.precise_bn`` over the last 8 training batches
+and after ``raylens.loop.precise_bn`` over the last 8 training batches
 (``train.precise_bn_batches: 8``), on a copy, so the trajectory is one and the same.
 Accuracy, not speed: no timing.
 ``--write`` replaces this script's section of RESULTS.md.
@@ -19,22 +19,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gzip
-import platform
-import sys
 from pathlib import Path
 
+import harness  # benchmarks/harness.py (the script's own folder is on sys.path)
 import numpy as np
 import torch
 from raylens.data import fashion_mnist
+from raylens.loop import build_optimizer, precise_bn, warmup_cosine
 from raylens.models.small import FMNIST_MEAN, FMNIST_STD, VGGSmall
 from raylens.schema import TrainConfig
-from raylens.train.loop import build_optimizer, precise_bn, warmup_cosine
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import results_md  # noqa: E402
 
 SECTION = "## Precise BN vs running statistics (benchmarks/precise_bn.py)"
 
@@ -76,7 +71,9 @@ def run(x, y, lr: float, seed: int, epochs: int, steps: int = 30, bs: int = 256)
         with torch.no_grad():
             top1 = [(m.eval()(xv).argmax(1) == yv).float().mean().item() for m in (model, precise)]
         rows.append((epoch, *top1))
-        print(f"lr {lr} seed {seed} epoch {epoch}: running {top1[0]:.4f}, precise {top1[1]:.4f}")
+        harness.log(
+            f"lr {lr} seed {seed} epoch {epoch}: running {top1[0]:.4f}, precise {top1[1]:.4f}"
+        )
     return rows
 
 
@@ -85,21 +82,19 @@ def main() -> None:
     p.add_argument("--lrs", type=float, nargs="+", default=[0.025, 0.003])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--write", action="store_true")
+    harness.add_output_args(p)
     args = p.parse_args()
     torch.set_num_threads(2)
     x, y = load()
     results = {(lr, s): run(x, y, lr, s, args.epochs) for lr in args.lrs for s in args.seeds}
     head = "| lr | seed | " + " | ".join(f"epoch {e}" for e in range(1, args.epochs + 1)) + " |"
+    argv = ["--lrs", *map(str, args.lrs), "--seeds", *map(str, args.seeds)]
+    argv += ["--epochs", str(args.epochs), "--write"]
     lines = [
-        SECTION,
-        "",
-        f"`.venv/bin/python benchmarks/precise_bn.py --lrs {' '.join(map(str, args.lrs))} "
-        f"--seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs} --write` on "
-        f"{platform.node()} ({platform.machine()}, {torch.get_num_threads()} threads), "
-        f"{datetime.date.today()}. Validation top-1 (5,000 images) after each epoch of one "
-        "training run, `running` / `precise` (running statistics / precise BN over the last "
-        "8 training batches):",
+        *harness.heading(SECTION, argv),
+        f"{torch.get_num_threads()} torch threads. Validation top-1 (5,000 images) after each "
+        "epoch of one training run, `running` / `precise` (running statistics / precise BN "
+        "over the last 8 training batches):",
         "",
         head,
         "|---|---|" + "---:|" * args.epochs,
@@ -116,7 +111,7 @@ def main() -> None:
         "stopping and the best-checkpoint choice all rank on what validation measures.",
         "",
     ]
-    results_md.emit(SECTION, lines, args.write)
+    harness.emit(SECTION, lines, args.write)
 
 
 if __name__ == "__main__":

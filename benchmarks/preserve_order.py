@@ -15,24 +15,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import sys
 import threading
-import time
 from pathlib import Path
 
+import harness  # benchmarks/harness.py (the script's own folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-sys.path.insert(0, str(REPO / "platform"))
-import results_md  # noqa: E402
 
 SECTION = "## Ingest: data.preserve_order (benchmarks/preserve_order.py)"
 
 
-def one_pass(ds, consumers: int, cfg) -> tuple[int, float]:
-    """Rows delivered as torch batches by ``consumers`` threads, and the seconds taken."""
-    from raylens.data.ingest import TorchCollate
+def one_pass(ds, consumers: int, cfg) -> dict:
+    """Rows delivered as torch batches by ``consumers`` threads: a harness window (images/s,
+    CPU-s per image of this process and Ray's)."""
+    from raylens.runtime.ingest import TorchCollate
 
     splits = ds.streaming_split(consumers, equal=True)
     counts = [0] * consumers
@@ -43,25 +39,25 @@ def one_pass(ds, consumers: int, cfg) -> tuple[int, float]:
         ):
             counts[k] += len(b["id"])
 
-    t0 = time.perf_counter()
+    meter = harness.Meter(tree=True)
     threads = [threading.Thread(target=consume, args=(k,)) for k in range(consumers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts), time.perf_counter() - t0
+    return meter.stop(sum(counts))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--consumers", type=int, default=2, help="streaming_split consumers")
-    p.add_argument("--write", action="store_true", help="replace this section of RESULTS.md")
+    harness.add_output_args(p)
     args = p.parse_args()
 
     import ray
     from raylens import config as C
-    from raylens.data.ingest import build_split
+    from raylens.runtime.ingest import build_split
     from raylens.schema import RunConfig
     from raylens.storage import Storage
 
@@ -70,39 +66,42 @@ def main() -> None:
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    rates: dict[bool, list[float]] = {False: [], True: []}
-    rows = 0
-    for rep in range(args.reps + 1):  # rep 0 warms up
-        for preserve in (False, True):
-            ctx.execution_options.preserve_order = preserve
-            ds, _ = build_split(cfg, "train", Storage(cfg.storage))
-            rows, seconds = one_pass(ds, args.consumers, cfg)
-            if rep:
-                rates[preserve].append(rows / seconds)
-            print(f"[bench] rep {rep} preserve_order={preserve}: {rows / seconds:,.0f} img/s")
+
+    def one(preserve: bool) -> dict:
+        ctx.execution_options.preserve_order = preserve
+        ds, _ = build_split(cfg, "train", Storage(cfg.storage))
+        return one_pass(ds, args.consumers, cfg)
+
+    modes = {"false": False, "true": True}
+    runs, _ = harness.interleave(
+        {k: lambda v=v: one(v) for k, v in modes.items()},
+        args.reps,
+        warmup=True,
+        order=lambda rnd: list(modes),
+        unit="images",
+    )
     ray.shutdown()
-    off, on = (statistics.median(rates[k]) for k in (False, True))
+    rows = int(runs["false"][-1]["items"])
+    off, on = (harness.summarize(runs[k]) for k in modes)
     lines = [
-        SECTION,
-        "",
-        f"`{' '.join(['.venv/bin/python', 'benchmarks/preserve_order.py', *sys.argv[1:]])}` on "
-        f"{platform.node() or 'this machine'} ({os.cpu_count()} cores), "
-        f"{time.strftime('%Y-%m-%d')}. One train pass of Fashion-MNIST ({rows:,} images, "
+        *harness.heading(SECTION),
+        f"One train pass of Fashion-MNIST ({rows:,} images, "
         f"`jobs/configs/fashion_mnist.yaml`'s transform, batches of {cfg.data.batch_size}) "
         f"through `build_split` + `streaming_split({args.consumers})` + `iter_torch_batches`, "
-        f"Ray with 3 CPUs; median of {args.reps} interleaved passes after a warm-up.",
+        f"Ray with 3 CPUs; median of {args.reps} interleaved passes after a warm-up. CPU-ms "
+        "per image: this process and its descendants (Ray's processes), sampled.",
         "",
-        "| `data.preserve_order` | images/s (median) | passes |",
-        "|---|---:|---|",
-        f"| false (blocks as they finish) | {off:,.0f} | "
-        + ", ".join(f"{r:,.0f}" for r in rates[False])
-        + " |",
-        f"| true (fixed order) | {on:,.0f} | " + ", ".join(f"{r:,.0f}" for r in rates[True]) + " |",
+        "| `data.preserve_order` | images/s (median) | CPU-ms per image (median) | passes |",
+        "|---|---:|---:|---|",
+        f"| false (blocks as they finish) | {off['ips']:,.0f} | "
+        f"{1000 * off['cpu_per_item']:.3f} | {harness.rates(runs['false'])} |",
+        f"| true (fixed order) | {on['ips']:,.0f} | {1000 * on['cpu_per_item']:.3f} | "
+        f"{harness.rates(runs['true'])} |",
         "",
-        f"- Fixed order delivers **{on / off:.2f}x** the images/s of the default.",
+        f"- Fixed order delivers **{on['ips'] / off['ips']:.2f}x** the images/s of the default.",
         "",
     ]
-    results_md.emit(SECTION, lines, args.write)
+    harness.emit(SECTION, lines, args.write)
 
 
 if __name__ == "__main__":

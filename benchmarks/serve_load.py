@@ -35,15 +35,14 @@ import sys
 import time
 from pathlib import Path
 
+import harness  # benchmarks/harness.py (the script's own folder is on sys.path)
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO))  # serve/app.py
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-from results_md import RESULTS, write_section  # noqa: E402
-
+SECTION = "## Serve load (benchmarks/serve_load.py)"
 LEVELS = (1, 8, 32)
 
 
@@ -108,10 +107,9 @@ def measure(url: str, images: list[bytes], seconds: float, name: str) -> list[di
     rows = []
     for c in LEVELS:
         r = asyncio.run(load(url, images, c, seconds))
-        print(
-            f"[serve_load] {name} {c:>2} clients: {r['rps']:,.0f} req/s, p50 {r['p50']:.1f} ms, "
-            f"p99 {r['p99']:.1f} ms, errors {r['errors']}",
-            flush=True,
+        harness.log(
+            f"{name} {c:>2} clients: {r['rps']:,.0f} req/s, p50 {r['p50']:.1f} ms, "
+            f"p99 {r['p99']:.1f} ms, errors {r['errors']}"
         )
         rows.append(r)
     return rows
@@ -159,7 +157,7 @@ def forward_cost(run: str, images: list[bytes], cpus: int) -> dict[int, float]:
             model.infer(images[n * b % 256 : n * b % 256 + b])
             n += 1
         out[b] = (time.perf_counter() - t0) / n / b * 1000
-    print(f"[serve_load] forward ms/image by batch size: {out}", flush=True)
+    harness.log(f"forward ms/image by batch size: {out}")
     return out
 
 
@@ -238,10 +236,10 @@ def convnext_run(path: Path, dataset: str) -> str:
 
     import torch
     from raylens import config as C
+    from raylens.checkpoint import save_checkpoint
     from raylens.models.classifier import build_model
     from raylens.schema import RunConfig
     from raylens.storage import Storage
-    from raylens.train.checkpoint import save_checkpoint
 
     storage = Storage()
     if not (path / "best.json").exists():
@@ -274,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     runs = {}
     for name in args.models.split(","):
         if name == "fm":
@@ -294,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     forward = {n: forward_cost(r, images, cpus) for n, r in runs.items() if n != "floor"}
     for name, run in runs.items():
-        print(f"[serve_load] model {name}: {run}", flush=True)
+        harness.log(f"model {name}: {run}")
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         PORT = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
@@ -311,8 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
         ray.shutdown()
         res["c"] = plain_variant(run, images, args.seconds)
         results[name] = res
-    if not args.no_write:
-        write(args, runs, cpus, results, forward)
+    harness.emit(SECTION, render(args, cpus, results, forward), not args.no_write)
     return results
 
 
@@ -331,16 +329,9 @@ ABOUT = {
 }
 
 
-def write(args, runs: dict, cpus: int, results: dict, forward: dict) -> None:
-    from embed import machine_line  # benchmarks/embed.py
-
+def render(args, cpus: int, results: dict, forward: dict) -> list[str]:
     lines = [
-        "## Serve load (benchmarks/serve_load.py)",
-        "",
-        f"Command: `.venv/bin/python benchmarks/serve_load.py --seconds {args.seconds:g}`  ",
-        f"Date: {time.strftime('%a %b %d %H:%M:%S UTC %Y', time.gmtime())}  ",
-        f"Machine: {machine_line()}",
-        "",
+        *harness.heading(SECTION, args.argv),
         "`POST /v1/classify` with raw PNG bytes of 512 Fashion-MNIST test images, closed-loop "
         f"clients (aiohttp) in the benchmark process, {args.seconds:g} s per level after a 2 s "
         f"warm-up. (a)/(b): one ModelServer replica with {cpus} CPUs; the HTTP proxy, the "
@@ -399,8 +390,7 @@ def write(args, runs: dict, cpus: int, results: dict, forward: dict) -> None:
                 f"{r['p99']:.1f} | {r['errors']} |"
             )
         lines.append("")
-    write_section(RESULTS, "## Serve load (benchmarks/serve_load.py)", "\n".join(lines))
-    print(f"[serve_load] wrote {RESULTS}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import harness  # benchmarks/harness.py (the script's own folder is on sys.path)
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-import results_md  # noqa: E402  (benchmarks/ is on sys.path: the script's own folder)
 from conftest import s3_storage  # noqa: E402
 from servers import start_seaweedfs  # noqa: E402
 
@@ -43,7 +40,7 @@ def main() -> int:
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--objects", type=int, default=400)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--write", action="store_true", help="replace this section of RESULTS.md")
+    harness.add_output_args(ap)
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,55 +81,43 @@ def main() -> int:
                 return args.objects * len(blob)
 
             work = {"parquet": parquet, "small": small, "write": write}
-            runs = {(w, k): [] for w in work for k in fss}
+            runs = {}  # workload -> {filesystem: [window, ...]}, a window's items in MiB
             for name, fn in work.items():
-                for fs in fss.values():  # warm-up
-                    fn(fs)
-                for rep in range(args.reps):
-                    order = list(fss) if rep % 2 == 0 else list(reversed(fss))
-                    for k in order:
-                        t0 = time.perf_counter()
-                        nbytes = fn(fss[k])
-                        runs[(name, k)].append(nbytes / (time.perf_counter() - t0) / 2**20)
+                harness.log(f"workload {name}")
+                runs[name], _ = harness.interleave(
+                    {k: lambda fs=fs, fn=fn: fn(fs) / 2**20 for k, fs in fss.items()},
+                    args.reps,
+                    warmup=True,
+                    unit="MiB",
+                )
         finally:
             server.stop()
 
-    med = {key: statistics.median(v) for key, v in runs.items()}
     lines = []
     for name in work:
-        ratio = med[(name, "raylens")] / med[(name, "native")]
+        native, wrapped = (harness.summarize(runs[name][k]) for k in ("native", "raylens"))
+        ratio = wrapped["ips"] / native["ips"]
+        cpu = wrapped["cpu_per_item"] / native["cpu_per_item"]
         lines.append(
-            f"| {name} | {med[(name, 'native')]:.0f} | {med[(name, 'raylens')]:.0f} | "
-            f"{ratio:.2f} | >= {TARGET:g} | {'met' if ratio >= TARGET else 'NOT met'} |"
+            f"| {name} | {native['ips']:.0f} | {wrapped['ips']:.0f} | {ratio:.2f} | "
+            f">= {TARGET:g} | {'met' if ratio >= TARGET else 'NOT met'} | "
+            f"{1000 * native['cpu_per_item']:.1f} | {1000 * wrapped['cpu_per_item']:.1f} | "
+            f"{cpu:.2f} |"
         )
-    cmd = (
-        f"`.venv/bin/python benchmarks/storage_retry.py --shards {args.shards} "
-        f"--objects {args.objects} --reps {args.reps} --write`"
-    )
-    header = "  \n".join(
-        [
-            f"Command: {cmd}",
-            f"Date: {time.strftime('%a %b %d %H:%M:%S UTC %Y', time.gmtime())}",
-            f"Machine: {os.cpu_count()} CPUs, no GPU; Python {platform.python_version()}, "
-            f"pyarrow {pa.__version__}; SeaweedFS on 127.0.0.1 shares the CPUs",
-        ]
-    )
-    text = f"""{SECTION}
-
-{header}
-
+    argv = ["--shards", str(args.shards), "--objects", str(args.objects)]
+    argv += ["--reps", str(args.reps), "--write"]
+    text = f"""{chr(10).join(harness.heading(SECTION, argv))}
 Native `pyarrow.fs.S3FileSystem` vs raylens' retrying `PyFileSystem` over it
-(`Storage.arrow_fs("s3")`), no faults injected; {args.reps} rounds after a warm-up,
-order alternating; MiB/s medians. parquet: {args.shards} files x {rows} rows of 20 KB;
-small/write: {args.objects} objects of 20 KB, one request each.
+(`Storage.arrow_fs("s3")`), no faults injected, SeaweedFS on 127.0.0.1 sharing the CPUs;
+{args.reps} rounds after a warm-up, order alternating; medians. parquet: {args.shards}
+files x {rows} rows of 20 KB; small/write: {args.objects} objects of 20 KB, one request
+each. CPU-ms per MiB: this process's CPU time (not the server's).
 
-| workload | native MiB/s | raylens MiB/s | raylens / native | target | |
-|---|---:|---:|---:|---:|---|
+| workload | native MiB/s | raylens MiB/s | raylens / native | target | | native CPU-ms per MiB | raylens CPU-ms per MiB | CPU raylens / native |
+|---|---:|---:|---:|---:|---|---:|---:|---:|
 {chr(10).join(lines)}
 """
-    print(text)
-    if args.write:
-        results_md.write_section(results_md.RESULTS, SECTION, text)
+    harness.emit(SECTION, text, args.write)
     return 0
 
 

@@ -4,7 +4,7 @@
         [--reps-2w R2] [--batch-size B] [--no-two-workers] [--diagnose]
         [--worker-niceness N] [--gpu] [--write] [--out benchmarks/RESULTS.md]
 
-Both paths run the project's own loop, ``raylens.train.loop.fit``, on the CPU default of
+Both paths run the project's own loop, ``raylens.loop.fit``, on the CPU default of
 ``jobs/configs/fashion_mnist.yaml`` (``vgg_s32`` + linear head, 10 classes, 28 px,
 channels_last, ``train.amp=auto`` = bf16 autocast on CPU), over the same fixed in-memory
 batches (deterministic random tensors, ``--distinct`` of them cycled; ingest is benchmarked
@@ -41,18 +41,17 @@ of ``--out`` (other sections kept).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-import results_md  # benchmarks/results_md.py (the script's own folder is on sys.path)
+import harness  # benchmarks/harness.py (the script's own folder is on sys.path)
+from harness import log, machine_busy_s, median
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
@@ -61,10 +60,6 @@ CONFIG = REPO / "jobs" / "configs" / "fashion_mnist.yaml"
 SECTION = "## Train overhead (benchmarks/train_overhead.py)"
 NUM_CLASSES = 10
 TARGET = 0.97  # trainer (1 worker) / plain, steady-state images/s
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def load_cfg(*overrides: str):
@@ -83,17 +78,6 @@ def make_batches(distinct: int, batch_size: int, size: int, seed: int = 0):
     images = torch.randn(distinct, batch_size, 3, size, size, generator=g)
     labels = torch.randint(0, NUM_CLASSES, (distinct, batch_size), generator=g)
     return images, labels
-
-
-def machine_busy_s() -> float:
-    """Busy CPU seconds of the whole machine so far (all cores, from ``/proc/stat``)."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return float("nan")
-    idle = ticks[3] + ticks[4]  # idle + iowait
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_ticks() -> dict[int, tuple[str, int]]:
@@ -120,23 +104,6 @@ def thread_cores(before: dict, after: dict, seconds: float) -> list[list]:
     return sorted([r for r in rows if r[1] >= 0.005], key=lambda r: -r[1])
 
 
-def wait_quiet(max_cores: float, timeout: float) -> float:
-    """Waits until the machine's busy CPU over 1 s is <= ``max_cores``; returns the last value."""
-    deadline = time.monotonic() + timeout
-    waited = False
-    while True:
-        b0 = machine_busy_s()
-        time.sleep(1.0)
-        load = machine_busy_s() - b0
-        if load <= max_cores or time.monotonic() >= deadline:
-            if waited:
-                log(f"machine load now {load:.2f} cores")
-            return load
-        if not waited:
-            log(f"machine busy ({load:.2f} cores); waiting up to {timeout:.0f} s for it to settle")
-            waited = True
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -148,7 +115,7 @@ def timed_fit(model, cfg, images, labels, order, warmup, device, hooks) -> dict:
     epoch-end validation and report).
     """
     import torch
-    from raylens.train.loop import fit, make_task
+    from raylens.loop import fit, make_task
 
     marks: list[float] = []
     cpu: list[tuple[float, float]] = []  # (this process's CPU s, machine busy CPU s)
@@ -187,8 +154,11 @@ def timed_fit(model, cfg, images, labels, order, warmup, device, hooks) -> dict:
     return {
         "steps": steps,
         "images": steps * bs,
+        "items": steps * bs,  # harness window keys: items, seconds, ips, cpu_per_item
+        "seconds": steady_s,
         "steady_s": steady_s,
         "ips": steps * bs / steady_s,
+        "cpu_per_item": (cpu[1][0] - cpu[0][0]) / (steps * bs),
         "warmup_s": marks[warmup] - marks[0],
         "fit_s": fit_s,
         "step_median_ms": 1000 * statistics.median(step_s),
@@ -218,7 +188,7 @@ def new_model(cfg, device):
 def run_plain(cfg, images, labels, steps: int, warmup: int, in_thread: bool = False) -> dict:
     """Plain ``fit`` in this process (its main thread, or a new thread with ``in_thread``)."""
     import torch
-    from raylens.train.loop import Hooks
+    from raylens.loop import Hooks
 
     device = torch.device("cpu")
     order = [i % images.shape[0] for i in range(steps)]
@@ -257,7 +227,7 @@ def trainer_worker(config: dict) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from raylens.train.loop import Hooks
+    from raylens.loop import Hooks
 
     t_start = time.time()
     ctx = ray.train.get_context()
@@ -298,7 +268,7 @@ def trainer_worker(config: dict) -> None:
 def run_trainer(cfg, data_ref, steps: int, warmup: int, tmp: Path, tag: str) -> dict:
     """One ``TorchTrainer.fit()`` (``build_trainer``) of one window; its ranks' timings."""
     from ray.train import RunConfig as RayRunConfig
-    from raylens.train.launch import build_trainer
+    from raylens.runtime.launch import build_trainer
 
     out = tmp / f"out-{tag}"
     out.mkdir(parents=True)
@@ -319,8 +289,11 @@ def run_trainer(cfg, data_ref, steps: int, warmup: int, tmp: Path, tag: str) -> 
     proc = sum(r["proc_cores"] for r in ranks)
     return {
         "images": images,
+        "items": images,
+        "seconds": steady_s,
         "steady_s": steady_s,
         "ips": images / steady_s,  # aggregate over ranks / slowest rank
+        "cpu_per_item": sum(r["proc_cores"] * r["steady_s"] for r in ranks) / images,
         "proc_cores": proc,
         "other_cores": max(r["machine_cores"] for r in ranks) - proc,
         "threads": "+".join(str(r["threads"]) for r in ranks),
@@ -340,7 +313,7 @@ def run_trainer(cfg, data_ref, steps: int, warmup: int, tmp: Path, tag: str) -> 
 def run_gpu(args) -> dict:
     """``tiny_vit_5m_224`` at 224 px: bf16 autocast vs fp32 (plain ``fit``), interleaved."""
     import torch
-    from raylens.train.loop import Hooks
+    from raylens.loop import Hooks
 
     device = torch.device(args.gpu_device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -349,27 +322,33 @@ def run_gpu(args) -> dict:
     images, labels = make_batches(args.distinct, bs, 224)
     images, labels = images.to(device), labels.to(device)  # no host->device copies timed
     order = [i % args.distinct for i in range(args.gpu_steps)]
-    rates: dict[str, list[float]] = {"bf16": [], "off": []}
-    for rnd in range(args.gpu_reps):
-        for amp in rates:
-            cfg = load_cfg(
-                "model.backbone=tiny_vit_5m_224",
-                "data.image_size=224",
-                f"data.batch_size={bs}",
-                f"train.amp={amp}",
-            )
-            r = timed_fit(
-                new_model(cfg, device),
-                cfg,
-                images,
-                labels,
-                order,
-                args.gpu_warmup,
-                device,
-                Hooks(log=lambda m: None),
-            )  # fit's per-step loss.item() synchronizes, so the stamps are step ends
-            rates[amp].append(r["ips"])
-            log(f"gpu round {rnd} amp={amp}: {r['ips']:,.0f} img/s")
+
+    def one(amp: str) -> dict:
+        cfg = load_cfg(
+            "model.backbone=tiny_vit_5m_224",
+            "data.image_size=224",
+            f"data.batch_size={bs}",
+            f"train.amp={amp}",
+        )
+        return timed_fit(
+            new_model(cfg, device),
+            cfg,
+            images,
+            labels,
+            order,
+            args.gpu_warmup,
+            device,
+            Hooks(log=lambda m: None),
+        )  # fit's per-step loss.item() synchronizes, so the stamps are step ends
+
+    amps = ["bf16", "off"]
+    runs, _ = harness.interleave(
+        {amp: lambda amp=amp: one(amp) for amp in amps},
+        args.gpu_reps,
+        order=lambda rnd: amps,
+        unit="images",
+    )
+    rates = {amp: [r["ips"] for r in runs[amp]] for amp in amps}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     return {"device": name, "batch_size": bs, "rates": rates}
 
@@ -385,46 +364,19 @@ LABELS = {
 }
 
 
-def median(xs):
-    xs = list(xs)
-    return statistics.median(xs) if xs else float("nan")
-
-
-def machine_line(gpu: dict | None) -> str:
-    from ingest import machine_info  # benchmarks/ingest.py (this script's directory)
-
-    i = machine_info()
-    return (
-        f"{i['nproc']} CPUs ({i['cpu']}), {i['ram_gib']} GiB RAM, "
-        f"{gpu['device'] if gpu else 'no GPU'}; Python {i['python']}, Ray {i['ray']}, "
-        f"torch {i['torch']}, pyarrow {i['pyarrow']}; {i['os']}"
-    )
-
-
 def ratios(runs: dict, tag: str, base: str = "plain") -> dict:
-    """``tag`` vs ``base``: ratio of medians, per-round ratios, ratio of the best windows."""
-    med = {k: median(r["ips"] for r in v) for k, v in runs.items()}
-    paired = [t["ips"] / b["ips"] for b, t in zip(runs[base], runs[tag], strict=False)]
-    return {
-        "medians": med[tag] / med[base],
-        "paired": paired,
-        "best": max(r["ips"] for r in runs[tag]) / max(r["ips"] for r in runs[base]),
-    }
+    """``tag`` vs ``base``: ``harness.compare`` of their windows (``ips``: ratio of medians,
+    ``paired``: per-round ratios, ``best``: of the best windows, ``cpu_per_item``)."""
+    return harness.compare(runs[base], runs[tag])
 
 
-def render(args, date, machine, runs, gpu, notes) -> str:
+def render(args, date, runs, gpu, notes) -> str:
     fmt = lambda xs: ", ".join(f"{x:,.0f}" for x in xs)  # noqa: E731
-    cmd = ".venv/bin/python benchmarks/train_overhead.py " + " ".join(args.argv)
     bs = args.batch_size
     t1 = runs["1w"][0]
     lines = [
-        SECTION,
-        "",
-        f"Command: `{cmd.strip()}`  ",
-        f"Date: {date}  ",
-        f"Machine: {machine}",
-        "",
-        f"Workload: `raylens.train.loop.fit`, one epoch of {args.steps} steps per window, on the "
+        *harness.heading(SECTION, args.argv, date=date, gpu=gpu and gpu["device"]),
+        f"Workload: `raylens.loop.fit`, one epoch of {args.steps} steps per window, on the "
         "CPU default of `jobs/configs/fashion_mnist.yaml` (`vgg_s32` + linear head, 10 classes, "
         f"28 px, channels_last, bf16 autocast, AdamW + cosine), batch {bs}, over {args.distinct} "
         f"fixed random batches `[{bs}, 3, 28, 28]` held in memory (no ingest); a fresh model "
@@ -436,9 +388,10 @@ def render(args, date, machine, runs, gpu, notes) -> str:
         f"every round; 2w in the first {len(runs.get('2w', []))}); medians.",
         "",
         "| variant | median steady images/s | windows (images/s) | torch threads (nice) "
-        "| CPU cores used by the training process(es) | other busy CPU on the machine (cores) "
+        "| CPU cores used by the training process(es) | CPU-ms per image (median) "
+        "| other busy CPU on the machine (cores) "
         "| median start-up | median `fit()` wall incl. start-up (images/s over all steps) |",
-        "|---|---:|---|---|---:|---:|---:|---:|",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for v, rs in runs.items():
         r0 = rs[0]
@@ -447,11 +400,12 @@ def render(args, date, machine, runs, gpu, notes) -> str:
         lines.append(
             f"| {LABELS[v]} | {median(r['ips'] for r in rs):,.0f} | {fmt(r['ips'] for r in rs)} "
             f"| {r0['threads']} ({r0['nice']}) | {median(r['proc_cores'] for r in rs):.2f} | "
+            f"{1000 * median(r['cpu_per_item'] for r in rs):.3f} | "
             f"{median(r['other_cores'] for r in rs):.2f} | {startup} | "
             f"{wall:.1f} s ({args.steps * bs / wall:,.0f}) |"
         )
     r1 = ratios(runs, "1w")
-    verdict = "met" if r1["medians"] >= TARGET else "not met"
+    verdict = "met" if r1["ips"] >= TARGET else "not met"
     lines += [
         "",
         f"Resource plans: 1w {t1['plan']}"
@@ -461,17 +415,18 @@ def render(args, date, machine, runs, gpu, notes) -> str:
         "",
         "| ratio | value | target | |",
         "|---|---:|---:|---|",
-        f"| 1w / plain (medians) | {r1['medians']:.3f} | >= {TARGET:g} | {verdict} |",
-        f"| 1w / plain (median of per-round ratios) | {median(r1['paired']):.3f} | | |",
+        f"| 1w / plain (medians) | {r1['ips']:.3f} | >= {TARGET:g} | {verdict} |",
+        f"| 1w / plain (median of per-round ratios) | {r1['paired_median']:.3f} | | |",
         f"| 1w / plain (best window of each) | {r1['best']:.3f} | | |",
+        f"| 1w / plain, CPU per image (medians) | {r1['cpu_per_item']:.3f} | report only | |",
     ]
     if "thread" in runs:
         lines.append(
-            f"| plain in a thread / plain (medians) | {ratios(runs, 'thread')['medians']:.3f} | | |"
+            f"| plain in a thread / plain (medians) | {ratios(runs, 'thread')['ips']:.3f} | | |"
         )
     if "2w" in runs:
         r2 = ratios(runs, "2w")
-        lines.append(f"| 2w (aggregate) / plain (medians) | {r2['medians']:.3f} | report only | |")
+        lines.append(f"| 2w (aggregate) / plain (medians) | {r2['ips']:.3f} | report only | |")
     lines += [
         "",
         f"Per-round 1w / plain: {', '.join(f'{x:.3f}' for x in r1['paired'])}.",
@@ -500,11 +455,6 @@ def render(args, date, machine, runs, gpu, notes) -> str:
         ]
     lines += ["Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replaces this script's section of ``path`` (appends it if absent); others kept."""
-    results_md.write_section(path, SECTION, text)
 
 
 def default_notes(args, runs, discarded) -> list[str]:
@@ -548,8 +498,8 @@ def default_notes(args, runs, discarded) -> list[str]:
             "(gloo); aggregate = all ranks' steady images / the slowest rank's steady time. "
             "Two workers on 2 cores have no more CPU than one, so no speedup is expected."
         )
-    if r1["medians"] < TARGET:
-        notes.append(f"Target 1w / plain >= {TARGET:g} NOT MET ({r1['medians']:.3f}).")
+    if r1["ips"] < TARGET:
+        notes.append(f"Target 1w / plain >= {TARGET:g} NOT MET ({r1['ips']:.3f}).")
     return notes
 
 
@@ -585,10 +535,7 @@ def main() -> int:
     p.add_argument("--gpu-warmup", type=int, default=10)
     p.add_argument("--gpu-reps", type=int, default=3)
     p.add_argument("--gpu-batch-size", type=int, default=128)
-    p.add_argument("--write", action="store_true", help="write the section into --out")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "RESULTS.md"))
-    p.add_argument("--json", help="also write raw results as JSON here")
-    p.add_argument("--note", action="append", default=[], help="extra note for RESULTS.md")
+    harness.add_output_args(p, out=True)
     args = p.parse_args()
     args.argv = sys.argv[1:]
     if not 0 < args.warmup < args.steps:
@@ -600,11 +547,10 @@ def main() -> int:
 
     import ray
     import torch
-    from raylens.train.launch import init_ray
+    from raylens.runtime.launch import init_ray
 
-    date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
-    tmp = Path(tempfile.mkdtemp(prefix="raylens-overhead-"))
-    try:
+    date = harness.utc_date()
+    with harness.scratch("raylens-overhead-") as tmp:
         gpu = run_gpu(args) if args.gpu else None
         cfg1 = load_cfg(f"data.batch_size={args.batch_size}", "ray.num_workers=1")
         cfg2 = load_cfg(f"data.batch_size={args.batch_size}", "ray.num_workers=2")
@@ -617,54 +563,54 @@ def main() -> int:
         variants = ["plain", "1w"]
         variants += [] if args.no_two_workers else ["2w"]
         variants += ["thread"] if args.diagnose else []
-        runs: dict[str, list[dict]] = {v: [] for v in variants}
         discarded: dict[str, list[dict]] = {v: [] for v in variants}
-        for rnd in range(args.reps):
-            order = [v for v in variants if v != "2w" or rnd < args.reps_2w]
+        tags = itertools.count()
+
+        def order(rnd: int) -> list[str]:
+            """2w in the first --reps-2w rounds; plain / 1w swapped every other round."""
+            todo = [v for v in variants if v != "2w" or rnd < args.reps_2w]
             if rnd % 2:
-                order[0], order[1] = order[1], order[0]
-            for v in order:
-                for attempt in range(args.retries + 1):
-                    bg = wait_quiet(
-                        args.quiet_max, args.quiet_wait if not attempt else args.retry_wait
+                todo[0], todo[1] = todo[1], todo[0]
+            return todo
+
+        def window(v: str) -> dict:
+            """One window of ``v``, repeated (up to --retries) while others disturb it."""
+            for attempt in range(args.retries + 1):
+                bg = harness.wait_quiet(
+                    args.quiet_max, args.quiet_wait if not attempt else args.retry_wait
+                )
+                if v in ("plain", "thread"):
+                    r = run_plain(cfg1, images, labels, args.steps, args.warmup, v == "thread")
+                else:
+                    cfg = cfg1 if v == "1w" else cfg2
+                    r = run_trainer(
+                        cfg, data_ref, args.steps, args.warmup, tmp, f"{v}-{next(tags)}"
                     )
-                    if v in ("plain", "thread"):
-                        r = run_plain(cfg1, images, labels, args.steps, args.warmup, v == "thread")
-                    else:
-                        cfg = cfg1 if v == "1w" else cfg2
-                        tag = f"{v}-{rnd}-{attempt}"
-                        r = run_trainer(cfg, data_ref, args.steps, args.warmup, tmp, tag)
-                    r["idle_probe_cores"] = bg
-                    r["disturbed"] = r["other_cores"] > args.max_other
-                    extra = f", start-up {r['startup_s']:.1f} s" if "startup_s" in r else ""
-                    log(
-                        f"round {rnd} {v}: {r['ips']:,.0f} img/s steady (threads "
-                        f"{r['threads']}, nice {r['nice']}, training CPU {r['proc_cores']:.2f} "
-                        f"cores, other {r['other_cores']:.2f}, wall {r['wall_s']:.1f} s{extra}, "
-                        f"load before {bg:.2f})" + (" DISTURBED" if r["disturbed"] else "")
-                    )
-                    if not r["disturbed"] or attempt == args.retries:
-                        break
-                    discarded[v].append(r)
-                runs[v].append(r)
+                r["idle_probe_cores"] = bg
+                r["disturbed"] = r["other_cores"] > args.max_other
+                extra = f", start-up {r['startup_s']:.1f} s" if "startup_s" in r else ""
+                log(
+                    f"{v}: {r['ips']:,.0f} img/s steady (threads "
+                    f"{r['threads']}, nice {r['nice']}, training CPU {r['proc_cores']:.2f} "
+                    f"cores, other {r['other_cores']:.2f}, wall {r['wall_s']:.1f} s{extra}, "
+                    f"load before {bg:.2f})" + (" DISTURBED" if r["disturbed"] else "")
+                )
+                if not r["disturbed"] or attempt == args.retries:
+                    return r
+                discarded[v].append(r)
+            raise AssertionError("unreachable")
+
+        runs, _ = harness.interleave(
+            {v: lambda v=v: window(v) for v in variants}, args.reps, order=order, verbose=False
+        )
         runs = {k: v for k, v in runs.items() if v}
-        log(f"1w / plain = {ratios(runs, '1w')['medians']:.3f} (medians)")
+        log(f"1w / plain = {ratios(runs, '1w')['ips']:.3f} (medians)")
 
         notes = default_notes(args, runs, discarded) + args.note
-        text = render(args, date, machine_line(gpu), runs, gpu, notes)
-        print(text)
-        if args.write:
-            write_section(Path(args.out), text)
-            log(f"wrote {args.out}")
-        if args.json:
-            Path(args.json).write_text(
-                json.dumps({"runs": runs, "discarded": discarded, "gpu": gpu}, indent=1)
-            )
+        text = render(args, date, runs, gpu, notes)
+        harness.emit(SECTION, text, args.write, args.out)
+        harness.dump(args.json, {"runs": runs, "discarded": discarded, "gpu": gpu})
         return 0
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

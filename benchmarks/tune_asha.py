@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import harness  # benchmarks/harness.py (the script's own folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import results_md  # noqa: E402
 
 SECTION = "## Tune: ASHA vs FIFO (benchmarks/tune_asha.py)"
 
@@ -73,7 +72,7 @@ def main() -> None:
         help="train.precise_bn_batches (0: validate with BatchNorm running statistics)",
     )  # fmt: skip
     p.add_argument("--output-dir", default=str(REPO / "runs" / "bench-tune"))
-    p.add_argument("--write", action="store_true", help="replace this section of RESULTS.md")
+    harness.add_output_args(p)
     args = p.parse_args()
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     pairs = []  # (seed, asha summary, asha s, fifo summary, fifo s)
@@ -82,9 +81,9 @@ def main() -> None:
         asha, asha_s = sweep(f"asha{sfx}", "asha", seed, args, retrain=k == 0)
         fifo, fifo_s = sweep(f"fifo{sfx}", "fifo", seed, args, retrain=False)
         pairs.append((seed, asha, asha_s, fifo, fifo_s))
-        print(f"[bench] seed {seed}: ASHA {asha['trial_epochs']} trial-epochs, best "
-              f"{asha['best']['value']:.4f}; FIFO {fifo['trial_epochs']}, best "
-              f"{fifo['best']['value']:.4f}", flush=True)  # fmt: skip
+        harness.log(f"seed {seed}: ASHA {asha['trial_epochs']} trial-epochs, best "
+                    f"{asha['best']['value']:.4f}; FIFO {fifo['trial_epochs']}, best "
+                    f"{fifo['best']['value']:.4f}")  # fmt: skip
     asha = pairs[0][1]
     saved = 1 - sum(p[1]["trial_epochs"] for p in pairs) / sum(p[3]["trial_epochs"] for p in pairs)
     gaps = [100 * (p[3]["best"]["value"] - p[1]["best"]["value"]) for p in pairs]
@@ -92,11 +91,7 @@ def main() -> None:
     test = asha["retrained"]["test"]
     seeds = ", ".join(str(s) for s in args.seeds)
     lines = [
-        SECTION,
-        "",
-        f"`{' '.join(['.venv/bin/python', 'benchmarks/tune_asha.py', *sys.argv[1:]])}` on "
-        f"{platform.node() or 'this machine'} ({platform.processor() or platform.machine()}, "
-        f"{__import__('os').cpu_count()} cores), {time.strftime('%Y-%m-%d')}. "
+        *harness.heading(SECTION),
         f"{args.trials} trials of `tune_spaces/classify.yaml`, TPE seed(s) {seeds}, vgg_s8 on "
         f"Fashion-MNIST, {args.epochs} epochs of {args.steps} steps x 256 images; ASHA "
         f"grace {args.grace} epochs, reduction factor {args.rf:g}; one trial at a time; validation "
@@ -132,7 +127,7 @@ def main() -> None:
         "shared machine; trial-epochs are the comparable cost.",
         "",
     ]
-    results_md.emit(SECTION, lines, args.write)
+    harness.emit(SECTION, lines, args.write)
 
 
 if __name__ == "__main__":
