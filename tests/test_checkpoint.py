@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
+from raylens.checkpoint import load_checkpoint, save_checkpoint
 from raylens.storage import Storage
-from raylens.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _setup(seed=0):

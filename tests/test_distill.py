@@ -178,7 +178,7 @@ def test_teacher_pass_check_replay_and_stored_distillation(ray_session, teacher_
     assert report["index_mismatch_rate"] == 0.0 and report["mean_abs_prob_error"] < 1e-3
     # a student with k' < k reads the first k' columns (the store keeps top-k highest first)
     import ray
-    from raylens.data.ingest import build_split
+    from raylens.runtime.ingest import build_split
     from raylens.train.run import absolute_paths, distill_setup
 
     k1 = absolute_paths(_distill_cfg(base, teacher, store, "run.name=k1", "distill.topk=1"))

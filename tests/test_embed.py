@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import s3_storage
 from raylens import config as C
+from raylens.checkpoint import save_checkpoint
 from raylens.data.images import decode_rgb
 from raylens.data.transforms import ImageTransform
 from raylens.infer.embed import MANIFEST, WRITER, NotCommitted, commit, embed, load_manifest
@@ -23,7 +24,6 @@ from raylens.models.classifier import build_model
 from raylens.predict import Predictor, resolve_model
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
-from raylens.train.checkpoint import save_checkpoint
 from sourcegen import prepare_quiet, read_prepared, write_manifest
 
 import jobs.embed as job
@@ -77,7 +77,7 @@ def data(tmp_path_factory):
 
 def reference(run: str, images: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """The run's checkpoint forward, fp32, without raylens.predict: (features, logits)."""
-    from raylens.train.checkpoint import load_checkpoint
+    from raylens.checkpoint import load_checkpoint
 
     cfg = C.load(RunConfig, Storage().read_text(join(run, "config.yaml")))
     model = build_model(cfg.model, 3)

@@ -10,9 +10,9 @@ import pytest
 import yaml
 from conftest import s3_storage
 from raylens import config as C
+from raylens.checkpoint import load_checkpoint
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
-from raylens.train.checkpoint import load_checkpoint
 from raylens.train.run import finetune
 from sourcegen import prepare_quiet, write_folder, write_manifest
 

@@ -14,8 +14,8 @@ import ray
 import torch
 from conftest import s3_storage
 from raylens import config as C
-from raylens.data.ingest import TorchCollate, build_split, clear_ingest_failures, ingest_failures
 from raylens.data.transforms import sample_seed
+from raylens.runtime.ingest import TorchCollate, build_split, clear_ingest_failures, ingest_failures
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
 from sourcegen import CLASSES, prepare_quiet, write_folder
@@ -172,7 +172,7 @@ def test_raw_folder_is_readable_without_prepare(ray_session, prepared):
 @pytest.mark.timeout(300)
 def test_two_train_workers_on_two_cpus_finish(ray_session, seaweed, tmp_path):
     """ray.init(num_cpus=2) + TorchTrainer(2 workers) + Ray Data: hangs unless budgeted."""
-    from raylens.train.launch import build_trainer, ingest_check_loop
+    from raylens.runtime.launch import build_trainer, ingest_check_loop
 
     assert ray_session.cluster_resources()["CPU"] == 2
     bucket = f"dl-{uuid.uuid4().hex[:8]}"

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
+from raylens.loop import Hooks, fit, make_task, precise_bn, warmup_cosine
 from raylens.schema import TaskConfig, TrainConfig
-from raylens.train.loop import Hooks, fit, make_task, precise_bn, warmup_cosine
 from torch import nn
 
 DEV = torch.device("cpu")

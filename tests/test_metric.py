@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from imagegen import class_image
 from raylens import config as C
 from raylens.infer.features import ensure_cache, load_features, plan_cache
+from raylens.loop import build_optimizer
 from raylens.models.backbones import UnknownBackbone
 from raylens.models.fusion import FUSION_SIZES, FusionModel, GatingHead, fusion_sizes
 from raylens.schema import RunConfig
@@ -24,7 +25,6 @@ from raylens.tasks.metric import (
     ncm_topk,
     retrieval_metrics,
 )
-from raylens.train.loop import build_optimizer
 from raylens.train.metric_run import build_fusion, metric_learn, prepare_data
 from sourcegen import prepare_quiet
 
@@ -321,7 +321,7 @@ def test_metric_run_trains_and_writes_prototypes_projection_and_metrics(ray_sess
     assert [c["hit"] for c in again["cache"]] == [True, True]
     # the embed job with the metric run: one row per image (all classes, all splits), its
     # metadata, and embeddings equal to the fusion model over the cached features
-    from raylens.train.checkpoint import load_checkpoint
+    from raylens.checkpoint import load_checkpoint
     from raylens.train.metric_run import embed_all
 
     import jobs.embed as embed_job
@@ -357,7 +357,7 @@ def test_metric_run_trains_and_writes_prototypes_projection_and_metrics(ray_sess
 
 @pytest.mark.ray
 def test_data_classes_selects_a_class_subset_relabelled(ray_session, dataset):
-    from raylens.data.ingest import build_split
+    from raylens.runtime.ingest import build_split
 
     cfg = C.load(
         RunConfig,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from raylens.config import ConfigError
+from raylens.runtime.resources import plan_resources
 from raylens.schema import RayConfig
-from raylens.train.resources import plan_resources
 
 
 def test_two_cpus_two_workers_leave_a_cpu_for_data():

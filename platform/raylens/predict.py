@@ -27,12 +27,12 @@ import torch
 from torch import nn
 
 from raylens import config as C
+from raylens.checkpoint import STATE, load_checkpoint
 from raylens.data.transforms import ImageTransform, decode_and_transform, normalize
 from raylens.models.backbones import BACKBONES, HF_PREFIX, Backbone, create_backbone
 from raylens.models.classifier import Classifier, build_model
 from raylens.schema import DataConfig, ModelConfig, RunConfig
 from raylens.storage import Storage, join, split_uri
-from raylens.train.checkpoint import STATE, load_checkpoint
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -304,7 +304,7 @@ def build_dataset(plan: EmbedPlan, storage: Storage) -> ray.data.Dataset:
     rows_per_batch = plan.model.data.decode_rows()
     if plan.shards is not None:
         fs, _ = storage.resolve(plan.shards[0])
-        # The V1 Parquet read splits shards by row group (see raylens.data.ingest.read_prepared).
+        # The V1 Parquet read splits shards by row group (see raylens.runtime.ingest.read_prepared).
         ctx = ray.data.DataContext.get_current()
         use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
         try:

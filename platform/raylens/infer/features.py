@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from raylens.infer.embed import EmbedPlan, load_manifest, plan_embed, run_embed
+from raylens.models.backbones import parse_backbone_spec
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
 
@@ -49,14 +50,6 @@ class CacheEntry:
     plan: EmbedPlan
     identity: dict[str, Any]
     hit: bool = False
-
-
-def parse_backbone(spec: str) -> tuple[str, str | None]:
-    """``name`` or ``name@weights-uri`` (a weights file/dir for a registered/timm/hf name)."""
-    if "@" in spec and not spec.startswith(("s3://", "gs://", "/", ".")):
-        name, weights = spec.split("@", 1)
-        return name, weights or None
-    return spec, None
 
 
 def _slug(spec: str) -> str:
@@ -127,7 +120,7 @@ def plan_cache(cfg: RunConfig, storage: Storage | None = None) -> list[CacheEntr
         raise ValueError("config key 'metric.backbones': expected at least one frozen backbone")
     entries = []
     for spec in m.backbones:
-        name, weights = parse_backbone(spec)
+        name, weights = parse_backbone_spec(spec)
         embed = dataclasses.replace(
             cfg.embed,
             model=name,

@@ -131,7 +131,7 @@ class FusionModel(nn.Module):
 
     def lr_multipliers(self) -> dict[str, float]:
         """Parameter-name prefixes with their own learning-rate multiplier (see
-        :func:`raylens.train.loop.build_optimizer`): the proxies, as in Proxy-Anchor."""
+        :func:`raylens.loop.build_optimizer`): the proxies, as in Proxy-Anchor."""
         mult = getattr(self.criterion, "lr_mult", None)
         return {"criterion.": float(mult)} if self.criterion is not None and mult else {}
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from raylens.models.backbones import Backbone, Preprocess, register_backbone
+from raylens.models._registry import register_backbone
+from raylens.models.base import Backbone, Preprocess, local_weights
 
 FMNIST_MEAN, FMNIST_STD = (0.286, 0.286, 0.286), (0.353, 0.353, 0.353)
 
@@ -48,9 +49,7 @@ def _vgg_small(width: int):
         if weights:
             from safetensors.torch import load_file
 
-            from raylens.models.backbones import _local_weights
-
-            net.load_state_dict(load_file(_local_weights(weights, storage)))
+            net.load_state_dict(load_file(local_weights(weights, storage)))
         return Backbone(
             f"vgg_s{width}",
             net,

@@ -30,14 +30,14 @@ import numpy as np
 import torch
 
 from raylens import config as C
+from raylens.checkpoint import load_checkpoint
 from raylens.data.images import ImageRejected, decode_rgb
-from raylens.infer.features import parse_backbone
+from raylens.models.backbones import parse_backbone_spec
 from raylens.models.fusion import build_fusion, l2_concat
 from raylens.predict import Predictor, is_run_dir_spec, resolve_model, run_checkpoint
 from raylens.schema import RunConfig
 from raylens.serving.settings import ModelEntry
 from raylens.storage import Storage, join, split_uri
-from raylens.train.checkpoint import load_checkpoint
 
 Kind = Literal["classifier", "multilabel", "metric", "backbone"]
 
@@ -190,7 +190,7 @@ def _load_metric(
     m = rcfg.metric
     predictors = []
     for spec in m.backbones:
-        name, weights = parse_backbone(spec)
+        name, weights = parse_backbone_spec(spec)
         mcfg = dataclasses.replace(rcfg.model, backbone=name, weights=weights)
         source = resolve_model(
             name, storage, model_cfg=mcfg, image_size=m.image_size, seed=rcfg.run.seed

@@ -2,7 +2,7 @@
 
 The driver fills the feature cache (:mod:`raylens.infer.features`), reads the features
 once and puts them in the object store; Train workers read features, not images, and run
-the same loop as every task (:func:`raylens.train.loop.fit`: early stopping, validation
+the same loop as every task (:func:`raylens.loop.fit`: early stopping, validation
 every N steps, best checkpoint). Held-out protocol: ``metric.train_classes`` are trained
 on (their train split; their val split selects the checkpoint); the other classes are
 never seen and are evaluated by retrieval only.
@@ -34,15 +34,17 @@ import ray.train.torch
 import torch
 
 from raylens import config as C
+from raylens.checkpoint import load_checkpoint
 from raylens.infer.features import (
     FeatureTable,
     ensure_cache,
     load_features,
-    parse_backbone,
     plan_cache,
 )
-from raylens.models.backbones import HF_PREFIX
+from raylens.loop import Task, check_best_metric
+from raylens.models.backbones import HF_PREFIX, parse_backbone_spec
 from raylens.models.fusion import FusionModel, build_fusion, l2_concat
+from raylens.runtime.launch import build_trainer
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join, split_uri
 from raylens.tasks.metric import (
@@ -52,9 +54,6 @@ from raylens.tasks.metric import (
     ncm_accuracy,
     retrieval_metrics,
 )
-from raylens.train.checkpoint import load_checkpoint
-from raylens.train.launch import build_trainer
-from raylens.train.loop import Task, check_best_metric
 from raylens.train.run import (
     absolute_paths,
     fit_on_worker,
@@ -200,7 +199,7 @@ def _abs_metric(cfg: RunConfig) -> RunConfig:
         return path if scheme == "file" else uri
 
     def backbone(spec: str) -> str:
-        name, weights = parse_backbone(spec)
+        name, weights = parse_backbone_spec(spec)
         if "/" in name and not name.startswith(HF_PREFIX):  # a run dir
             name = local(name)
         return name if not weights else f"{name}@{local(weights)}"

@@ -32,21 +32,21 @@ import torch.distributed as dist
 import yaml
 
 from raylens import config as C
-from raylens.data.ingest import (
+from raylens.checkpoint import load_checkpoint, save_checkpoint
+from raylens.loop import Hooks, evaluate, fit, make_distill_task, make_task
+from raylens.models.classifier import build_model
+from raylens.report import Samples, write_report
+from raylens.runtime.ingest import (
     DatasetInfo,
     EpochClock,
     TeacherTargets,
     TorchCollate,
     build_split,
 )
-from raylens.models.classifier import build_model
-from raylens.report import Samples, write_report
+from raylens.runtime.launch import build_trainer
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join, split_uri
-from raylens.train.checkpoint import load_checkpoint, save_checkpoint
 from raylens.train.events import EventLog
-from raylens.train.launch import build_trainer
-from raylens.train.loop import Hooks, evaluate, fit, make_distill_task, make_task
 from raylens.train.teacher import TeacherInput, load_teacher
 
 

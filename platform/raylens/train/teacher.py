@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from raylens import config as C
+from raylens.checkpoint import load_checkpoint
 from raylens.data import teacher_store as TS
 from raylens.data.prepare import load_card
 from raylens.data.transforms import (
@@ -38,7 +39,6 @@ from raylens.models.classifier import Classifier, build_model
 from raylens.schema import RunConfig, StorageConfig
 from raylens.storage import Storage, join
 from raylens.tasks.distill import topk_sparse
-from raylens.train.checkpoint import load_checkpoint
 
 
 def load_teacher(run_dir: str, storage: Storage) -> tuple[Classifier, RunConfig, list[str]]:
@@ -97,7 +97,7 @@ class TeacherTopK:
 
 def teacher_pass(cfg: RunConfig, storage: Storage, log=print) -> dict[str, Any]:
     """Writes the store ``distill.store``; returns its card."""
-    from raylens.data.ingest import build_split  # Ray layer
+    from raylens.runtime.ingest import build_split  # Ray layer
 
     d = cfg.distill
     if not d.store:

@@ -44,9 +44,9 @@ import ray
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from raylens import config as C
+from raylens.loop import lower_is_better
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join, split_uri
-from raylens.train.loop import lower_is_better
 from raylens.tune.space import Space
 
 

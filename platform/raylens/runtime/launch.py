@@ -1,6 +1,6 @@
 """Ray wiring: build a ``TorchTrainer`` on a budgeted cluster.
 
-The budget (:mod:`raylens.train.resources`) guarantees Ray Data keeps CPUs while the
+The budget (:mod:`raylens.runtime.resources`) guarantees Ray Data keeps CPUs while the
 train workers run, so ingest can't starve (no deadlock on a 2-CPU machine).
 """
 
@@ -17,8 +17,8 @@ from ray.train import DataConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
+from raylens.runtime.resources import ResourcePlan, plan_resources
 from raylens.schema import RayConfig, RunConfig
-from raylens.train.resources import ResourcePlan, plan_resources
 
 log = logging.getLogger("raylens")
 
@@ -97,7 +97,7 @@ def ingest_check_loop(config: dict) -> None:
 
     import torch
 
-    from raylens.data.ingest import TorchCollate
+    from raylens.runtime.ingest import TorchCollate
 
     data = config["data"]
     shard = ray.train.get_dataset_shard(config.get("dataset", "train"))

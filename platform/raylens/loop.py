@@ -312,7 +312,7 @@ def fit(
     Args:
         train_batches: ``epoch -> batches`` (dicts with ``image`` and the task's target).
         steps_per_epoch: micro-batches per epoch on this worker (sizes the schedule).
-        resume: a loaded checkpoint (``raylens.train.checkpoint.load_checkpoint``) to continue.
+        resume: a loaded checkpoint (``raylens.checkpoint.load_checkpoint``) to continue.
     Returns:
         The final loop state (history of per-epoch metrics, best metric and epoch).
     """
