@@ -6,7 +6,7 @@
 Same student (``--student``, default vgg_s8 as in jobs/configs/distill_fashion_mnist.yaml),
 same teacher (``--teacher``, default vgg_s32, the CPU default; random init: the cost does
 not depend on the weights), same in-memory batches, same loop (``raylens.loop.fit``
-with ``make_distill_task``): stored mode reads each batch's top-k targets, online mode runs
+with the ``distill`` task): stored mode reads each batch's top-k targets, online mode runs
 the teacher forward on every step. Rounds interleave (stored, online, ...) and medians are
 compared, because the machine is shared. Also reports the bytes a sample and epoch of a real
 store (``--store``), vs 4 + 4k, and, with ``--runs``, the end-to-end training images/s
@@ -17,15 +17,17 @@ store (``--store``), vs 4 + 4k, and, with ``--runs``, the end-to-end training im
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
 import harness  # benchmarks/harness.py (the script's own folder is on sys.path)
 import torch
 from raylens import config as C
-from raylens.loop import Hooks, fit, make_distill_task
+from raylens.loop import Hooks, fit
 from raylens.models.classifier import build_model
 from raylens.schema import RunConfig
+from raylens.tasks import create_task
 from raylens.tasks.distill import topk_sparse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +39,8 @@ def run(mode: str, batches: list[dict], teacher, steps: int, cfg: RunConfig) -> 
     (images/s, CPU-s per image)."""
     torch.manual_seed(0)
     student = build_model(cfg.model, 10)
-    task = make_distill_task(cfg.distill, 10, teacher if mode == "online" else None)
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="distill"))
+    task = create_task(cfg, 10, teacher=teacher if mode == "online" else None)
     meter: list[harness.Meter] = []
     out: list[dict] = []
 

@@ -14,7 +14,7 @@ and runs ``fit`` for one epoch of S steps. The only difference is the runner:
   plain   ``fit`` in this process's main thread, ``Hooks()`` (no Ray in the loop);
   1w      one ``TorchTrainer.fit()`` from ``build_trainer`` (``ray.init(num_cpus=3)`` via
           ``init_ray``: the demo's ``ray.local_num_cpus: 3``) whose worker does what
-          ``raylens.train.run.train_worker`` does: ``prepare_model``, ``fit`` with DDP-ready
+          ``raylens.train.images.train_worker`` does: ``prepare_model``, ``fit`` with DDP-ready
           hooks, ``ray.train.report`` at the epoch end;
   2w      the same with ``ray.num_workers=2`` (DDP, gloo): the same batches split between
           the ranks (rank r takes every 2nd one); aggregate images/s;
@@ -115,7 +115,8 @@ def timed_fit(model, cfg, images, labels, order, warmup, device, hooks) -> dict:
     epoch-end validation and report).
     """
     import torch
-    from raylens.loop import fit, make_task
+    from raylens.loop import fit
+    from raylens.tasks import create_task
 
     marks: list[float] = []
     cpu: list[tuple[float, float]] = []  # (this process's CPU s, machine busy CPU s)
@@ -136,7 +137,7 @@ def timed_fit(model, cfg, images, labels, order, warmup, device, hooks) -> dict:
     t0 = time.perf_counter()
     fit(
         model,
-        make_task(cfg.task, NUM_CLASSES),
+        create_task(cfg, NUM_CLASSES),
         cfg.train,
         train_batches=train_batches,
         val_batches=lambda: val,
@@ -174,7 +175,7 @@ def timed_fit(model, cfg, images, labels, order, warmup, device, hooks) -> dict:
 
 
 def new_model(cfg, device):
-    """``build_model`` + channels_last, as ``raylens.train.run.train_worker`` does."""
+    """``build_model`` + channels_last, as ``raylens.train.images.train_worker`` does."""
     import torch
     from raylens.models.classifier import build_model
 
@@ -218,7 +219,7 @@ def run_plain(cfg, images, labels, steps: int, warmup: int, in_thread: bool = Fa
 
 
 def trainer_worker(config: dict) -> None:
-    """Ray Train worker: ``raylens.train.run.train_worker``'s model/hooks set-up, fixed batches.
+    """Ray Train worker: ``raylens.train.images.train_worker``'s model/hooks set-up, fixed batches.
 
     Writes ``<out>/rank-<r>.json`` with the in-worker timings (wall-clock stamps too).
     """

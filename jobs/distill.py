@@ -1,5 +1,6 @@
-"""Distil a teacher into a student with Ray Train: the fine-tune loop, trained against the
-teacher's targets, validated and tested on hard labels.
+"""Distil a teacher into a student with Ray Train: ``jobs.finetune`` with ``task.name=distill``
+(the fine-tune loop, trained against the teacher's targets, validated and tested on hard
+labels).
 
     python -m jobs.teacher_logits --config jobs/configs/distill_fashion_mnist.yaml  # once
     python -m jobs.distill --config jobs/configs/distill_fashion_mnist.yaml [key=value ...]

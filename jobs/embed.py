@@ -41,7 +41,7 @@ def _exit_codes() -> dict:
 
 def _embed(cfg: RunConfig, _flags) -> dict:
     from raylens.infer.embed import MANIFEST, plan_embed, run_embed
-    from raylens.train.metric_run import is_metric_run, plan_metric_embed, run_metric_embed
+    from raylens.infer.metric_embed import is_metric_run, plan_metric_embed, run_metric_embed
 
     storage = Storage(cfg.storage)
     metric = is_metric_run(cfg.embed.model, storage)

@@ -2,6 +2,7 @@
 
     python -m jobs.finetune --config jobs/configs/fashion_mnist.yaml [key=value ...]
     python -m jobs.finetune --config jobs/configs/metric_fashion_mnist.yaml  # task.name=metric
+    python -m jobs.finetune --config jobs/configs/distill_fashion_mnist.yaml # task.name=distill
     ray job submit --working-dir . -- python -m jobs.finetune --config jobs/configs/<x>.yaml
 
 Re-running with the same run.name resumes from the run's last checkpoint.
@@ -9,13 +10,14 @@ Re-running with the same run.name resumes from the run's last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from raylens.cli import init_ray, run_job
 from raylens.schema import RunConfig
 
 PROG = "python -m jobs.finetune"
-SECTIONS = ["run", "storage", "data", "model", "task", "train", "metric", "ray"]
+SECTIONS = ["run", "storage", "data", "model", "task", "train", "metric", "distill", "ray"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,17 +30,21 @@ def run(argv: list[str] | None, *, prog: str, description: str, distill: bool) -
         argv,
         prog=prog,
         description=description,
-        sections=SECTIONS + (["distill"] if distill else []),
+        sections=SECTIONS,
         main=functools.partial(_train, distill=distill),
         report=_report,
     )
 
 
 def _train(cfg: RunConfig, _flags, *, distill: bool) -> dict:
-    from raylens.train.run import finetune
+    from raylens.tasks import get_task
+    from raylens.train import finetune
 
+    if distill:  # jobs.distill: an alias of task.name=distill
+        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="distill"))
+    spec = get_task(cfg.task.name)
     init_ray(cfg.ray)
-    return finetune(cfg, distill=distill)
+    return {**finetune(cfg), "metric": spec.default_metric(cfg)}
 
 
 def _report(out: dict) -> None:
@@ -59,11 +65,11 @@ def _report(out: dict) -> None:
             )
     elif out.get("test"):
         t = out["test"]
-        main = "top1" if "top1" in t else "f1_weighted"
-        print(f"test ({t['count']} images, best checkpoint): {main}={t[main]:.4f}")
+        metric = out["metric"]  # the task's own selection metric
+        print(f"test ({t['count']} images, best checkpoint): {metric}={t[metric]:.4f}")
     if out.get("report"):
         print(f"report: {out['report']}")
-    print(f"tensorboard: tensorboard --logdir {out['run_dir']}/tensorboard")
+    print(f"tensorboard: tensorboard --logdir {out['tensorboard']}")
 
 
 if __name__ == "__main__":

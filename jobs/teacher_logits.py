@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _teacher(cfg: RunConfig, flags: argparse.Namespace) -> dict:
-    from raylens.train.run import absolute_paths
-    from raylens.train.teacher import check_store, teacher_pass
+    from raylens.infer.teacher import check_store, teacher_pass
+    from raylens.rundir import absolute_paths
 
     cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)

@@ -15,6 +15,7 @@ tune.retrain=true the best config retrained with its test-split metrics.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from raylens.cli import init_ray, run_job
 from raylens.schema import RunConfig
@@ -32,7 +33,7 @@ def _flags(parser: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue the sweep at <output_dir>/<tune.name>"
     )
     parser.add_argument(
-        "--distill", action="store_true", help="trials train against a teacher (jobs.distill)"
+        "--distill", action="store_true", help="trials train against a teacher (task.name=distill)"
     )
 
 
@@ -54,9 +55,9 @@ def _sweep(cfg: RunConfig, flags: argparse.Namespace) -> dict:
 
     space = load_space(Storage(cfg.storage).read_text(flags.space), cfg, flags.space)
     init_ray(cfg.ray, dashboard=True)  # Tune + Train: stopped trials' CPUs get released
-    plan = plan_sweep(
-        cfg, space, distill=flags.distill or bool(cfg.distill.teacher), cluster=cluster_resources()
-    )
+    if cfg.task.name == "classify" and (flags.distill or cfg.distill.teacher):
+        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="distill"))
+    plan = plan_sweep(cfg, space, cluster=cluster_resources())
     print(
         f"[tune] {cfg.tune.num_samples} trials of {len(space.params)} params, "
         f"{cfg.tune.scheduler} on {plan.metric} ({plan.mode}), {plan.concurrency} at once "

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from modelgen import tiny_hf
 from raylens import config as C
 from raylens.schema import RunConfig
 from raylens.storage import Storage
-from raylens.train.run import finetune
-from sourcegen import prepare_quiet, write_folder
+from raylens.train import finetune
+
+from tests.modelgen import tiny_hf
+from tests.sourcegen import prepare_quiet, write_folder
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
 GPU = ["tiny_vit_5m_224", "dinov3_multilabel_focal", "clip_linear_probe", "distill_tiny_vit_5m"]
@@ -95,12 +96,14 @@ def test_gpu_config_trains_two_steps_on_cpu_with_a_tiny_stand_in(name, stand_ins
     distill = cfg.distill.teacher != ""
     if distill:  # a stand-in teacher (2 steps of vgg_s8), then online distillation
         teacher = finetune(
-            C.apply_overrides(cfg, ["run.name=stand-in-teacher", "model.backbone=vgg_s8"])
+            C.apply_overrides(
+                cfg, ["run.name=stand-in-teacher", "model.backbone=vgg_s8", "task.name=classify"]
+            )
         )
         cfg = C.apply_overrides(
             cfg, [f"distill.teacher={teacher['run_dir']}", "distill.mode=online"]
         )
-    out = finetune(cfg, distill=distill)
+    out = finetune(cfg)
     rows = [json.loads(x) for x in Path(out["run_dir"], "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in rows] == [(1, 2)]
     metric = "val/f1_weighted" if multi else "val/top1"

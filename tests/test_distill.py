@@ -120,8 +120,9 @@ def teacher_run(tmp_path_factory):
     """A tiny prepared dataset and a teacher trained on it by finetune (vgg_s16, 16 px)."""
     from raylens import config as C
     from raylens.schema import RunConfig
-    from raylens.train.run import finetune
-    from sourcegen import prepare_quiet, write_folder
+    from raylens.train import finetune
+
+    from tests.sourcegen import prepare_quiet, write_folder
 
     root = tmp_path_factory.mktemp("distill")
     storage = Storage()
@@ -149,7 +150,7 @@ def _distill_cfg(base, teacher, store, *extra):
         RunConfig,
         None,
         [*base, "model.backbone=vgg_s16", f"distill.teacher={teacher}", f"distill.store={store}",
-         "distill.aug_epochs=2", "distill.topk=2", *extra],
+         "distill.aug_epochs=2", "distill.topk=2", "task.name=distill", *extra],
     )  # fmt: skip
 
 
@@ -159,8 +160,8 @@ def test_teacher_pass_check_replay_and_stored_distillation(ray_session, teacher_
     import json
     from pathlib import Path
 
-    from raylens.train.run import finetune
-    from raylens.train.teacher import check_store, teacher_pass
+    from raylens.infer.teacher import check_store, teacher_pass
+    from raylens.train import finetune
 
     root, base, teacher = teacher_run
     storage, store = Storage(), str(root / "store")
@@ -178,8 +179,9 @@ def test_teacher_pass_check_replay_and_stored_distillation(ray_session, teacher_
     assert report["index_mismatch_rate"] == 0.0 and report["mean_abs_prob_error"] < 1e-3
     # a student with k' < k reads the first k' columns (the store keeps top-k highest first)
     import ray
+    from raylens.rundir import absolute_paths
     from raylens.runtime.ingest import build_split
-    from raylens.train.run import absolute_paths, distill_setup
+    from raylens.train.images import distill_setup
 
     k1 = absolute_paths(_distill_cfg(base, teacher, store, "run.name=k1", "distill.topk=1"))
     _, info = build_split(k1, "train", storage)
@@ -194,8 +196,7 @@ def test_teacher_pass_check_replay_and_stored_distillation(ray_session, teacher_
         assert r["teacher_prob"][0] == pytest.approx(e1.prob[pos[r["id"]], 0]), r["id"]
     del clock
     # the student: 3 epochs over 2 stored ones (epoch 2 replays stored epoch 0)
-    out = finetune(_distill_cfg(base, teacher, store, "run.name=student", "train.epochs=3"),
-                   distill=True)  # fmt: skip
+    out = finetune(_distill_cfg(base, teacher, store, "run.name=student", "train.epochs=3"))  # fmt: skip
     rows = [json.loads(x) for x in Path(out["run_dir"], "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["val/top1"] >= 0.8, rows
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
@@ -207,30 +208,30 @@ def test_teacher_pass_check_replay_and_stored_distillation(ray_session, teacher_
 def test_online_distillation_and_bad_stores_fail_before_training(
     ray_session, teacher_run, monkeypatch
 ):
-    import raylens.train.run as R
-    from raylens.train.run import finetune
-    from raylens.train.teacher import teacher_pass
+    import raylens.train.images as R
+    from raylens.infer.teacher import teacher_pass
+    from raylens.train import finetune
 
     root, base, teacher = teacher_run
     storage, store = Storage(), str(root / "store-bad")
     out = finetune(_distill_cfg(base, teacher, store, "run.name=online", "distill.mode=online",
-                                "train.epochs=1", "distill.loss=kl"), distill=True)  # fmt: skip
+                                "train.epochs=1", "distill.loss=kl"))  # fmt: skip
     assert out["test"]["count"] == 9
     teacher_pass(_distill_cfg(base, teacher, store, "run.name=x"), storage, log=lambda m: None)
     monkeypatch.setattr(R, "build_trainer", lambda *a, **k: pytest.fail("trainer started"))
     with pytest.raises(ValueError, match="'distill.topk': 3, but .* keeps only k=2"):
-        finetune(_distill_cfg(base, teacher, store, "run.name=x", "distill.topk=3"), distill=True)
+        finetune(_distill_cfg(base, teacher, store, "run.name=x", "distill.topk=3"))
     # a store that misses some train ids
     t = TS.read_epoch(storage, store, 1, 2)
     keep = slice(5, None)
     TS.write_epoch(storage, store, TS.encode(list(t.ids[keep]), 1, t.seeds[keep], t.idx[keep],
                                              t.prob[keep]))  # fmt: skip
     with pytest.raises(ValueError, match="does not cover the dataset: epoch 1 lacks 5 of 72"):
-        finetune(_distill_cfg(base, teacher, store, "run.name=x"), distill=True)
+        finetune(_distill_cfg(base, teacher, store, "run.name=x"))
     # the dataset changed since the store was written (another version)
-    from sourcegen import prepare_quiet
+    from tests.sourcegen import prepare_quiet
 
     prepare_quiet(storage, str(root / "raw"), str(root / "ds"), train_fraction=0.7,
                   val_fraction=0.2)  # fmt: skip
     with pytest.raises(ValueError, match="another version of the dataset"):
-        finetune(_distill_cfg(base, teacher, store, "run.name=x"), distill=True)
+        finetune(_distill_cfg(base, teacher, store, "run.name=x"))

@@ -18,8 +18,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import REPO, s3_storage
-from imagegen import bad_files, class_image, encode
 from PIL import Image
 from raylens import config as C
 from raylens.checkpoint import save_checkpoint
@@ -28,9 +26,12 @@ from raylens.models.classifier import build_model
 from raylens.predict import Predictor
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
-from sourcegen import CLASSES, prepare_quiet, read_prepared, write_manifest
 
 import jobs.export as job
+from tests.imagegen import bad_files, class_image, encode
+from tests.repo import REPO
+from tests.sourcegen import CLASSES, prepare_quiet, read_prepared, write_manifest
+from tests.stores import s3_storage
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 SPLIT = {"train_fraction": 0.4, "val_fraction": 0.2, "test_fraction": 0.4}
@@ -224,7 +225,7 @@ def test_multi_label_run_exports_sigmoids_and_its_threshold(data, tmp_path):
     make_run(storage, run, str(tmp_path / "ds"), multi=True)
     report = export(f"export.run={run}", f"export.output={out}")
     spec = read_json(join(out, "preprocess.json"))
-    assert report["passed"] and report["task"] == spec["task"] == "multi_label"
+    assert report["passed"] and report["task"] == spec["task"] == "multilabel"
     assert spec["outputs"]["probs"]["activation"] == "sigmoid"
     assert report["threshold"] == spec["threshold"] == 0.4
     assert report["checks"]["label_agreement"] == 1.0

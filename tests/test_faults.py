@@ -19,16 +19,17 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import s3_storage
-from imagegen import encode
 from PIL import Image
 from raylens import config as C
 from raylens.data import fashion_mnist as fm
 from raylens.schema import RunConfig
 from raylens.storage import Storage, StorageError, join
-from raylens.train.run import finetune
-from servers import start_seaweedfs
-from sourcegen import prepare_quiet, write_folder
+from raylens.train import finetune
+
+from tests.imagegen import encode
+from tests.servers import start_seaweedfs
+from tests.sourcegen import prepare_quiet, write_folder
+from tests.stores import s3_storage
 
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 

@@ -8,13 +8,14 @@ import uuid
 
 import pytest
 import yaml
-from conftest import s3_storage
 from raylens import config as C
 from raylens.checkpoint import load_checkpoint
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
-from raylens.train.run import finetune
-from sourcegen import prepare_quiet, write_folder, write_manifest
+from raylens.train import finetune
+
+from tests.sourcegen import prepare_quiet, write_folder, write_manifest
+from tests.stores import s3_storage
 
 pytestmark = pytest.mark.ray
 
@@ -119,7 +120,7 @@ def test_two_workers_train_and_resume_with_the_run_dir_on_s3(ray_session, seawee
 def test_bad_config_fails_before_any_worker_starts(
     ray_session, dataset, override, message, monkeypatch
 ):
-    import raylens.train.run as R
+    import raylens.train.images as R
 
     started = []
     monkeypatch.setattr(R, "build_trainer", lambda *a, **k: started.append(1))
@@ -129,7 +130,7 @@ def test_bad_config_fails_before_any_worker_starts(
 
 
 def test_classify_on_a_multilabel_dataset_is_refused(ray_session, tmp_path, monkeypatch):
-    import raylens.train.run as R
+    import raylens.train.images as R
 
     storage = Storage()
     uri, _ = write_manifest(storage, str(tmp_path / "raw"), "csv", multi=True)
@@ -140,7 +141,7 @@ def test_classify_on_a_multilabel_dataset_is_refused(ray_session, tmp_path, monk
 
 
 def test_a_dataset_with_zero_classes_is_refused(ray_session, tmp_path, monkeypatch):
-    import raylens.train.run as R
+    import raylens.train.images as R
 
     storage = Storage()
     storage.write_text(str(tmp_path / "raw" / "README.txt"), "no images here")
@@ -152,7 +153,7 @@ def test_a_dataset_with_zero_classes_is_refused(ray_session, tmp_path, monkeypat
 
 def test_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
     """Workers run in Ray's own directories: a relative run dir would land there."""
-    from raylens.train.run import absolute_paths
+    from raylens.rundir import absolute_paths
 
     monkeypatch.chdir(tmp_path)
     cfg = absolute_paths(C.load(RunConfig, None, ["run.output_dir=runs", "data.dataset=data/ds"]))

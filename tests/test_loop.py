@@ -6,8 +6,9 @@ import copy
 
 import pytest
 import torch
-from raylens.loop import Hooks, fit, make_task, precise_bn, warmup_cosine
-from raylens.schema import TaskConfig, TrainConfig
+from raylens.loop import Hooks, fit, precise_bn, warmup_cosine
+from raylens.schema import RunConfig, TaskConfig, TrainConfig
+from raylens.tasks import create_task
 from torch import nn
 
 DEV = torch.device("cpu")
@@ -47,7 +48,7 @@ def test_classification_learns_and_reports_every_epoch():
     hooks = Hooks(report=lambda m, ck: reports.append((m, ck)), log=lambda m: None)
     state = fit(
         _model(),
-        make_task(TaskConfig(), 4),
+        create_task(RunConfig(task=TaskConfig()), 4),
         _cfg(),
         train_batches=_batches(x, y, "label"),
         val_batches=_batches(*_data(seed=1), "label"),
@@ -66,7 +67,7 @@ def test_bf16_autocast_trains_too():
     x, y = _data()
     state = fit(
         _model(),
-        make_task(TaskConfig(), 4),
+        create_task(RunConfig(task=TaskConfig()), 4),
         _cfg(amp="bf16"),
         train_batches=_batches(x, y, "label"),
         val_batches=_batches(*_data(seed=1), "label"),
@@ -80,7 +81,7 @@ def test_bf16_autocast_trains_too():
 @pytest.mark.parametrize("loss", ["focal", "bce"])
 def test_multilabel_learns(loss):
     x, y = _data(multilabel=True)
-    task = make_task(TaskConfig(name="multilabel", loss=loss), 4)
+    task = create_task(RunConfig(task=TaskConfig(name="multilabel", loss=loss)), 4)
     state = fit(
         _model(),
         task,
@@ -96,7 +97,7 @@ def test_multilabel_learns(loss):
 
 def test_resume_from_a_checkpoint_matches_the_uninterrupted_run():
     x, y = _data()
-    task, cfg = make_task(TaskConfig(), 4), _cfg(epochs=3)
+    task, cfg = create_task(RunConfig(task=TaskConfig()), 4), _cfg(epochs=3)
     args = dict(
         train_batches=_batches(x, y, "label"),
         val_batches=_batches(*_data(seed=1), "label"),
@@ -121,7 +122,7 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run():
 
 def test_grad_accumulation_matches_a_bigger_batch():
     x, y = _data(n=64)
-    task = make_task(TaskConfig(), 4)
+    task = create_task(RunConfig(task=TaskConfig()), 4)
     val = _batches(x[:8], y[:8], "label")
     big, small = _model(), _model()
     fit(
@@ -153,7 +154,7 @@ def test_early_stopping_stops_after_patience():
     logs = []
     state = fit(
         _model(),
-        make_task(TaskConfig(), 4),
+        create_task(RunConfig(task=TaskConfig()), 4),
         _cfg(epochs=10, lr=1e-12, patience=2),
         train_batches=_batches(x, y, "label"),
         val_batches=_batches(*_data(seed=1), "label"),
@@ -173,7 +174,7 @@ def test_an_unknown_best_metric_fails_before_training_naming_the_reported_metric
     ):
         fit(
             model,
-            make_task(TaskConfig(), 4),
+            create_task(RunConfig(task=TaskConfig()), 4),
             _cfg(epochs=1, best_metric="top3"),
             train_batches=_batches(x, y, "label"),
             val_batches=_batches(*_data(seed=1), "label"),
@@ -194,7 +195,7 @@ def test_a_mid_epoch_best_carries_its_own_checkpoint():
     reports = []
     fit(
         _model(),
-        make_task(TaskConfig(), 4),
+        create_task(RunConfig(task=TaskConfig()), 4),
         _cfg(epochs=2, val_every_n_steps=3),
         train_batches=_batches(x, y, "label"),
         val_batches=_batches(*_data(seed=1), "label"),
@@ -273,7 +274,7 @@ def test_precise_bn_pools_workers_like_one_worker_with_all_batches():
 
 def test_precise_bn_in_fit_changes_the_statistics_not_the_training():
     x, y = _data()
-    task = make_task(TaskConfig(), 4)
+    task = create_task(RunConfig(task=TaskConfig()), 4)
     runs = {}
     for n in (0, 2):
         model, reports = _bn_model(), []

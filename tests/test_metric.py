@@ -11,7 +11,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from imagegen import class_image
 from raylens import config as C
 from raylens.infer.features import ensure_cache, load_features, plan_cache
 from raylens.loop import build_optimizer
@@ -25,8 +24,10 @@ from raylens.tasks.metric import (
     ncm_topk,
     retrieval_metrics,
 )
-from raylens.train.metric_run import build_fusion, metric_learn, prepare_data
-from sourcegen import prepare_quiet
+from raylens.train.metric import build_fusion, metric_learn, prepare_data
+
+from tests.imagegen import class_image
+from tests.sourcegen import prepare_quiet
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "black"]  # imagegen.PALETTE order
 
@@ -322,7 +323,7 @@ def test_metric_run_trains_and_writes_prototypes_projection_and_metrics(ray_sess
     # the embed job with the metric run: one row per image (all classes, all splits), its
     # metadata, and embeddings equal to the fusion model over the cached features
     from raylens.checkpoint import load_checkpoint
-    from raylens.train.metric_run import embed_all
+    from raylens.models.fusion import embed_all
 
     import jobs.embed as embed_job
 

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import gcs_storage, s3_storage
 from PIL import Image
 from raylens import config as C
 from raylens.config import ConfigError
@@ -35,7 +34,9 @@ from raylens.predict import Predictor
 from raylens.schema import RunConfig
 from raylens.serving.settings import load_settings
 from raylens.storage import Storage, join
-from sourcegen import prepare_quiet, read_prepared
+
+from tests.sourcegen import prepare_quiet, read_prepared
+from tests.stores import gcs_storage, s3_storage
 
 pytestmark = [
     pytest.mark.ray,
@@ -63,7 +64,7 @@ def _idx(name: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory):
     """A Fashion-MNIST subset (80/10/30 per class), a classifier run and a metric run."""
-    from raylens.train.run import finetune
+    from raylens.train import finetune
 
     root = tmp_path_factory.mktemp("serve")
     storage = Storage()
@@ -301,7 +302,7 @@ def test_classify_held_out_images_at_the_runs_accuracy(server):
 
     with cf.ThreadPoolExecutor(8) as pool:  # concurrent: batched on the server
         got = list(pool.map(one, rows))
-    assert all(g["kind"] == "classifier" and len(g["labels"]) == 5 for g in got)
+    assert all(g["kind"] == "classify" and len(g["labels"]) == 5 for g in got)
     served = np.array([classes.index(g["labels"][0]["label"]) for g in got])
     labels = np.array([r["label"] for r in rows])
     acc = float((served == labels).mean())

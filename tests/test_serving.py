@@ -19,7 +19,8 @@ from raylens.serving.models import load_served_model
 from raylens.serving.prototypes import PrototypeStore, check_class_name
 from raylens.serving.settings import ModelEntry
 from raylens.storage import Storage, join
-from test_embed import make_run
+
+from tests.test_embed import make_run
 
 MB = 1_000_000
 
@@ -94,7 +95,7 @@ def test_classifier_model_matches_the_predictor_and_isolates_bad_images(tmp_path
     run = str(tmp_path / "run")
     make_run(Storage(), run)
     model = load_served_model(ModelEntry(id="r", run=run), Storage())
-    assert model.kind == "classifier" and model.classes == ["cat", "dog", "eel"]
+    assert model.kind == "classify" and model.classes == ["cat", "dog", "eel"]
     rng = np.random.default_rng(0)
     images = [encode_png(rng.integers(0, 255, (20, 24, 3), np.uint8)) for _ in range(3)]
     outs = model.infer([images[0], b"garbage", images[1], images[2][:60]])
@@ -112,7 +113,7 @@ def test_classifier_model_matches_the_predictor_and_isolates_bad_images(tmp_path
     assert m.kind == "multilabel" and m.describe()["threshold"] == 0.5
     (out,) = m.infer(images[:1])
     assert out.probs.shape == (3,) and not np.isclose(out.probs.sum(), 1.0)
-    with pytest.raises(FileNotFoundError, match="no run at"):
+    with pytest.raises(FileNotFoundError, match="not a run dir"):
         load_served_model(ModelEntry(id="x", run=str(tmp_path / "none")), Storage())
 
 

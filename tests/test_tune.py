@@ -16,7 +16,8 @@ from raylens import config as C
 from raylens.schema import RunConfig
 from raylens.storage import Storage
 from raylens.tune.space import load_space
-from sourcegen import prepare_quiet, write_folder
+
+from tests.sourcegen import prepare_quiet, write_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = (
@@ -32,7 +33,7 @@ def _plan(cluster, *overrides):
     from raylens.tune.sweep import plan_sweep
 
     cfg = C.load(RunConfig, None, ["run.name=t", *overrides])
-    return plan_sweep(cfg, load_space(SPACE, cfg), distill=False, cluster=cluster)
+    return plan_sweep(cfg, load_space(SPACE, cfg), cluster=cluster)
 
 
 def test_concurrency_never_oversubscribes_the_cluster(tmp_path):

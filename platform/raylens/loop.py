@@ -21,84 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from raylens.schema import DistillConfig, TaskConfig, TrainConfig
-from raylens.tasks.classification import ClassificationMeter, classification_loss
-from raylens.tasks.distill import dense_from_topk, kd_kl, soft_target_ce
-from raylens.tasks.multilabel import MultiLabelMeter, bce_loss, focal_loss
-
-
-@dataclass
-class Task:
-    """A loss, a metric meter and the batch key holding targets."""
-
-    name: str
-    target_key: str
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    meter: Callable[[], Any]
-    best_metric: str
-    # training loss from (logits, batch, model input) when it needs more than the target,
-    # e.g. distillation's teacher targets; validation always uses ``loss``
-    train_loss: Callable[[torch.Tensor, dict, torch.Tensor], torch.Tensor] | None = None
-    input_key: str = "image"  # the batch key fed to the model (metric tasks: "features")
-
-
-def make_task(cfg: TaskConfig, num_classes: int) -> Task:
-    if num_classes < 1:
-        raise ValueError(f"task {cfg.name!r}: the dataset has no classes")
-    if cfg.name == "classify":
-        return Task(
-            "classify",
-            "label",
-            lambda z, y: classification_loss(z, y, label_smoothing=cfg.label_smoothing),
-            lambda: ClassificationMeter(num_classes),
-            "top1",
-        )
-    if cfg.loss == "focal":
-        loss = lambda z, y: focal_loss(z, y, alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)  # noqa: E731
-    else:
-        loss = bce_loss
-    return Task(
-        "multilabel",
-        "labels",
-        loss,
-        lambda: MultiLabelMeter(num_classes, cfg.threshold),
-        "f1_weighted",
-    )
-
-
-def make_distill_task(
-    cfg: DistillConfig,
-    num_classes: int,
-    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> Task:
-    """Classification validated on hard labels, trained against the teacher: stored top-k
-    targets (``teacher_idx``/``teacher_prob`` in the batch) or, with ``teacher`` (online
-    mode), the teacher's full softmax on the same input."""
-
-    def train_loss(logits: torch.Tensor, batch: dict, x: torch.Tensor) -> torch.Tensor:
-        if teacher is not None:
-            with torch.no_grad():
-                target = torch.softmax(teacher(x).float(), dim=1)
-        else:
-            target = dense_from_topk(
-                batch["teacher_idx"].to(logits.device),
-                batch["teacher_prob"].to(logits.device),
-                num_classes,
-            )
-        if cfg.loss == "soft_ce":
-            return soft_target_ce(logits, target)
-        labels = batch["label"].to(logits.device)
-        return kd_kl(logits, target, labels, temperature=cfg.temperature, alpha=cfg.alpha)
-
-    return Task(
-        "distill",
-        "label",
-        lambda z, y: classification_loss(z, y),
-        lambda: ClassificationMeter(num_classes),
-        "top1",
-        train_loss,
-    )
-
+from raylens.schema import TrainConfig
+from raylens.tasks.base import Task, check_best_metric, is_better, lower_is_better
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -155,31 +79,6 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16  # CPU autocast: bf16 measured 1.9x faster here (ENVIRONMENT.md)
-
-
-def lower_is_better(metric: str) -> bool:
-    """Losses are minimized; every other metric (top1, f1_weighted, ...) is maximized."""
-    return metric.endswith("loss")
-
-
-def check_best_metric(metric: str, meter: Any) -> None:
-    """Fails naming ``train.best_metric`` unless ``meter`` (a fresh one) reports ``metric``."""
-    if callable(getattr(meter, "keys", None)):  # metric learning: known without data
-        names = list(meter.keys())
-    else:  # an empty meter computes the same scalar keys as a full one
-        names = [k for k, v in meter.compute().items() if isinstance(v, (int, float))]
-    reported = sorted({*names, "loss"} - {"count"})
-    if metric not in reported:
-        raise ValueError(
-            f"config key 'train.best_metric': {metric!r} is not a validation metric of "
-            f"this task; it reports {reported}"
-        )
-
-
-def is_better(metric: str, new: float, best: float | None) -> bool:
-    if best is None:
-        return True
-    return new < best if lower_is_better(metric) else new > best
 
 
 # ----------------------------------------------------------------------------- loop

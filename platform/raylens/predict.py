@@ -1,6 +1,6 @@
 """A model for inference: a run dir's checkpoint, or a bare registered backbone.
 
-    pred = Predictor.load("runs/fashion-mnist-vgg", storage)  # best checkpoint (best.json)
+    pred = Predictor.load("runs/fashion-mnist-vgg", storage)  # its best checkpoint
     pred = Predictor.load("vgg_s32", storage)                 # a backbone: pooled features only
     pixels, kept, failures = pred.preprocess(encoded_images)  # uint8 [n, 3, s, s], eval transform
     x = pred.normalize(torch.from_numpy(pixels))               # float32, the model's mean/std
@@ -17,7 +17,6 @@ Pure: no Ray.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -26,13 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from raylens import config as C
-from raylens.checkpoint import STATE, load_checkpoint
+from raylens.checkpoint import load_checkpoint
 from raylens.data.transforms import ImageTransform, decode_and_transform, normalize
 from raylens.models.backbones import BACKBONES, HF_PREFIX, Backbone, create_backbone
 from raylens.models.classifier import Classifier, build_model
-from raylens.schema import DataConfig, ModelConfig, RunConfig
-from raylens.storage import Storage, join, split_uri
+from raylens.rundir import METRIC, MULTILABEL, RunDir
+from raylens.schema import DataConfig, ModelConfig
+from raylens.storage import Storage
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,13 +83,6 @@ def _inference_model_cfg(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, pretrained=False, weights=cfg.weights if keep_weights else None)
 
 
-def _read_json(storage: Storage, uri: str, what: str) -> dict:
-    try:
-        return json.loads(storage.read_text(uri))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what}: no {uri.rsplit('/', 1)[-1]} at {uri!r}") from None
-
-
 def resolve_model(
     spec: str,
     storage: Storage | None = None,
@@ -106,7 +98,7 @@ def resolve_model(
         spec: a run dir (local path, ``s3://``, ``gs://``) or a backbone name (registered,
             timm, ``hf:<hub id or dir>``).
         model_cfg: for a bare backbone, ``pretrained`` / ``weights`` / ``channels_last``.
-        checkpoint: run dirs: checkpoint dir relative to the run dir; default: ``best.json``'s.
+        checkpoint: run dirs: checkpoint dir relative to the run dir; default: the best one.
         image_size: input side override; default: the run's ``data.image_size`` or the
             backbone's own.
 
@@ -134,26 +126,17 @@ def resolve_model(
         )
         return ModelSource("backbone", spec, mcfg, data, int(backbone.num_features), seed=seed)
 
-    run = spec.rstrip("/") if "://" in spec else split_uri(spec)[1]
     what = f"run dir {spec!r}"
-    try:
-        text = storage.read_text(join(run, "config.yaml"))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{what}: no config.yaml there (embed.model takes a run dir written by "
-            "jobs.finetune, or a backbone name such as vgg_s32)"
-        ) from None
-    try:
-        run_cfg = C.load(RunConfig, text)
-    except C.ConfigError as err:
-        raise ValueError(f"{what}: its config.yaml does not load: {err}") from None
-    labels = _read_json(storage, join(run, "labels.json"), what)
-    if labels.get("task") == "metric":
+    rd = RunDir(spec, storage, what=what)
+    run = rd.uri
+    run_cfg = rd.config()
+    labels = rd.labels()
+    if labels["kind"] == METRIC:
         raise ValueError(
             f"{what} is a metric-learning run (fused frozen backbones): embed it with "
             "jobs.embed, which goes through its feature cache"
         )
-    ck = run_checkpoint(storage, run, checkpoint, what)
+    ck = rd.checkpoint(checkpoint, hint="set embed.checkpoint=checkpoints/epoch=N")
     mcfg = _inference_model_cfg(run_cfg.model)
     classes = tuple(labels["classes"])
     arch = build_model(mcfg, len(classes), storage)  # unknown backbone etc. fail here
@@ -165,32 +148,10 @@ def resolve_model(
         data,
         int(arch.backbone.num_features),
         classes=classes,
-        multi_label=labels.get("task") == "multi_label",
+        multi_label=labels["kind"] == MULTILABEL,
         checkpoint=ck,
         seed=run_cfg.run.seed,
     )
-
-
-def run_checkpoint(storage: Storage, run: str, checkpoint: str | None, what: str) -> str:
-    """The URI of a run's checkpoint dir: ``checkpoint`` (relative to the run dir), or
-    ``best.json``'s when None; refused unless complete (its ``state.json`` is written last).
-
-    Raises:
-        FileNotFoundError: naming ``what`` (e.g. "run dir 'runs/x'") and the missing file.
-    """
-    if checkpoint is None:
-        try:
-            best = _read_json(storage, join(run, "best.json"), what)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(
-                f"{err} (no best checkpoint yet: is the run still training?); "
-                "set embed.checkpoint=checkpoints/epoch=N"
-            ) from None
-        checkpoint = best["checkpoint"]
-    ck = join(run, checkpoint)
-    if not storage.exists(join(ck, STATE)):
-        raise FileNotFoundError(f"{what}: no complete checkpoint at {ck!r} (missing {STATE})")
-    return ck
 
 
 def _arch_weights(cfg: ModelConfig) -> str | None:

@@ -35,7 +35,17 @@ COMMAND = f"python -m raylens.reference --write {DEFAULT_PATH}"
 # raylens.cli.run_job; tests/test_reference.py checks them against the jobs).
 JOB_SECTIONS: dict[str, tuple[str, ...]] = {
     "jobs.prepare": ("run", "storage", "source", "prepare"),
-    "jobs.finetune": ("run", "storage", "data", "model", "task", "train", "metric", "ray"),
+    "jobs.finetune": (
+        "run",
+        "storage",
+        "data",
+        "model",
+        "task",
+        "train",
+        "metric",
+        "distill",
+        "ray",
+    ),
     "jobs.distill": (
         "run",
         "storage",
@@ -44,8 +54,8 @@ JOB_SECTIONS: dict[str, tuple[str, ...]] = {
         "task",
         "train",
         "metric",
-        "ray",
         "distill",
+        "ray",
     ),
     "jobs.teacher_logits": ("run", "storage", "data", "distill", "ray"),
     "jobs.embed": ("run", "storage", "data", "model", "embed", "ray"),

@@ -39,7 +39,7 @@ def _png(fig) -> bytes:
 def learning_curves(history: Sequence[dict], metric: str) -> bytes:
     """Train/val loss and the validation ``metric`` against optimizer steps.
 
-    ``history`` rows are ``metrics.jsonl`` rows (``step``, ``epoch``, ``train/loss``,
+    ``history`` rows are the run dir's metric rows (``step``, ``epoch``, ``train/loss``,
     ``val/loss``, ``val/<metric>``); validation can be per epoch or every N steps.
     """
     rows = sorted(history, key=lambda r: r["step"])

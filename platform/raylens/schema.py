@@ -259,9 +259,11 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["classify", "multilabel", "metric"] = opt(
+    name: Literal["classify", "multilabel", "distill", "metric"] = opt(
         "classify",
-        "classify (CE), multilabel, or metric (ProxyAnchor over frozen features: metric.*).",
+        "A registered task (raylens.tasks): classify (CE), multilabel, distill (a classifier "
+        "trained against a teacher: distill.*), or metric (ProxyAnchor over frozen "
+        "features: metric.*).",
     )
     label_smoothing: float = opt(0.0, "classify: cross-entropy label smoothing.")
     loss: Literal["focal", "bce"] = opt("focal", "multilabel: focal loss or plain BCE.")
@@ -414,7 +416,8 @@ class EmbedConfig:
         "A run dir (local, s3://, gs://; its best checkpoint) or a backbone name (vgg_s32, ...).",
     )
     checkpoint: str | None = opt(
-        None, "Run dir model: checkpoint dir relative to it (checkpoints/epoch=3); null: best.json."
+        None,
+        "Run dir model: checkpoint dir relative to it (checkpoints/epoch=3); null: the best checkpoint.",
     )
     output: str = opt("", "Output dir: Parquet files + _manifest.json (local, s3://, gs://).")
     splits: list[str] = opt([], "Dataset splits to embed (train, val, test); empty: all of them.")
@@ -528,7 +531,7 @@ class ExportConfig:
         "", "Run dir written by jobs.finetune (local, s3://, gs://). Required by jobs.export."
     )
     checkpoint: str | None = opt(
-        None, "Checkpoint dir relative to the run dir (checkpoints/epoch=N); null: best.json's."
+        None, "Checkpoint dir relative to the run dir (checkpoints/epoch=N); null: the best checkpoint."
     )
     output: str | None = opt(
         None, "Output dir (local, s3://, gs://); null: <run>/export. Re-running replaces it."

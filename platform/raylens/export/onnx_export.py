@@ -59,11 +59,11 @@ import torch
 from torch import nn
 
 import raylens
-from raylens import config as C
-from raylens.checkpoint import MODEL, STATE
+from raylens.checkpoint import MODEL
 from raylens.config import ConfigError
 from raylens.export import preprocess as P
-from raylens.predict import ModelSource, Predictor, resolve_model, run_checkpoint
+from raylens.predict import ModelSource, Predictor, resolve_model
+from raylens.rundir import BEST, CLASSIFY, METRIC, MULTILABEL, RunDir
 from raylens.schema import ExportConfig, RunConfig, SourceConfig
 from raylens.storage import Storage, join, split_uri
 
@@ -107,7 +107,8 @@ class ExportPlan:
 
     @property
     def task(self) -> str:
-        return "multi_label" if self.source.multi_label else "single_label"
+        """The run kind exported (:data:`raylens.rundir.CLASSIFY` or ``MULTILABEL``)."""
+        return MULTILABEL if self.source.multi_label else CLASSIFY
 
     @property
     def threshold(self) -> float | None:
@@ -115,21 +116,6 @@ class ExportPlan:
 
 
 # ----------------------------------------------------------------------------- planning
-
-
-def _run_uri(spec: str) -> str:
-    return spec.rstrip("/") if "://" in spec else split_uri(spec)[1]
-
-
-def _checkpoints(storage: Storage, run: str) -> list[str]:
-    """The run's complete checkpoints, relative to the run dir (``checkpoints/epoch=N``)."""
-    root = join(run, "checkpoints")
-    names = {
-        f.uri[len(root) :].strip("/").rsplit("/", 1)[0]
-        for f in storage.list_files(root)
-        if f.uri.endswith("/" + STATE)
-    }
-    return sorted(f"checkpoints/{n}" for n in names if n and "/" not in n)
 
 
 def check_options(options: ExportConfig) -> None:
@@ -174,36 +160,27 @@ def plan_export(
     storage = storage or Storage()
     options.validate()
     check_options(options)
-    run = _run_uri(options.run)
     what = f"export.run {options.run!r}"
-    try:
-        labels = json.loads(storage.read_text(join(run, "labels.json")))
-    except FileNotFoundError:
+    rd = RunDir(options.run, storage, what=what)
+    run = rd.uri
+    kind = rd.labels()["kind"]  # FileNotFoundError: "not a run dir (no labels ...)"
+    if kind not in (CLASSIFY, MULTILABEL):
+        name = "a metric-learning run (fused frozen backbones)" if kind == METRIC else kind
+        raise ValueError(f"{what} is {name}: jobs.export exports {CLASSIFY} and {MULTILABEL} runs")
+    if options.checkpoint is None and not rd.has_best():
         raise FileNotFoundError(
-            f"{what}: not a run dir (no labels.json in {run!r}); expected a run dir "
-            "written by jobs.finetune"
-        ) from None
-    task = labels.get("task")
-    if task not in ("single_label", "multi_label"):
-        kind = "a metric-learning run (fused frozen backbones)" if task == "metric" else task
-        raise ValueError(
-            f"{what} is {kind}: jobs.export exports classifier and multi-label runs "
-            "(labels.json task single_label or multi_label)"
-        )
-    if options.checkpoint is None and not storage.exists(join(run, "best.json")):
-        raise FileNotFoundError(
-            f"{what}: no best.json (is the run still training?); set export.checkpoint, one of "
-            f"{_checkpoints(storage, run) or 'none found'}"
+            f"{what}: no {BEST} (is the run still training?); set export.checkpoint, one of "
+            f"{rd.checkpoints() or 'none found'}"
         )
     try:
-        run_checkpoint(storage, run, options.checkpoint, what)
+        rd.checkpoint(options.checkpoint)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{err}; export.checkpoint takes a checkpoint dir relative to the run dir, one of "
-            f"{_checkpoints(storage, run) or 'none found'}"
+            f"{rd.checkpoints() or 'none found'}"
         ) from None
     source = resolve_model(run, storage, checkpoint=options.checkpoint)
-    run_cfg = C.load(RunConfig, storage.read_text(join(run, "config.yaml")))
+    run_cfg = rd.config()
     output = options.output or join(run, "export")
     output = output.rstrip("/") if "://" in output else split_uri(output)[1]
     if output == run:

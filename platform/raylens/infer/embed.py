@@ -50,6 +50,7 @@ from raylens.data.prepare import CARD, fingerprint, infer_meta_schema, splits_fo
 from raylens.data.sources import SPLITS, label_space, open_source
 from raylens.data.transforms import ImageTransform, decode_and_transform
 from raylens.predict import ModelSource, Predictor, resolve_model
+from raylens.rundir import RunDir, local_path
 from raylens.schema import EmbedConfig, RunConfig, SourceConfig, StorageConfig
 from raylens.storage import Storage, join, split_uri
 
@@ -87,11 +88,6 @@ class EmbedPlan:
     raw: pa.Table | None = None  # raw input: one row per image (no pixels unless IDX)
 
 
-def _abs(uri: str) -> str:
-    scheme, path = split_uri(uri)
-    return path if scheme == "file" else uri.rstrip("/")
-
-
 def _check_output(output: str, dataset: str, model: ModelSource, storage: Storage) -> None:
     """Refuses outputs whose stale-file cleanup could delete a dataset's or a run's files."""
     inside = output == dataset or output.startswith(dataset.rstrip("/") + "/")
@@ -100,7 +96,7 @@ def _check_output(output: str, dataset: str, model: ModelSource, storage: Storag
             f"config key 'embed.output': {output!r} is (inside) a prepared dataset; "
             "write embeddings to a directory of their own"
         )
-    if output == model.name or storage.exists(join(output, "labels.json")):
+    if output == model.name or RunDir(output, storage).is_run():
         raise ValueError(
             f"config key 'embed.output': {output!r} is a run dir; write embeddings to a "
             "directory of their own"
@@ -136,7 +132,7 @@ def plan_embed(cfg: RunConfig, storage: Storage | None = None) -> EmbedPlan:
             f"config key 'embed.include_logits': {e.model!r} is a bare backbone without a "
             "classifier head; give a run dir as embed.model, or set embed.include_logits=false"
         )
-    dataset, output = _abs(cfg.data.dataset), _abs(e.output)
+    dataset, output = local_path(cfg.data.dataset), local_path(e.output)
     _check_output(output, dataset, model, storage)
     wanted = list(e.splits) or list(SPLITS)
     plan = EmbedPlan(cfg, model, dataset, output, wanted, [], False, "", 0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -166,3 +167,13 @@ def build_fusion(cfg, dims: Sequence[int], num_classes: int) -> FusionModel:
         activation=m.activation,
         criterion=criterion,
     )
+
+
+def embed_all(model: FusionModel, x: np.ndarray, batch: int = 4096) -> torch.Tensor:
+    """The model's embeddings ``[n, embedding_dim]`` of fused features ``x`` ``[n, F]``."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(x), batch):
+            out.append(model(torch.from_numpy(x[lo : lo + batch])))
+    return torch.cat(out) if out else torch.zeros(0, model.embedding_dim)

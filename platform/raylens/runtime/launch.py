@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +84,135 @@ def build_trainer(
     )
     log.info("resource plan: %s", plan.describe())
     return trainer, plan
+
+
+# ----------------------------------------------------------------------------- Train workers
+
+
+def ray_run_config(cfg: RunConfig, storage, callbacks: list | None = None) -> RayRunConfig:
+    """Ray Train's run state in the run dir (so re-running resumes), with the restart budget.
+    ``callbacks``: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``)."""
+    from raylens.storage import split_uri
+
+    scheme, path = split_uri(cfg.run.output_dir)
+    return RayRunConfig(
+        name=cfg.run.name,
+        storage_path=path,
+        storage_filesystem=storage.arrow_fs(scheme),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+        callbacks=callbacks,
+    )
+
+
+def say(message: str) -> None:
+    """One progress line on the worker's stdout (shown once by the driver). Not ``print``:
+    Ray Train patches it into a logger whose output reached the driver twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def fit_on_worker(
+    cfg: RunConfig,
+    model,
+    task,
+    *,
+    train_batches,
+    val_batches,
+    steps_per_epoch: int,
+    device,
+    channels_last: bool,
+) -> None:
+    """:func:`raylens.loop.fit` on a Ray Train worker, for every training pipeline: resumes
+    from Ray Train's checkpoint, reports metrics and checkpoints through
+    :func:`make_reporter`, sums metrics over workers."""
+    import torch
+    import torch.distributed as dist
+
+    from raylens.checkpoint import load_checkpoint
+    from raylens.loop import Hooks, fit
+    from raylens.storage import Storage
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            resume = load_checkpoint(Storage(), path)
+    report, events = make_reporter(cfg, Storage(cfg.storage), rank, resume)
+
+    def all_reduce(t: torch.Tensor) -> torch.Tensor:
+        if world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    fit(
+        model,
+        task,
+        cfg.train,
+        train_batches=train_batches,
+        val_batches=val_batches,
+        steps_per_epoch=steps_per_epoch,
+        device=device,
+        hooks=Hooks(
+            all_reduce=all_reduce,
+            report=report,
+            is_main=rank == 0,
+            log=say if rank == 0 else (lambda m: None),
+        ),
+        resume=resume,
+        channels_last=channels_last,
+    )
+    if events is not None:
+        events.close()
+
+
+def make_reporter(cfg: RunConfig, storage, rank: int, resume: dict | None):
+    """The loop's ``report`` hook on a Train worker, and rank 0's TensorBoard log.
+
+    ``report(metrics, checkpoint)`` reports to Ray Train (with the checkpoint), then rank 0
+    records the run dir's history and best checkpoint: they never name a checkpoint not
+    persisted first.
+    """
+    import tempfile
+
+    from raylens.checkpoint import save_checkpoint
+    from raylens.rundir import RunDir
+    from raylens.runtime.events import EventLog
+    from raylens.storage import Storage
+
+    run = RunDir.of(cfg, storage)
+    history: list[dict] = list((resume or {}).get("extra", {}).get("history", []))
+    events = EventLog(storage, run.tensorboard) if rank == 0 else None
+
+    def report(metrics: dict, ck: dict | None) -> None:
+        if ck is None:
+            ray.train.report(metrics)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    save_checkpoint(
+                        Storage(),
+                        tmp,
+                        model=ck["model"],
+                        optimizer=ck["optimizer"],
+                        scheduler=ck["scheduler"],
+                        extra=ck["extra"],
+                    )
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+                    checkpoint_dir_name=ck["name"],
+                )
+        if rank != 0:
+            return
+        history.append(metrics)
+        events.add(metrics)
+        run.write_history(history)
+        if metrics.get("best"):
+            run.write_best(metrics)
+
+    return report, events
 
 
 def ingest_check_loop(config: dict) -> None:

@@ -10,7 +10,7 @@
   prototypes, best first.
 
 Ties keep the classes' order (a stable sort), so equal scores always decode the same way.
-Scores are rounded to 6 decimals. Pure: numpy only.
+Scores are rounded to 6 decimals. Pure: no Ray. Kinds are :mod:`raylens.rundir`'s.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from raylens.rundir import BACKBONE, CLASSIFY, METRIC, MULTILABEL
 from raylens.serving.errors import RequestError
 
-# Run kinds (the run-dir module's vocabulary; local until raylens.rundir defines them).
-CLASSIFY, MULTILABEL, METRIC = "classify", "multilabel", "metric"
-BACKBONE = "backbone"  # a bare served backbone: embeddings, no labels
-_LEGACY_CLASSIFY = "classifier"  # serving.models' name for CLASSIFY until its rename lands
-_TOP_K = (CLASSIFY, METRIC, _LEGACY_CLASSIFY)
+__all__ = ["BACKBONE", "CLASSIFY", "METRIC", "MULTILABEL", "decode"]
+
+_TOP_K = (CLASSIFY, METRIC)
 
 SCORE = {CLASSIFY: "probability", MULTILABEL: "probability", METRIC: "cosine_similarity"}
 

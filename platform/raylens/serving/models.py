@@ -22,24 +22,22 @@ Pure: no Ray.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 
-from raylens import config as C
 from raylens.checkpoint import load_checkpoint
 from raylens.data.images import ImageRejected, decode_rgb
 from raylens.models.backbones import parse_backbone_spec
 from raylens.models.fusion import build_fusion, l2_concat
-from raylens.predict import Predictor, is_run_dir_spec, resolve_model, run_checkpoint
-from raylens.schema import RunConfig
+from raylens.predict import Predictor, is_run_dir_spec, resolve_model
+from raylens.rundir import METRIC, RunDir
 from raylens.serving.settings import ModelEntry
-from raylens.storage import Storage, join, split_uri
+from raylens.storage import Storage
 
-Kind = Literal["classifier", "multilabel", "metric", "backbone"]
+Kind = Literal["classify", "multilabel", "metric", "backbone"]  # raylens.rundir kinds
 
 
 @dataclass
@@ -120,10 +118,6 @@ class ServedModel:
         return feats.numpy(), pred.probs(logits).numpy()
 
 
-def _run_path(spec: str) -> str:
-    return spec.rstrip("/") if "://" in spec else split_uri(spec)[1]
-
-
 def load_served_model(
     entry: ModelEntry,
     storage: Storage,
@@ -151,20 +145,16 @@ def load_served_model(
         )
     if not is_run_dir_spec(entry.run):
         raise ValueError(f"model {entry.id!r}: run {entry.run!r} is not a run dir path or URI")
-    run = _run_path(entry.run)
-    try:
-        labels = json.loads(storage.read_text(join(run, "labels.json")))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"model {entry.id!r}: no run at {entry.run!r} (no labels.json: train it first)"
-        ) from None
-    if labels.get("task") == "metric":
-        return _load_metric(entry, run, labels, storage, device, amp, max_pixels)
+    rd = RunDir(entry.run, storage, what=f"model {entry.id!r}: run {entry.run!r}")
+    run = rd.uri
+    labels = rd.labels()  # FileNotFoundError: no run there (not trained yet)
+    if labels["kind"] == METRIC:
+        return _load_metric(entry, rd, labels, storage, device, amp, max_pixels)
     pred = Predictor.load(run, storage, checkpoint=entry.checkpoint, device=device, amp=amp)
-    rcfg = C.load(RunConfig, storage.read_text(join(run, "config.yaml")))
+    rcfg = rd.config()
     return ServedModel(
         entry.id,
-        "multilabel" if pred.multi_label else "classifier",
+        labels["kind"],
         run,
         pred.source.checkpoint,
         pred.dim,
@@ -177,7 +167,7 @@ def load_served_model(
 
 def _load_metric(
     entry: ModelEntry,
-    run: str,
+    rd: RunDir,
     labels: dict,
     storage: Storage,
     device: str,
@@ -185,8 +175,9 @@ def _load_metric(
     max_pixels: int,
 ) -> ServedModel:
     """A metric run: its frozen backbones as the feature cache ran them, and its fusion model."""
-    rcfg = C.load(RunConfig, storage.read_text(join(run, "config.yaml")))
-    ck = run_checkpoint(storage, run, entry.checkpoint, f"model {entry.id!r}: run {entry.run!r}")
+    run = rd.uri
+    rcfg = rd.config()
+    ck = rd.checkpoint(entry.checkpoint)
     m = rcfg.metric
     predictors = []
     for spec in m.backbones:

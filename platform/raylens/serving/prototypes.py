@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raylens.rundir import METRIC
 from raylens.serving.errors import RequestError
-from raylens.serving.labels import METRIC
 from raylens.storage import Storage, join
 
 TRAINED = "prototypes.parquet"

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from raylens.serving.labels import METRIC
+from raylens.rundir import METRIC
 from raylens.serving.settings import ServeConfig
 
 

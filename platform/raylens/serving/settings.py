@@ -29,7 +29,7 @@ class ModelEntry:
     id: str = opt("", "Model id clients use (the `model` field or serve_multiplexed_model_id).")
     run: str = opt("", "Run dir (local, s3://, gs://): a fine-tuned classifier or a metric run.")
     backbone: str = opt("", "Instead of a run: a bare backbone (embeddings only), e.g. vgg_s32.")
-    checkpoint: str | None = opt(None, "Run dirs: checkpoint dir; default: best.json's.")
+    checkpoint: str | None = opt(None, "Run dirs: checkpoint dir; default: the best one.")
 
 
 @dataclass

@@ -11,6 +11,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raylens.rundir import CLASSIFY
+from raylens.schema import RunConfig
+from raylens.tasks.base import Task, TaskSpec, register_task
+
 
 def classification_loss(
     logits: torch.Tensor, target: torch.Tensor, *, label_smoothing: float = 0.0
@@ -121,3 +125,29 @@ class ClassificationMeter(SumMeter):
         out["per_class_f1"] = f1.tolist()
         out["confusion"] = cm.tolist()
         return out
+
+
+# ----------------------------------------------------------------------------- task
+
+
+def _build(cfg: RunConfig, num_classes: int, **_: object) -> Task:
+    return Task(
+        "classify",
+        "label",
+        lambda z, y: classification_loss(z, y, label_smoothing=cfg.task.label_smoothing),
+        lambda: ClassificationMeter(num_classes),
+        "top1",
+    )
+
+
+register_task(
+    TaskSpec(
+        "classify",
+        kind=CLASSIFY,
+        pipeline="images",
+        labels="single",
+        build=_build,
+        default_metric=lambda cfg: "top1",
+        doc="single-label classification, cross-entropy",
+    )
+)

@@ -14,8 +14,18 @@ Two losses:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from raylens.data.transforms import normalize
+from raylens.rundir import BEST, CLASSIFY, RunDir
+from raylens.schema import RunConfig
+from raylens.storage import Storage
+from raylens.tasks.base import Task, TaskSpec, register_task
+from raylens.tasks.classification import ClassificationMeter, classification_loss
 
 
 def topk_sparse(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,3 +79,91 @@ def kd_kl(
     log_q = F.log_softmax(logits.float() / t, dim=1)
     kl = F.kl_div(log_q, p, reduction="batchmean")
     return t * t * kl + alpha * F.cross_entropy(logits.float(), labels)
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+def load_teacher(run_dir: str, storage: Storage) -> tuple[nn.Module, RunConfig, list[str]]:
+    """A run dir's model at its best checkpoint (eval mode), its config and classes."""
+    if not run_dir:
+        raise ValueError("config key 'distill.teacher' is required: the teacher's run dir")
+    from raylens.checkpoint import load_checkpoint
+    from raylens.models.classifier import build_model
+
+    run = RunDir(run_dir, storage, what=f"teacher run {run_dir!r}")
+    if not run.has_best():
+        raise FileNotFoundError(f"teacher run {run_dir!r}: no {BEST} (not a finished run?)")
+    cfg = run.config()
+    classes = run.labels()["classes"]
+    model = build_model(cfg.model, len(classes), storage)
+    state = load_checkpoint(storage, run.checkpoint(), with_optimizer=False)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, classes
+
+
+class TeacherInput:
+    """Student-augmented uint8 pixels → the teacher's input (its size, mean and std)."""
+
+    def __init__(self, teacher_cfg: RunConfig):
+        self.size = teacher_cfg.data.image_size
+        self.mean, self.std = tuple(teacher_cfg.data.mean), tuple(teacher_cfg.data.std)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = normalize(pixels, self.mean, self.std)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
+        return x
+
+
+# ----------------------------------------------------------------------------- task
+
+
+def _build(
+    cfg: RunConfig,
+    num_classes: int,
+    *,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    **_: object,
+) -> Task:
+    """Classification validated on hard labels, trained against the teacher: stored top-k
+    targets (``teacher_idx``/``teacher_prob`` in the batch) or, with ``teacher`` (online
+    mode), the teacher's full softmax on the same input."""
+    d = cfg.distill
+
+    def train_loss(logits: torch.Tensor, batch: dict, x: torch.Tensor) -> torch.Tensor:
+        if teacher is not None:
+            with torch.no_grad():
+                target = torch.softmax(teacher(x).float(), dim=1)
+        else:
+            target = dense_from_topk(
+                batch["teacher_idx"].to(logits.device),
+                batch["teacher_prob"].to(logits.device),
+                num_classes,
+            )
+        if d.loss == "soft_ce":
+            return soft_target_ce(logits, target)
+        labels = batch["label"].to(logits.device)
+        return kd_kl(logits, target, labels, temperature=d.temperature, alpha=d.alpha)
+
+    return Task(
+        "distill",
+        "label",
+        lambda z, y: classification_loss(z, y),
+        lambda: ClassificationMeter(num_classes),
+        "top1",
+        train_loss,
+    )
+
+
+register_task(
+    TaskSpec(
+        "distill",
+        kind=CLASSIFY,
+        pipeline="images",
+        labels="single",
+        build=_build,
+        default_metric=lambda cfg: "top1",
+        doc="a classifier trained against a teacher (distill.*), validated on hard labels",
+    )
+)

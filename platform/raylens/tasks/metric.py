@@ -22,6 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raylens.rundir import METRIC
+from raylens.schema import RunConfig
+from raylens.tasks.base import Task, TaskSpec, register_task
+
 RECALL_KS = (1, 2, 4, 8)
 
 
@@ -212,3 +216,36 @@ class MetricMeter:
 
     def compute(self) -> dict[str, float]:
         return dict(self._merged) if self._merged is not None else self._local()
+
+
+# ----------------------------------------------------------------------------- task
+
+
+def _build(cfg: RunConfig, num_classes: int, *, model: nn.Module, **_: object) -> Task:
+    """ProxyAnchor on the model's embeddings; validated by retrieval (Recall@k selects)."""
+    inner = getattr(model, "module", model)
+    return Task(
+        "metric",
+        "label",
+        lambda emb, y: inner.criterion(emb, y),
+        lambda: MetricMeter(cfg.metric.recall_ks),
+        _default_metric(cfg),
+        input_key="features",
+    )
+
+
+def _default_metric(cfg: RunConfig) -> str:
+    return f"recall_at_{min(cfg.metric.recall_ks)}"
+
+
+register_task(
+    TaskSpec(
+        "metric",
+        kind=METRIC,
+        pipeline="features",
+        labels="single",
+        build=_build,
+        default_metric=_default_metric,
+        doc="metric learning: ProxyAnchor over fused frozen-backbone features (metric.*)",
+    )
+)

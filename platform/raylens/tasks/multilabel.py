@@ -12,6 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raylens.rundir import MULTILABEL
+from raylens.schema import RunConfig
+from raylens.tasks.base import Task, TaskSpec, register_task
 from raylens.tasks.classification import SumMeter, averaged, prf_from_counts
 
 
@@ -106,3 +109,34 @@ class MultiLabelMeter(SumMeter):
         out["best5"] = [(names[i], float(f1[i])) for i in present[:5]]
         out["worst5"] = [(names[i], float(f1[i])) for i in present[::-1][:5]]
         return out
+
+
+# ----------------------------------------------------------------------------- task
+
+
+def _build(cfg: RunConfig, num_classes: int, **_: object) -> Task:
+    t = cfg.task
+    if t.loss == "focal":
+        loss = lambda z, y: focal_loss(z, y, alpha=t.focal_alpha, gamma=t.focal_gamma)  # noqa: E731
+    else:
+        loss = bce_loss
+    return Task(
+        "multilabel",
+        "labels",
+        loss,
+        lambda: MultiLabelMeter(num_classes, t.threshold),
+        "f1_weighted",
+    )
+
+
+register_task(
+    TaskSpec(
+        "multilabel",
+        kind=MULTILABEL,
+        pipeline="images",
+        labels="multi",
+        build=_build,
+        default_metric=lambda cfg: "f1_weighted",
+        doc="multi-label tagging, focal loss or BCE (task.loss)",
+    )
+)

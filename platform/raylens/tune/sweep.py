@@ -12,14 +12,14 @@ Experiment directory (``<tune.output_dir>/<tune.name>``, local, ``s3://`` or ``g
     results/best_retrained.json  the best config retrained as <name>-best, test metrics
 
 Each trial is a Tune function trainable that runs the same ``TorchTrainer`` training as
-``jobs.finetune`` (:func:`raylens.train.run.finetune`) with the trial's dotted overrides;
+``jobs.finetune`` (:func:`raylens.train.finetune`) with the trial's dotted overrides;
 :class:`BestSoFarReport` forwards each epoch's report to Tune with the trial's best value
 so far (``<metric>_best``, :attr:`SweepPlan.rank_metric`), which ASHA's rungs and TPE
 compare: the sweep selects trials on their best epoch, and the latest epoch's value swings
 by points at a high learning rate.
 
 Resume (``--resume``) after the driver died: Tune restores its experiment state and the
-searcher (whose study lives in the journal); a trial whose ``metrics.jsonl`` ends with its
+searcher (whose study lives in the journal); a trial whose metric history ends with its
 ``final`` epoch (the last, or early stopping's) is never trained again (one that finished
 after Tune's last state save reports its recorded result instead; Tune stops a trial at
 its last report, so the run's own log is the record); unfinished trials resume from their
@@ -44,9 +44,10 @@ import ray
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from raylens import config as C
-from raylens.loop import lower_is_better
+from raylens.rundir import RunDir, absolute_paths
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join, split_uri
+from raylens.tasks import get_task
 from raylens.tune.space import Space
 
 
@@ -59,7 +60,6 @@ class SweepPlan:
     mode: str  # "max" | "min"
     concurrency: int
     cpus_per_trial: float
-    distill: bool
     journal: str  # local path of the Optuna journal
 
     @property
@@ -72,33 +72,21 @@ class SweepPlan:
         return self.exp_dir.rstrip("/").rsplit("/", 1)[-1]
 
 
-def task_metric(cfg: RunConfig) -> str:
-    """The metric the run's own model selection uses (``train.best_metric`` or the task's)."""
-    if cfg.train.best_metric:
-        return cfg.train.best_metric
-    if cfg.task.name == "metric":
-        return f"recall_at_{min(cfg.metric.recall_ks)}"
-    return {"classify": "top1", "multilabel": "f1_weighted"}[cfg.task.name]
-
-
-def plan_sweep(
-    cfg: RunConfig, space: Space, *, distill: bool, cluster: dict[str, float]
-) -> SweepPlan:
+def plan_sweep(cfg: RunConfig, space: Space, *, cluster: dict[str, float]) -> SweepPlan:
     """Experiment dir, metric/mode from the task, trial CPUs and concurrency that fit
     ``cluster`` (``{"CPU": n, "GPU": m}``) with CPUs left for each trial's Ray Data."""
-    from raylens.train.metric_run import _abs_metric
-
     base = C.apply_overrides(cfg, space.fixed) if space.fixed else cfg
     base.validate()
     # Trials run in their own working dirs: local paths made absolute on the driver.
-    base = _abs_metric(base)
+    base = absolute_paths(base)
     t = base.tune
     if t.output_dir and split_uri(t.output_dir)[0] == "file":
         t = dataclasses.replace(t, output_dir=split_uri(t.output_dir)[1])
         base = dataclasses.replace(base, tune=t)
     name = t.name or f"{base.run.name or 'sweep'}-tune"
     exp_dir = join(t.output_dir or base.run.output_dir, name)
-    metric = task_metric(base)
+    task = get_task(base.task.name)
+    metric = task.best_metric(base)  # what the run's own model selection uses
     cpus = t.cpus_per_trial or float(base.ray.num_workers + 1)
     total = float(cluster.get("CPU", 1.0))
     if cpus > total:
@@ -126,10 +114,9 @@ def plan_sweep(
         space=space,
         exp_dir=path if scheme == "file" else exp_dir,
         metric=f"val/{metric}",
-        mode="min" if lower_is_better(metric) else "max",
+        mode=task.mode(base),
         concurrency=max(1, concurrency),
         cpus_per_trial=cpus,
-        distill=distill,
         journal=journal,
     )
 
@@ -193,12 +180,11 @@ def run_trial(config: dict[str, Any], plan: SweepPlan) -> None:
     """The Tune function trainable: one ``TorchTrainer`` fit with the trial's overrides."""
     from ray import tune
 
-    from raylens.train.run import finetune, read_history
+    from raylens.train import finetune
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(plan, trial_id, config)
-    storage = Storage(cfg.storage)
-    history = read_history(storage, join(cfg.run.output_dir, trial_id))
+    history = RunDir(join(cfg.run.output_dir, trial_id), Storage(cfg.storage)).history()
     best = None  # a resumed trial's best so far includes its epochs before the resume
     for row in history:
         best = with_best(row, plan, best).get(plan.rank_metric)
@@ -206,7 +192,7 @@ def run_trial(config: dict[str, Any], plan: SweepPlan) -> None:
         tune.report(with_best(history[-1], plan, best))
         return
     callback = BestSoFarReport(plan, best)
-    finetune(cfg, distill=plan.distill, callbacks=[callback], evaluate=False)
+    finetune(cfg, callbacks=[callback], evaluate=False)
 
 
 def _searcher(plan: SweepPlan):
@@ -260,7 +246,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
     storage_path, name = path.rstrip("/").rsplit("/", 1)
     card = join(plan.exp_dir, "sweep.json")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often
-    if plan.base.task.name == "metric":  # every trial reads the same cache: fill it once
+    if get_task(plan.base.task.name).pipeline == "features":  # one cache for every trial
         from raylens.infer.features import ensure_cache
 
         ensure_cache(plan.base, storage)
@@ -496,13 +482,13 @@ def _plots(plan: SweepPlan, rows: list[dict]) -> dict[str, bytes]:
 
 def retrain_best(plan: SweepPlan, summary: dict[str, Any], log=print) -> dict[str, Any]:
     """Retrains the best config (a normal run, test split evaluated) and records it."""
-    from raylens.train.run import finetune
+    from raylens.train import finetune
 
     storage = Storage(plan.base.storage)
     text = storage.read_text(summary["best_config"])
     cfg = C.load(RunConfig, text)
     cfg = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, budget_cpus=None))
-    out = finetune(cfg, distill=plan.distill)
+    out = finetune(cfg)
     record = {
         "run_dir": out["run_dir"],
         "best_val": (out["best"] or {}).get("metrics"),

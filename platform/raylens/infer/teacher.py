@@ -23,52 +23,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
-from raylens import config as C
-from raylens.checkpoint import load_checkpoint
 from raylens.data import teacher_store as TS
 from raylens.data.prepare import load_card
 from raylens.data.transforms import (
     ImageTransform,
     decode_and_transform,
-    normalize,
     sample_seed,
 )
-from raylens.models.classifier import Classifier, build_model
 from raylens.schema import RunConfig, StorageConfig
 from raylens.storage import Storage, join
-from raylens.tasks.distill import topk_sparse
-
-
-def load_teacher(run_dir: str, storage: Storage) -> tuple[Classifier, RunConfig, list[str]]:
-    """A run dir's model at its best checkpoint (eval mode), its config and classes."""
-    if not run_dir:
-        raise ValueError("config key 'distill.teacher' is required: the teacher's run dir")
-    best_uri = join(run_dir, "best.json")
-    if not storage.exists(best_uri):
-        raise FileNotFoundError(f"teacher run {run_dir!r}: no best.json (not a finished run?)")
-    cfg = C.load(RunConfig, storage.read_text(join(run_dir, "config.yaml")))
-    classes = json.loads(storage.read_text(join(run_dir, "labels.json")))["classes"]
-    best = json.loads(storage.read_text(best_uri))
-    model = build_model(cfg.model, len(classes), storage)
-    state = load_checkpoint(storage, join(run_dir, best["checkpoint"]), with_optimizer=False)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg, classes
-
-
-class TeacherInput:
-    """Student-augmented uint8 pixels → the teacher's input (its size, mean and std)."""
-
-    def __init__(self, teacher_cfg: RunConfig):
-        self.size = teacher_cfg.data.image_size
-        self.mean, self.std = tuple(teacher_cfg.data.mean), tuple(teacher_cfg.data.std)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = normalize(pixels, self.mean, self.std)
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True)
-        return x
+from raylens.tasks.distill import TeacherInput, load_teacher, topk_sparse
 
 
 class TeacherTopK:
@@ -97,7 +62,7 @@ class TeacherTopK:
 
 def teacher_pass(cfg: RunConfig, storage: Storage, log=print) -> dict[str, Any]:
     """Writes the store ``distill.store``; returns its card."""
-    from raylens.runtime.ingest import build_split  # Ray layer
+    from raylens.runtime.ingest import build_split
 
     d = cfg.distill
     if not d.store:

@@ -17,16 +17,17 @@ SKIP = {"epoch", "step", "best", "epoch_end", "resumes"}
 
 
 class EventLog:
-    """Scalars of ``metrics.jsonl`` rows, keyed by optimizer step."""
+    """Scalars of a run's metric rows, keyed by optimizer step, in ``logdir`` (the run
+    dir's TensorBoard dir, :attr:`raylens.rundir.RunDir.tensorboard`)."""
 
-    def __init__(self, storage: Storage, run_dir: str):
+    def __init__(self, storage: Storage, logdir: str):
         from torch.utils.tensorboard import SummaryWriter
 
-        scheme, path = split_uri(run_dir)
+        scheme, path = split_uri(logdir)
         self.storage = storage
-        self.remote = join(run_dir, "tensorboard") if scheme != "file" else None
+        self.remote = logdir if scheme != "file" else None
         self._tmp = tempfile.TemporaryDirectory(prefix="raylens-tb-") if self.remote else None
-        self.local = self._tmp.name if self._tmp else os.path.join(path, "tensorboard")
+        self.local = self._tmp.name if self._tmp else path
         self.writer = SummaryWriter(log_dir=self.local)
 
     def add(self, row: dict) -> None:

@@ -7,20 +7,16 @@ every N steps, best checkpoint). Held-out protocol: ``metric.train_classes`` are
 on (their train split; their val split selects the checkpoint); the other classes are
 never seen and are evaluated by retrieval only.
 
-Run dir, besides what every run writes (config.yaml, labels.json, metrics.jsonl,
-best.json, checkpoints/, tensorboard/, report/)::
-
-    test_metrics.json    NCM top-1/top-3 on seen classes; Recall@K, MAP@R on held-out
-                         classes, for the trained embedding and the raw fused features
-    prototypes.parquet   class, seen, count, embedding: each class's mean train embedding
-    report/embedding_projection.png
+Besides what every run writes (:mod:`raylens.rundir`), a metric run's test metrics hold
+NCM top-1/top-3 on seen classes and Recall@K, MAP@R on held-out classes, for the trained
+embedding and the raw fused features; its prototypes (class, seen, count, embedding) are
+each class's mean train embedding; its report adds ``embedding_projection.png``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import time
 from typing import Any
@@ -33,7 +29,6 @@ import ray.train
 import ray.train.torch
 import torch
 
-from raylens import config as C
 from raylens.checkpoint import load_checkpoint
 from raylens.infer.features import (
     FeatureTable,
@@ -41,12 +36,12 @@ from raylens.infer.features import (
     load_features,
     plan_cache,
 )
-from raylens.loop import Task, check_best_metric
-from raylens.models.backbones import HF_PREFIX, parse_backbone_spec
-from raylens.models.fusion import FusionModel, build_fusion, l2_concat
-from raylens.runtime.launch import build_trainer
+from raylens.models.fusion import FusionModel, build_fusion, embed_all, l2_concat
+from raylens.rundir import METRIC, RunDir, absolute_paths
+from raylens.runtime.launch import build_trainer, fit_on_worker, ray_run_config
 from raylens.schema import RunConfig
-from raylens.storage import Storage, join, split_uri
+from raylens.storage import Storage
+from raylens.tasks import check_best_metric, create_task, get_task
 from raylens.tasks.metric import (
     MetricMeter,
     check_retrievable,
@@ -54,27 +49,6 @@ from raylens.tasks.metric import (
     ncm_accuracy,
     retrieval_metrics,
 )
-from raylens.train.run import (
-    absolute_paths,
-    fit_on_worker,
-    ray_run_config,
-    read_history,
-    write_run_config,
-)
-
-
-def make_metric_task(cfg: RunConfig, model: torch.nn.Module) -> Task:
-    """ProxyAnchor on the model's embeddings; validated by retrieval (Recall@1 selects)."""
-    inner = getattr(model, "module", model)
-    return Task(
-        "metric",
-        "label",
-        lambda emb, y: inner.criterion(emb, y),
-        lambda: MetricMeter(cfg.metric.recall_ks),
-        f"recall_at_{min(cfg.metric.recall_ks)}",
-        input_key="features",
-    )
-
 
 # ----------------------------------------------------------------------------- data
 
@@ -146,7 +120,7 @@ def metric_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)
     model = build_fusion(cfg, config["dims"], config["num_classes"])
     model = ray.train.torch.prepare_model(model)
-    task = make_metric_task(cfg, model)
+    task = create_task(cfg, config["num_classes"], model=model)
     xt, yt, xv, yv = (
         torch.from_numpy(np.array(arrays[k])) for k in ("x_train", "y_train", "x_val", "y_val")
     )
@@ -181,7 +155,7 @@ def metric_worker(config: dict[str, Any]) -> None:
 
 
 def check_metric_config(cfg: RunConfig) -> None:
-    if cfg.task.name != "metric":
+    if get_task(cfg.task.name).pipeline != "features":
         raise ValueError("config key 'task.name': expected 'metric' for metric learning")
     if not cfg.run.name:
         raise ValueError("config key 'run.name' is required: the run dir is <output_dir>/<name>")
@@ -189,36 +163,6 @@ def check_metric_config(cfg: RunConfig) -> None:
         raise ValueError("config key 'metric.backbones': expected at least one frozen backbone")
     if cfg.train.best_metric:  # before any cache work
         check_best_metric(cfg.train.best_metric, MetricMeter(cfg.metric.recall_ks))
-
-
-def _abs_metric(cfg: RunConfig) -> RunConfig:
-    cfg = absolute_paths(cfg)
-
-    def local(uri: str) -> str:
-        scheme, path = split_uri(uri)
-        return path if scheme == "file" else uri
-
-    def backbone(spec: str) -> str:
-        name, weights = parse_backbone_spec(spec)
-        if "/" in name and not name.startswith(HF_PREFIX):  # a run dir
-            name = local(name)
-        return name if not weights else f"{name}@{local(weights)}"
-
-    m = dataclasses.replace(
-        cfg.metric,
-        cache=local(cfg.metric.cache),
-        backbones=[backbone(b) for b in cfg.metric.backbones],
-    )
-    return dataclasses.replace(cfg, metric=m)
-
-
-def embed_all(model: FusionModel, x: np.ndarray, batch: int = 4096) -> torch.Tensor:
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for lo in range(0, len(x), batch):
-            out.append(model(torch.from_numpy(x[lo : lo + batch])))
-    return torch.cat(out) if out else torch.zeros(0, model.embedding_dim)
 
 
 def evaluate_metric(
@@ -270,7 +214,7 @@ def write_prototypes(
     )
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    storage.write_bytes(join(out, "prototypes.parquet"), buf.getvalue())
+    storage.write_bytes(RunDir(out, storage).prototypes, buf.getvalue())
     return {"classes": len(present), "dim": int(protos.shape[1])}
 
 
@@ -311,11 +255,11 @@ def metric_learn(
 ) -> dict[str, Any]:
     """Fills the feature cache, trains the fusion model, evaluates; returns
     ``{"run_dir", "best", "test", "baseline", "report", "cache"}``. ``callbacks`` and
-    ``evaluate`` as in :func:`raylens.train.run.finetune`."""
+    ``evaluate`` as in :func:`raylens.train.images.train_images`."""
     from raylens.report import write_report
 
     check_metric_config(cfg)
-    cfg = _abs_metric(cfg)
+    cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)
     planned = plan_cache(cfg, storage)  # bad backbones fail here, before any Ray work
     class_protocol(cfg, planned[0].plan.classes)  # and unknown class names
@@ -331,16 +275,19 @@ def metric_learn(
         "x_val": data.x[va],
         "y_val": data.seen_labels(va),
     }
-    out = write_run_config(cfg, storage)
+    run = RunDir.of(cfg, storage)
+    run.write_config(cfg)
+    out = run.uri
     labels = {
         "classes": [data.classes[i] for i in data.seen],
-        "task": "metric",
         "held_out": [data.classes[i] for i in data.unseen],
         "backbones": table.backbones,
         "dims": data.dims,
         "embedding_dim": cfg.metric.embedding_dim,
     }
-    storage.write_text(join(out, "labels.json"), json.dumps(labels, indent=1))
+    run.write_labels(
+        labels["classes"], METRIC, **{k: v for k, v in labels.items() if k != "classes"}
+    )
     run_config = ray_run_config(cfg, storage, callbacks)
     loop_config = {
         "cfg": cfg,
@@ -356,8 +303,7 @@ def metric_learn(
         f"run dir {out}"
     )
     result = trainer.fit()
-    best_path = join(out, "best.json")
-    best = json.loads(storage.read_text(best_path)) if storage.exists(best_path) else None
+    best = run.best()
     cache = [{"backbone": e.backbone, "uri": e.uri, "hit": e.hit} for e in entries]
     if not evaluate:
         return {"run_dir": out, "best": best, "test": None, "baseline": None, "report": None,
@@ -365,20 +311,20 @@ def metric_learn(
     test, baseline, report = None, evaluate_metric(cfg, data, None), None
     if best:
         model = build_fusion(cfg, data.dims, len(data.seen))
-        ck = load_checkpoint(storage, join(out, best["checkpoint"]), with_optimizer=False)
+        ck = load_checkpoint(storage, run.checkpoint(), with_optimizer=False)
         model.load_state_dict(ck["model"])
         test = evaluate_metric(cfg, data, model)
         protos = write_prototypes(storage, out, data, model)
         summary = {"trained": test, "raw_fused_features": baseline, "prototypes": protos}
-        storage.write_text(join(out, "test_metrics.json"), json.dumps(summary, indent=1))
-        history = read_history(storage, out)
+        run.write_test_metrics(summary)
+        history = run.history()
         splits = {f"{k} (trained)": v for k, v in test.items()}
         splits.update({f"{k} (raw features)": v for k, v in baseline.items()})
         report = write_report(
             storage,
             out,
             history=history,
-            metric=cfg.train.best_metric or make_metric_task(cfg, model).best_metric,
+            metric=get_task(cfg.task.name).best_metric(cfg),
             best=best,
             splits=splits,
             classes=labels["classes"],
@@ -408,136 +354,3 @@ def metric_learn(
         "cache": cache,
         "result": result,
     }
-
-
-# ----------------------------------------------------------------------------- embed job
-
-
-def is_metric_run(spec: str, storage: Storage) -> bool:
-    """A run dir written by :func:`metric_learn` (its labels.json says task 'metric')."""
-    from raylens.predict import is_run_dir_spec
-
-    if not spec or not is_run_dir_spec(spec):
-        return False
-    run = spec.rstrip("/") if "://" in spec else split_uri(spec)[1]
-    try:
-        return json.loads(storage.read_text(join(run, "labels.json"))).get("task") == "metric"
-    except (FileNotFoundError, ValueError):
-        return False
-
-
-@dataclasses.dataclass
-class MetricEmbedPlan:
-    cfg: RunConfig  # the run's config over the dataset to embed (its backbones and cache)
-    run: str
-    checkpoint: str
-    output: str
-    splits: list[str]
-    entries: list
-
-
-def plan_metric_embed(cfg: RunConfig, storage: Storage) -> MetricEmbedPlan:
-    """``jobs.embed`` with a metric run as ``embed.model``: checks the run, its backbones
-    over ``data.dataset`` and the output (no Ray work). The embedding is the run's fusion
-    model over its frozen backbones' cached features of that dataset."""
-    from raylens.infer.embed import _abs
-    from raylens.predict import run_checkpoint
-
-    e = cfg.embed
-    e.validate()
-    if not e.output:
-        raise ValueError("config key 'embed.output' is required: where to write the Parquet")
-    if e.include_logits:
-        raise ValueError(
-            f"config key 'embed.include_logits': {e.model!r} is a metric-learning run "
-            "(an embedding, no classifier head); set embed.include_logits=false"
-        )
-    run = e.model.rstrip("/") if "://" in e.model else split_uri(e.model)[1]
-    rcfg = C.load(RunConfig, storage.read_text(join(run, "config.yaml")))
-    ck = run_checkpoint(storage, run, e.checkpoint, f"run dir {e.model!r}")
-    dataset = cfg.data.dataset
-    if not dataset:
-        raise ValueError("config key 'data.dataset' is required: the images to embed")
-    output = _abs(e.output)
-    ds = _abs(dataset)
-    if output in (ds, run) or output.startswith(ds.rstrip("/") + "/"):
-        raise ValueError(
-            f"config key 'embed.output': {output!r} is (inside) the dataset or the run dir; "
-            "write embeddings to a directory of their own"
-        )
-    over = dataclasses.replace(
-        rcfg,
-        data=dataclasses.replace(rcfg.data, dataset=dataset),
-        storage=cfg.storage,
-        source=cfg.source,
-        prepare=cfg.prepare,
-        ray=cfg.ray,
-    )
-    entries = plan_cache(over, storage)
-    wanted = list(e.splits) or ["train", "val", "test"]
-    return MetricEmbedPlan(over, run, ck, output, wanted, entries)
-
-
-def run_metric_embed(plan: MetricEmbedPlan, storage: Storage) -> dict[str, Any]:
-    """Fills the run's feature cache for the dataset, applies the fusion model, writes the
-    embed job's output (same columns as the cache: id, split, source, labels, metadata;
-    ``embedding`` = the run's L2-normalized embedding) and commits it atomically."""
-    import tempfile
-    import uuid
-
-    from raylens.infer.embed import FORMAT, STAGING_PREFIX, WRITER, commit
-
-    t0 = time.time()
-    entries = ensure_cache(plan.cfg, storage)
-    table = load_features(entries, storage)
-    x = l2_concat([torch.from_numpy(b) for b in table.blocks]).numpy()
-    labels = json.loads(storage.read_text(join(plan.run, "labels.json")))
-    model = build_fusion(plan.cfg, table.dims, len(labels["classes"]))
-    if table.dims != labels.get("dims", table.dims):
-        raise ValueError(
-            f"feature sizes {table.dims} differ from the run's {labels['dims']}: "
-            "its backbones changed since it was trained"
-        )
-    model.load_state_dict(load_checkpoint(storage, plan.checkpoint, with_optimizer=False)["model"])
-    keep = np.isin(table.split, plan.splits)
-    emb = embed_all(model, x[keep]).numpy()
-    # every other column from the first backbone's cache, aligned by id
-    fs, path = storage.resolve(entries[0].uri)
-    base = pq.read_table(path, filesystem=fs).sort_by("id")
-    base = base.filter(pa.array(keep))
-    assert base.column("id").to_pylist() == list(table.ids[keep])
-    col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
-    out = base.set_column(base.schema.get_field_index("embedding"), "embedding", col)
-    run_id = uuid.uuid4().hex[:12]
-    storage.write_text(join(plan.output, WRITER), json.dumps({"run": run_id}))
-    with tempfile.TemporaryDirectory() as tmp:
-        local = f"{tmp}/part.parquet"
-        pq.write_table(out, local)
-        staging = join(plan.output, f"{STAGING_PREFIX}{run_id}")
-        staged = join(staging, "part.parquet")
-        with open(local, "rb") as f:
-            storage.write_bytes(staged, f.read())
-    counts = {s: int((table.split[keep] == s).sum()) for s in plan.splits}
-    manifest = {
-        "format": FORMAT,
-        "rows": out.num_rows,
-        "rows_per_split": {s: c for s, c in counts.items() if c},
-        "dropped": [],
-        "model": plan.checkpoint,
-        "model_kind": "metric_run",
-        "backbones": table.backbones,
-        "dim": int(emb.shape[1]),
-        "normalize": True,
-        "logits": False,
-        "classes": labels["classes"],
-        "dataset": plan.cfg.data.dataset,
-        "dataset_classes": table.classes,
-        "splits": plan.splits,
-        "feature_caches": [e.uri for e in entries],
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.time() - t0, 2),
-    }
-    try:
-        return commit(storage, plan.output, [staged], manifest, writer=run_id)
-    finally:
-        storage.delete_tree(staging)
