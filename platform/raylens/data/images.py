@@ -83,7 +83,9 @@ def conversion_note(mode: str) -> str | None:
     return f"{mode} -> RGB"
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Opens encoded bytes as a PIL image (not yet decoded), refusing empty, undecodable or
+    over-``max_pixels`` input with :class:`ImageRejected` (its reason and a message)."""
     if len(data) == 0:
         raise ImageRejected("zero_bytes", "the file is empty")
     try:
@@ -121,7 +123,7 @@ def inspect_image(
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageRejected("too_large", f"{len(data)} bytes > limit {max_bytes}")
-    img = _open(data, max_pixels)
+    img = open_image(data, max_pixels)
     _load(img)
     return ImageInfo(img.size[0], img.size[1], img.mode, img.format or "unknown")
 
@@ -156,7 +158,7 @@ def decode_rgb(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
     Raises:
         ImageRejected: when the bytes are not a usable image.
     """
-    img = _open(data, max_pixels)
+    img = open_image(data, max_pixels)
     _load(img)
     return to_rgb(img)
 

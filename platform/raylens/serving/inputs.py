@@ -13,7 +13,7 @@ import binascii
 import posixpath
 import re
 
-from raylens.data.images import ImageInfo, ImageRejected, _open
+from raylens.data.images import ImageInfo, ImageRejected, open_image
 from raylens.serving.errors import RequestError
 from raylens.serving.settings import FETCHED_SCHEMES
 from raylens.storage import Storage, split_uri
@@ -38,7 +38,7 @@ def probe_image(data: bytes, what: str, *, max_pixels: int, max_bytes: int) -> I
     if len(data) > max_bytes:
         raise RequestError(413, "request_too_large", f"{what}: {len(data)} bytes > {max_bytes}")
     try:
-        img = _open(data, max_pixels)
+        img = open_image(data, max_pixels)
     except ImageRejected as rej:
         status, code = _REJECTED.get(rej.reason, (415, "not_an_image"))
         if rej.reason == "undecodable":
