@@ -65,8 +65,9 @@ def main() -> int:
     import torch
     from raylens import config as C
     from raylens.loop import build_optimizer
-    from raylens.models.fusion import build_fusion, l2_concat
+    from raylens.models.fusion import l2_concat
     from raylens.schema import RunConfig
+    from raylens.tasks.metric import build_fusion
 
     cfg = C.load(RunConfig, CONFIG.read_text())
     card = json.loads((Path(args.dataset) / "dataset.json").read_text())

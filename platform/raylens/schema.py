@@ -531,7 +531,8 @@ class ExportConfig:
         "", "Run dir written by jobs.finetune (local, s3://, gs://). Required by jobs.export."
     )
     checkpoint: str | None = opt(
-        None, "Checkpoint dir relative to the run dir (checkpoints/epoch=N); null: the best checkpoint."
+        None,
+        "Checkpoint dir relative to the run dir (checkpoints/epoch=N); null: the best checkpoint.",
     )
     output: str | None = opt(
         None, "Output dir (local, s3://, gs://); null: <run>/export. Re-running replaces it."

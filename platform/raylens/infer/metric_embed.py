@@ -22,11 +22,12 @@ import torch
 from raylens.checkpoint import load_checkpoint
 from raylens.infer.embed import FORMAT, STAGING_PREFIX, WRITER, commit
 from raylens.infer.features import ensure_cache, load_features, plan_cache
-from raylens.models.fusion import build_fusion, embed_all, l2_concat
+from raylens.models.fusion import embed_all, l2_concat
 from raylens.predict import is_run_dir_spec
 from raylens.rundir import METRIC, RunDir, local_path
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
+from raylens.tasks.metric import build_fusion
 
 
 def is_metric_run(spec: str, storage: Storage) -> bool:

@@ -142,33 +142,6 @@ def l2_concat(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([F.normalize(b.float(), dim=1) for b in blocks], dim=1)
 
 
-def build_fusion(cfg, dims: Sequence[int], num_classes: int) -> FusionModel:
-    """The fusion model of a metric run's config (``cfg.metric``), with its ProxyAnchor
-    criterion (the proxies are part of the checkpoint)."""
-    from raylens.tasks.metric import ProxyAnchorCriterion
-
-    m = cfg.metric
-    criterion = ProxyAnchorCriterion(
-        num_classes,
-        m.embedding_dim,
-        margin=m.margin,
-        alpha=m.alpha,
-        lr_mult=m.proxy_lr_mult,
-        miner=m.miner,
-        miner_epsilon=m.miner_epsilon,
-    )
-    return FusionModel(
-        dims,
-        m.embedding_dim,
-        hidden=list(m.fusion_hidden) or m.fusion,
-        gate=m.gate,
-        gate_hidden=m.gate_hidden,
-        dropout=m.dropout,
-        activation=m.activation,
-        criterion=criterion,
-    )
-
-
 def embed_all(model: FusionModel, x: np.ndarray, batch: int = 4096) -> torch.Tensor:
     """The model's embeddings ``[n, embedding_dim]`` of fused features ``x`` ``[n, F]``."""
     model.eval()

@@ -31,11 +31,12 @@ import torch
 from raylens.checkpoint import load_checkpoint
 from raylens.data.images import ImageRejected, decode_rgb
 from raylens.models.backbones import parse_backbone_spec
-from raylens.models.fusion import build_fusion, l2_concat
+from raylens.models.fusion import l2_concat
 from raylens.predict import Predictor, is_run_dir_spec, resolve_model
 from raylens.rundir import METRIC, RunDir
 from raylens.serving.settings import ModelEntry
 from raylens.storage import Storage
+from raylens.tasks.metric import build_fusion
 
 Kind = Literal["classify", "multilabel", "metric", "backbone"]  # raylens.rundir kinds
 

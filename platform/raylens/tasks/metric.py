@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raylens.models.fusion import FusionModel
 from raylens.rundir import METRIC
 from raylens.schema import RunConfig
 from raylens.tasks.base import Task, TaskSpec, register_task
@@ -216,6 +217,34 @@ class MetricMeter:
 
     def compute(self) -> dict[str, float]:
         return dict(self._merged) if self._merged is not None else self._local()
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_fusion(cfg: RunConfig, dims: Sequence[int], num_classes: int) -> FusionModel:
+    """The fusion model of a metric run's config (``cfg.metric``), with its ProxyAnchor
+    criterion (the proxies are part of the checkpoint)."""
+    m = cfg.metric
+    criterion = ProxyAnchorCriterion(
+        num_classes,
+        m.embedding_dim,
+        margin=m.margin,
+        alpha=m.alpha,
+        lr_mult=m.proxy_lr_mult,
+        miner=m.miner,
+        miner_epsilon=m.miner_epsilon,
+    )
+    return FusionModel(
+        dims,
+        m.embedding_dim,
+        hidden=list(m.fusion_hidden) or m.fusion,
+        gate=m.gate,
+        gate_hidden=m.gate_hidden,
+        dropout=m.dropout,
+        activation=m.activation,
+        criterion=criterion,
+    )
 
 
 # ----------------------------------------------------------------------------- task

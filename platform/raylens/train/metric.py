@@ -36,7 +36,7 @@ from raylens.infer.features import (
     load_features,
     plan_cache,
 )
-from raylens.models.fusion import FusionModel, build_fusion, embed_all, l2_concat
+from raylens.models.fusion import FusionModel, embed_all, l2_concat
 from raylens.rundir import METRIC, RunDir, absolute_paths
 from raylens.runtime.launch import build_trainer, fit_on_worker, ray_run_config
 from raylens.schema import RunConfig
@@ -44,6 +44,7 @@ from raylens.storage import Storage
 from raylens.tasks import check_best_metric, create_task, get_task
 from raylens.tasks.metric import (
     MetricMeter,
+    build_fusion,
     check_retrievable,
     class_prototypes,
     ncm_accuracy,
