@@ -36,6 +36,7 @@ from raylens.runtime.ingest import (
 )
 from raylens.runtime.launch import build_trainer, fit_on_worker, ray_run_config
 from raylens.schema import RunConfig
+from raylens.serving.labels import choose, probabilities
 from raylens.storage import Storage, join
 from raylens.tasks import create_task, get_task
 from raylens.tasks.distill import TeacherInput, load_teacher
@@ -310,10 +311,10 @@ def evaluate_split(
     std = torch.tensor(cfg.data.std).view(1, 3, 1, 1)
     kept: list[np.ndarray] = []
 
-    def names(row: torch.Tensor) -> str:
-        if info.multi_label:
-            return ",".join(info.classes[i] for i in row.nonzero().flatten().tolist()) or "-"
-        return info.classes[int(row)]
+    kind = get_task(cfg.task.name).kind
+
+    def names(indices: list[int]) -> str:
+        return ",".join(info.classes[i] for i in indices) or "-"
 
     def keep(batch: dict, logits: torch.Tensor) -> None:
         room = max_samples - sum(len(k) for k in kept)
@@ -322,11 +323,11 @@ def evaluate_split(
         x = batch["image"][:room].float() * std + mean
         kept.append((x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
         y = batch[task.target_key][:room]
-        if info.multi_label:
-            pred = torch.sigmoid(logits[:room]) >= cfg.task.threshold
-        else:
-            pred = logits[:room].argmax(1)
-        samples.true.extend(names(t) for t in y)
+        true = [row.nonzero().flatten().tolist() if info.multi_label else [int(row)] for row in y]
+        # the same decision Serve makes for a request (raylens.serving.labels)
+        probs = probabilities(logits[:room].float().numpy(), kind=kind)
+        pred = [choose(p, kind=kind, k=1, threshold=cfg.task.threshold) for p in probs]
+        samples.true.extend(names(t) for t in true)
         samples.pred.extend(names(p) for p in pred)
 
     metrics = evaluate(
