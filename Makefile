@@ -1,6 +1,7 @@
 # raylens: two commands on a fresh machine.
 #   make demo   install, prepare Fashion-MNIST locally, fine-tune the CPU default on local Ray
-#   make test   install (with test extras), then run the whole test suite
+#   make test   install (with test extras), then run the whole test suite (what CI runs)
+#   make test-fast  the unit tests only: no storage server, no Ray (about a minute)
 # Each target installs what it needs into .venv (Python 3.10+ with venv required).
 
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test install lint data clean
+.PHONY: demo test test-fast install lint data clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,10 @@ demo: install data
 
 test: install data
 	$(PY) -m pytest -q --durations=15
+
+# Tests that need a server or Ray are marked `slow` by tests/conftest.py.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 lint: install
 	$(PY) -m ruff check .

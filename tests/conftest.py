@@ -1,41 +1,78 @@
-"""Shared fixtures: one local Ray session, real SeaweedFS (S3) and fake-gcs-server (GCS).
+"""Shared fixtures (one local Ray session, real SeaweedFS (S3) and fake-gcs-server (GCS)), and
+the two tiers of the suite.
 
 Servers come from pip packages and run on free loopback ports (tests/servers.py);
 Ray is started once per test session with ``num_cpus=2`` — the size of this machine
 and of the no-deadlock case the platform must handle.
+
+Tiers: a test is marked ``slow`` here, automatically, when it needs a server or Ray: it uses
+one of :data:`SLOW_FIXTURES`, it is a ``store`` test on ``s3``/``gs``, or it carries one of
+:data:`SLOW_MARKS`. ``make test-fast`` runs ``-m "not slow"``, ``make test`` runs everything.
+A test that starts a server or Ray in its own body must be marked by hand (``ray``, ``e2e``,
+or ``slow``). When a session selects no slow test at all, starting Ray or a server fails
+loudly (:func:`_forbid_servers_and_ray`), so a unit test that does either cannot hide.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # before anything imports gcsfs
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-sys.path.insert(0, str(Path(__file__).parent))
 
-import pytest  # noqa: E402
-from raylens.schema import StorageConfig  # noqa: E402
-from raylens.storage import Storage  # noqa: E402
-from servers import GCSServer, S3Server, start_fake_gcs, start_seaweedfs  # noqa: E402
+import pytest
+from raylens.storage import Storage
 
-REPO = Path(__file__).resolve().parents[1]
+from tests import servers
+from tests.servers import GCSServer, S3Server, start_fake_gcs, start_seaweedfs
+from tests.stores import gcs_storage, s3_storage
+
+# Fixtures that start a server or Ray (or, no_ray_here, make room for a job that starts Ray).
+SLOW_FIXTURES = frozenset({"seaweed", "fake_gcs", "ray_session", "no_ray_here"})
+# Markers of tests that need Ray, real servers or a cluster.
+SLOW_MARKS = frozenset({"ray", "e2e", "faults", "slow"})
+REMOTE_STORES = frozenset({"s3", "gs"})
 
 
-def run_job(job: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs ``python -m jobs.<job> args...`` from the repo root, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", f"jobs.{job}", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=600,
-    )
+def _is_slow(item: pytest.Item) -> bool:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    if any(item.get_closest_marker(name) for name in SLOW_MARKS):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("store") in REMOTE_STORES
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_collection_finish(session):
+    if session.items and not any(item.get_closest_marker("slow") for item in session.items):
+        _forbid_servers_and_ray()
+
+
+def _forbid_servers_and_ray() -> None:
+    """Only unit tests were selected: make ``ray.init`` (explicit or Ray's auto-init) and
+    starting a test server raise, naming the way out."""
+    import ray
+
+    def refuse(what: str):
+        def raiser(*args, **kwargs):
+            raise RuntimeError(
+                f"a unit test (fast tier, not marked slow) tried to start {what}; use a "
+                f"fixture from tests/conftest.py or mark the test `ray`, `e2e` or `slow`"
+            )
+
+        return raiser
+
+    ray.init = refuse("Ray")
+    servers._Server._launch = refuse("a storage server")
 
 
 @pytest.fixture(scope="session")
@@ -52,24 +89,13 @@ def fake_gcs(tmp_path_factory) -> GCSServer:
     server.stop()
 
 
-def s3_storage(server: S3Server) -> Storage:
-    return Storage(
-        StorageConfig(
-            s3_endpoint_url=server.endpoint_url,
-            s3_region=server.region,
-            s3_access_key_id=server.access_key,
-            s3_secret_access_key=server.secret_key,
-        )
-    )
-
-
-def gcs_storage(server: GCSServer) -> Storage:
-    return Storage(StorageConfig(gcs_endpoint_url=server.endpoint_url, gcs_anonymous=True))
-
-
 @pytest.fixture(params=["local", "s3", "gs"])
 def store(request, tmp_path):
-    """``(storage, root_uri)`` on each backend: a local dir, a fresh S3 or GCS bucket."""
+    """``(storage, root_uri)`` on each backend: a local dir, a fresh S3 or GCS bucket.
+
+    Storage's own tests run on all three; a test whose subject is not storage narrows it
+    with ``@pytest.mark.parametrize("store", [...], indirect=True)``. The ``s3``/``gs``
+    variants are in the slow tier."""
     kind = request.param
     if kind == "local":
         return Storage(), str(tmp_path)

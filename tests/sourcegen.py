@@ -9,10 +9,11 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from imagegen import class_image
 from raylens.data.prepare import prepare
 from raylens.schema import PrepareConfig, SourceConfig
 from raylens.storage import Storage, join
+
+from tests.imagegen import class_image
 
 CLASSES = ["cat", "dog", "eel"]
 

@@ -32,6 +32,9 @@ def _steps(model, opt, sched, n, seed):
         sched.step()
 
 
+# Local only: a checkpoint is plain Storage reads and writes (tests/test_storage.py runs
+# those on S3 and GCS); test_finetune.py saves and resumes a run's checkpoints on S3.
+@pytest.mark.parametrize("store", ["local"], indirect=True)
 def test_round_trip_is_identical(store):
     storage, root = store
     model, opt, sched = _setup()

@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 from raylens import cli
 from raylens.config import ConfigError
 from raylens.storage import StorageError
+
+from tests.repo import REPO
 
 PROG = "python -m jobs.x"
 SECRET = "s3cr3t-Zq7wK"

@@ -46,10 +46,9 @@ from pathlib import Path
 import pytest
 import yaml
 from raylens.storage import Storage
-from servers import free_ports
-from sourcegen import prepare_quiet, write_folder
 
-pytestmark = pytest.mark.ray
+from tests.servers import free_ports
+from tests.sourcegen import prepare_quiet, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = "deploy/runtime_env.yaml"  # relative: `ray job submit` runs in REPO
@@ -328,6 +327,7 @@ def ray_head(tmp_path_factory):
         assert ray.cluster_resources().get("CPU", 0) > 0
 
 
+@pytest.mark.ray
 def test_job_submit_without_the_token_is_refused(ray_head, tmp_path):
     marker = tmp_path / "ran"
     res = ray_head.cli(
@@ -350,6 +350,7 @@ def test_job_submit_without_the_token_is_refused(ray_head, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_finetune_job_on_a_ray_start_cluster_with_token_auth(ray_head, tmp_path):
     storage = Storage()

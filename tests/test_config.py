@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import REPO, run_job
 from raylens import config as C
 from raylens.schema import RunConfig
+
+from tests.repo import REPO, run_job
 
 
 def test_defaults_yaml_and_overrides_merge_in_order():

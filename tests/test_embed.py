@@ -13,7 +13,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import s3_storage
 from raylens import config as C
 from raylens.checkpoint import save_checkpoint
 from raylens.data.images import decode_rgb
@@ -24,9 +23,10 @@ from raylens.models.classifier import build_model
 from raylens.predict import Predictor, resolve_model
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
-from sourcegen import prepare_quiet, read_prepared, write_manifest
 
 import jobs.embed as job
+from tests.sourcegen import prepare_quiet, read_prepared, write_manifest
+from tests.stores import s3_storage
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

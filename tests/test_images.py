@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from imagegen import bad_files, encode
 from PIL import Image
 from raylens.data.images import ImageRejected, decode_rgb, inspect_image, to_rgb
+
+from tests.imagegen import bad_files, encode
 
 
 @pytest.mark.parametrize("name", sorted(bad_files()))

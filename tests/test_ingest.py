@@ -12,13 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from conftest import s3_storage
 from raylens import config as C
 from raylens.data.transforms import sample_seed
 from raylens.runtime.ingest import TorchCollate, build_split, clear_ingest_failures, ingest_failures
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
-from sourcegen import CLASSES, prepare_quiet, write_folder
+
+from tests.sourcegen import CLASSES, prepare_quiet, write_folder
+from tests.stores import s3_storage
 
 pytestmark = pytest.mark.ray
 
@@ -195,8 +196,8 @@ def test_two_train_workers_on_two_cpus_finish(ray_session, seaweed, tmp_path):
 
 def test_ingest_from_gcs_converts_every_mode_to_rgb(ray_session, fake_gcs):
     """CMYK, 16-bit, RGBA (and the rest) arrive as 3-channel batches; from a GCS dataset."""
-    from conftest import gcs_storage
-    from imagegen import bad_files
+    from tests.imagegen import bad_files
+    from tests.stores import gcs_storage
 
     bucket = f"modes-{uuid.uuid4().hex[:8]}"
     fake_gcs.create_bucket(bucket)

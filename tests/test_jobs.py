@@ -8,9 +8,11 @@ import uuid
 
 import pytest
 import yaml
-from conftest import run_job, s3_storage
 from raylens.data import fashion_mnist
-from sourcegen import write_folder
+
+from tests.repo import run_job
+from tests.sourcegen import write_folder
+from tests.stores import s3_storage
 
 pytestmark = pytest.mark.e2e
 

@@ -7,10 +7,11 @@ import uuid
 
 import pytest
 import torch
-from conftest import s3_storage
-from modelgen import tiny_hf
 from raylens.models.backbones import UnknownBackbone, create_backbone
 from raylens.models.heads import create_head
+
+from tests.modelgen import tiny_hf
+from tests.stores import s3_storage
 
 
 @pytest.fixture(scope="module")

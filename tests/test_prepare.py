@@ -6,12 +6,13 @@ import gzip
 from collections import Counter
 
 import pytest
-from imagegen import bad_files, class_image
 from raylens.data import fashion_mnist
 from raylens.data.prepare import assign_splits
 from raylens.data.sources import Record
 from raylens.storage import join
-from sourcegen import (
+
+from tests.imagegen import bad_files, class_image
+from tests.sourcegen import (
     CLASSES,
     prepare_quiet,
     read_prepared,
@@ -23,7 +24,15 @@ from sourcegen import (
 
 _prepare = prepare_quiet
 
+# Prepare reads and writes through Storage, whose own tests run on local, S3 and GCS
+# (tests/test_storage.py). Here every source kind runs locally (the fast tier) and once on
+# S3 (its listing, prefix checks and relative URIs against an object store); GCS gets a
+# folder prepared and ingested in tests/test_ingest.py.
+LOCAL_AND_S3 = pytest.mark.parametrize("store", ["local", "s3"], indirect=True)
+LOCAL = pytest.mark.parametrize("store", ["local"], indirect=True)
 
+
+@LOCAL_AND_S3
 def test_folder_source(store):
     storage, root = store
     truth = write_folder(storage, join(root, "raw"))
@@ -42,8 +51,18 @@ def test_folder_source(store):
     assert (one["width"], one["height"], one["mode"]) == (24, 24, "RGB")
 
 
-@pytest.mark.parametrize("fmt", ["csv", "parquet"])
-@pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
+@pytest.mark.parametrize(
+    "store,fmt,multi",
+    [
+        pytest.param("local", "csv", False, id="local-csv-single"),
+        pytest.param("local", "parquet", False, id="local-parquet-single"),
+        pytest.param("local", "csv", True, id="local-csv-multi"),
+        pytest.param("local", "parquet", True, id="local-parquet-multi"),
+        # the manifest is parsed from its bytes: one S3 variant covers both formats
+        pytest.param("s3", "parquet", True, id="s3-parquet-multi"),
+    ],
+    indirect=["store"],
+)
 def test_manifest_source_carries_metadata(store, fmt, multi):
     storage, root = store
     uri, truth = write_manifest(storage, join(root, "raw"), fmt, multi=multi)
@@ -63,6 +82,7 @@ def test_manifest_source_carries_metadata(store, fmt, multi):
     ]
 
 
+@LOCAL_AND_S3
 def test_yolo_source(store):
     storage, root = store
     truth = write_yolo(storage, join(root, "tiles"))
@@ -86,6 +106,7 @@ def test_yolo_unknown_class_id_is_rejected(tmp_path):
     assert "class id 7 not in 0..2" in card["rejected"][0]["detail"]
 
 
+@LOCAL_AND_S3
 def test_idx_source(store):
     storage, root = store
     truth = write_idx(storage, join(root, "idx"))
@@ -117,6 +138,7 @@ def test_idx_checksum_mismatch_is_named(tmp_path):
         _prepare(storage, str(tmp_path), str(tmp_path / "ds"), kind="idx")
 
 
+@LOCAL  # bytes are judged after reading; empty files on every backend: test_storage.py
 def test_planted_bad_files_are_rejected_or_converted_with_reasons(store):
     storage, root = store
     raw = join(root, "raw")
@@ -209,13 +231,15 @@ def test_crash_while_rewriting_leaves_no_card_that_looks_complete(tmp_path, monk
     assert card["total"] == 19 and storage.exists(join(out, "dataset.json"))
 
 
+@LOCAL  # mosaics are built in memory, written like any shard
 def test_mosaics_label_sets_match_their_pixels_and_never_cross_splits(store):
     storage, root = store
     import io
 
     import numpy as np
-    from imagegen import PALETTE
     from PIL import Image
+
+    from tests.imagegen import PALETTE
 
     write_folder(storage, join(root, "raw"), per_class=20)
     plain = _prepare(storage, join(root, "raw"), join(root, "plain"))
@@ -276,9 +300,10 @@ def test_clutter_canvases_keep_ids_labels_splits_and_show_the_item(tmp_path):
     import io
 
     import numpy as np
-    from imagegen import PALETTE
     from PIL import Image
     from raylens.storage import Storage
+
+    from tests.imagegen import PALETTE
 
     storage = Storage()
     raw, root = str(tmp_path / "raw"), str(tmp_path)

@@ -8,13 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
 from raylens import cli
 from raylens import config as C
 from raylens import reference as R
 from raylens.config import opt
 from raylens.schema import RunConfig, TrainConfig
 from raylens.serving.settings import ModelEntry, ServeConfig
+
+from tests.repo import REPO
 
 DOC = REPO / R.DEFAULT_PATH
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 from raylens.report import (
     Samples,
@@ -122,6 +123,9 @@ def test_multilabel_report_names_best_and_worst_classes(tmp_path):
     assert "confusion_matrix" not in md and "| b | 0.1000 |" in md
 
 
+# The two code paths: written in place (local) or uploaded after each flush (any object
+# store alike; tests/test_storage.py covers Storage writes on GCS too).
+@pytest.mark.parametrize("store", ["local", "s3"], indirect=True)
 def test_event_log_writes_scalars_locally_and_to_object_storage(tmp_path, store):
     storage, root = store
     run = join(root, "run")

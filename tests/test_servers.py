@@ -10,7 +10,8 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 import pytest
 from pyarrow import fs as pafs
-from servers import GCSServer, S3Server  # fixtures `seaweed`, `fake_gcs`: conftest.py
+
+from tests.servers import GCSServer, S3Server  # fixtures `seaweed`, `fake_gcs`: conftest.py
 
 
 def _bucket(prefix: str) -> str:

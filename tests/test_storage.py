@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from conftest import s3_storage
 from raylens.schema import StorageConfig
 from raylens.storage import Storage, StorageError, join, split_uri
+
+from tests.stores import s3_storage
 
 
 def test_round_trip_list_delete(store):
@@ -64,6 +65,19 @@ def test_failed_write_leaves_neither_final_nor_temp_file(store, monkeypatch):
     assert storage.list_files(join(root, "results")) == []
 
 
+def test_a_folder_holding_a_file_exists_and_an_empty_file_round_trips(store):
+    """What sources ask of every backend (tests/test_prepare.py runs locally and on S3): a
+    folder, on an object store a key prefix, exists once it holds a file (YOLO's images/ and
+    labels/); a zero-byte file is listed and read back empty (a planted empty image)."""
+    storage, root = store
+    assert not storage.exists(join(root, "tiles/images"))
+    storage.write_bytes(join(root, "tiles/images/empty.jpg"), b"")
+    assert storage.exists(join(root, "tiles/images"))
+    assert storage.read_bytes(join(root, "tiles/images/empty.jpg")) == b""
+    listed = storage.list_files(join(root, "tiles"))
+    assert [(e.uri, e.size) for e in listed] == [(join(root, "tiles/images/empty.jpg"), 0)]
+
+
 def test_fsspec_reads_what_arrow_wrote(store):
     storage, root = store
     uri = join(root, "f/data.bin")
@@ -116,6 +130,7 @@ def test_unsupported_scheme_is_named():
         Storage().resolve("hdfs://nn/path")
 
 
+@pytest.mark.slow  # starts (and stops) a SeaweedFS of its own
 def test_object_store_outage_is_retried_for_retry_seconds_also_after_pickling(tmp_path):
     """A SeaweedFS of this test's own is stopped for ~3 s (2.5 s + its start), four times: a write and a read
     through the storage, and a write through its pyarrow filesystem after a pickle round
@@ -126,7 +141,7 @@ def test_object_store_outage_is_retried_for_retry_seconds_also_after_pickling(tm
     import threading
     import time
 
-    from servers import start_seaweedfs
+    from tests.servers import start_seaweedfs
 
     server = start_seaweedfs(tmp_path / "weed")
     done = threading.Event()

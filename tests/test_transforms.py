@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from imagegen import class_image
 from raylens.data.images import decode_rgb
 from raylens.data.transforms import (
     ImageTransform,
@@ -14,6 +13,8 @@ from raylens.data.transforms import (
     rrc_box,
     sample_seed,
 )
+
+from tests.imagegen import class_image
 
 
 def test_train_augmentation_replays_exactly_from_its_seed():
