@@ -451,8 +451,8 @@ def main() -> int:
         prepare_only(args.prepare_only)
         return 0
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from servers import start_seaweedfs
+    sys.path.insert(0, str(REPO))  # the tests package: its server helpers
+    from tests.servers import start_seaweedfs
 
     date = harness.utc_date()
     with harness.scratch("raylens-bench-") as tmp:

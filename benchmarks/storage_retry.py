@@ -26,10 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))  # the tests package: its server helpers
 
-from conftest import s3_storage  # noqa: E402
-from servers import start_seaweedfs  # noqa: E402
+from tests.servers import start_seaweedfs  # noqa: E402
+from tests.stores import s3_storage  # noqa: E402
 
 SECTION = "## Object-store retries (benchmarks/storage_retry.py)"
 TARGET = 0.9  # wrapped throughput / native throughput

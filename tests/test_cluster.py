@@ -407,7 +407,7 @@ def test_finetune_job_on_a_ray_start_cluster_with_token_auth(ray_head, tmp_path)
     assert not any((pkgs[0] / d).exists() for d in (".venv", "data", "runs", ".git"))
     # raylens came with the job: runtime_env.yaml's py_modules, not the cluster's Python
     mods = list(session.glob("runtime_resources/py_modules_files/_ray_pkg_*/raylens"))
-    assert len(mods) == 1 and (mods[0] / "train" / "run.py").is_file(), mods
+    assert len(mods) == 1 and (mods[0] / "train" / "images.py").is_file(), mods
     assert f"raylens from {mods[0] / '__init__.py'}" in out, out[-3000:]
     size = sum(f.stat().st_size for f in pkgs[0].rglob("*") if f.is_file())
     assert size < 5 * 1024**2, f"working_dir upload is {size / 1024**2:.1f} MiB"

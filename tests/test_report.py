@@ -15,8 +15,8 @@ from raylens.report import (
     sample_grid,
     write_report,
 )
+from raylens.runtime.events import EventLog
 from raylens.storage import Storage, join
-from raylens.train.events import EventLog
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
@@ -129,7 +129,7 @@ def test_multilabel_report_names_best_and_worst_classes(tmp_path):
 def test_event_log_writes_scalars_locally_and_to_object_storage(tmp_path, store):
     storage, root = store
     run = join(root, "run")
-    log = EventLog(storage, run)
+    log = EventLog(storage, join(run, "tensorboard"))
     for row in HISTORY:
         log.add(row)
     log.close()
