@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raylens.rundir import CHECKPOINTS
 from raylens.schema import TrainConfig
 from raylens.tasks.base import Task, check_best_metric, is_better, lower_is_better
 
@@ -283,7 +284,7 @@ def fit(
             name = (
                 f"epoch={state.epoch}" if epoch_done else f"epoch={state.epoch}-step={state.step}"
             )
-            row["checkpoint"] = f"checkpoints/{name}"
+            row["checkpoint"] = f"{CHECKPOINTS}/{name}"  # relative to the run dir
             checkpoint = {
                 "name": row["checkpoint"],
                 "model": getattr(model, "module", model).state_dict(),

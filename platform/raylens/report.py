@@ -24,9 +24,8 @@ matplotlib.use("Agg")  # no display: headless workers, CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from raylens.rundir import REPORT  # noqa: E402
 from raylens.storage import Storage, join  # noqa: E402
-
-REPORT_DIR = "report"
 
 
 def _png(fig) -> bytes:
@@ -224,7 +223,7 @@ def write_report(
 
     ``extra_images``: more PNGs (name -> bytes) a task drew, e.g. an embedding projection.
     """
-    out = join(run_dir, REPORT_DIR)
+    out = join(run_dir, REPORT)
     images: list[str] = []
 
     def put(name: str, png: bytes) -> None:

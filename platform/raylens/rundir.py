@@ -129,10 +129,6 @@ class RunDir:
         return self.path(TENSORBOARD)
 
     @property
-    def report_dir(self) -> str:
-        return self.path(REPORT)
-
-    @property
     def prototypes(self) -> str:
         return self.path(PROTOTYPES)
 
