@@ -92,12 +92,13 @@ def load_teacher(run_dir: str, storage: Storage) -> tuple[nn.Module, RunConfig, 
     from raylens.models.classifier import build_model
 
     run = RunDir(run_dir, storage, what=f"teacher run {run_dir!r}")
-    if not run.has_best():
+    best = run.best()
+    if best is None:
         raise FileNotFoundError(f"teacher run {run_dir!r}: no {BEST} (not a finished run?)")
     cfg = run.config()
     classes = run.labels()["classes"]
     model = build_model(cfg.model, len(classes), storage)
-    state = load_checkpoint(storage, run.checkpoint(), with_optimizer=False)
+    state = load_checkpoint(storage, run.checkpoint(best["checkpoint"]), with_optimizer=False)
     model.load_state_dict(state["model"])
     return model.eval(), cfg, classes
 

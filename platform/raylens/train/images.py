@@ -238,7 +238,7 @@ def train_images(
     splits: dict[str, dict] = {}
     samples = None
     if best:
-        checkpoint = run.checkpoint()
+        checkpoint = run.checkpoint(best["checkpoint"])
         samples = Samples(np.zeros((0, 1, 1, 3), np.uint8))
         for split in ("val", "test"):
             metrics = evaluate_split(

@@ -312,7 +312,7 @@ def metric_learn(
     test, baseline, report = None, evaluate_metric(cfg, data, None), None
     if best:
         model = build_fusion(cfg, data.dims, len(data.seen))
-        ck = load_checkpoint(storage, run.checkpoint(), with_optimizer=False)
+        ck = load_checkpoint(storage, run.checkpoint(best["checkpoint"]), with_optimizer=False)
         model.load_state_dict(ck["model"])
         test = evaluate_metric(cfg, data, model)
         protos = write_prototypes(storage, out, data, model)
