@@ -199,13 +199,42 @@ class PrepareConfig:
 class DataConfig:
     dataset: str = opt("", "Prepared dataset dir, or a raw folder / manifest read directly.")
     image_size: int = opt(224, "Side of the square image fed to the model, in pixels.")
-    eval_crop_pct: float = opt(0.875, "Eval: resize the short side to image_size/crop_pct, crop.")
-    mean: tuple[float, float, float] = opt(IMAGENET_MEAN, "Per-channel mean (RGB, 0-1 scale).")
-    std: tuple[float, float, float] = opt(IMAGENET_STD, "Per-channel std (RGB, 0-1 scale).")
+    eval_crop_pct: float | None = opt(
+        None,
+        "Eval: resize the short side to image_size/crop_pct, crop; null: the backbone's "
+        "pretrained crop_pct (resolved values are saved in the run config).",
+    )
+    mean: tuple[float, float, float] | None = opt(
+        None,
+        "Per-channel mean (RGB, 0-1 scale); null: the backbone's pretrained config (timm "
+        "pretrained_cfg, HF image processor).",
+    )
+    std: tuple[float, float, float] | None = opt(
+        None, "Per-channel std (RGB, 0-1 scale); null: the backbone's pretrained config."
+    )
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = opt(
+        None, "Resize interpolation (train crops and eval); null: the backbone's pretrained one."
+    )
     rrc_scale: tuple[float, float] = opt((0.08, 1.0), "Train random-resized-crop area range.")
     rrc_ratio: tuple[float, float] = opt((0.75, 1.3333333), "Train crop aspect-ratio range.")
     hflip: float = opt(0.5, "Train horizontal-flip probability.")
     augment: bool = opt(True, "Apply train augmentation to the train split (else eval transform).")
+    auto_augment: str | None = opt(
+        None,
+        "Train: timm-style policy string: 'rand-m9-mstd0.5-inc1' (RandAugment), "
+        "'trivialaugment' (TrivialAugmentWide), 'original' / 'v0' / 'originalr' (AutoAugment, "
+        "optionally '-mstd0.5'); null: off. Seeded per sample, replayable.",
+    )
+    color_jitter: float | None = opt(
+        None,
+        "Train: brightness/contrast/saturation jitter strength (timm --color-jitter); ignored "
+        "when auto_augment is set, as in timm. null: off.",
+    )
+    reprob: float = opt(0.0, "Train: random-erasing probability (timm --reprob); 0: off.")
+    remode: Literal["const", "rand", "pixel"] = opt(
+        "pixel", "Random erasing fill: const (the mean), rand (per channel), pixel (per pixel)."
+    )
+    recount: int = opt(1, "Random erasing: max erased boxes per image (timm --recount).")
     classes: list[str] = opt(
         [],
         "Train/evaluate on these classes only (names, single-label), relabelled in this "
@@ -234,10 +263,14 @@ class DataConfig:
     def validate(self) -> None:
         if self.image_size < 8:
             raise ConfigError(f"config key 'data.image_size': expected >= 8, got {self.image_size}")
-        if not 0.0 < self.eval_crop_pct <= 1.0:
+        if self.eval_crop_pct is not None and not 0.0 < self.eval_crop_pct <= 1.0:
             raise ConfigError("config key 'data.eval_crop_pct': expected a value in (0, 1]")
-        if any(s <= 0 for s in self.std):
+        if self.std is not None and any(s <= 0 for s in self.std):
             raise ConfigError("config key 'data.std': expected positive values")
+        if not 0.0 <= self.reprob <= 1.0:
+            raise ConfigError(f"config key 'data.reprob': expected [0, 1], got {self.reprob}")
+        if self.recount < 1:
+            raise ConfigError(f"config key 'data.recount': expected >= 1, got {self.recount}")
 
 
 @dataclass
@@ -255,6 +288,12 @@ class ModelConfig:
         "all", "Trainable backbone blocks: 0 frozen, N the last N, 'all' full fine-tune."
     )
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions).")
+    drop_path_rate: float = opt(
+        0.0, "Stochastic depth (drop path) rate: timm models, and HF backbones that have one."
+    )
+    grad_checkpointing: bool = opt(
+        False, "Activation (gradient) checkpointing in the backbone: less memory, more compute."
+    )
 
 
 @dataclass
@@ -367,11 +406,68 @@ class MetricConfig:
 
 
 @dataclass
+class MixConfig:
+    """Mixup / CutMix with timm's semantics (``timm.data.Mixup``)."""
+
+    mixup_alpha: float = opt(0.0, "Mixup beta-distribution alpha; 0: no mixup.")
+    cutmix_alpha: float = opt(0.0, "CutMix beta-distribution alpha; 0: no CutMix.")
+    cutmix_minmax: tuple[float, float] | None = opt(
+        None, "CutMix box size as min/max fraction of the image (overrides cutmix_alpha)."
+    )
+    prob: float = opt(1.0, "Probability of mixing a batch / pair / element.")
+    switch_prob: float = opt(0.5, "With both on: probability of CutMix instead of mixup.")
+    mode: Literal["batch", "pair", "elem"] = opt(
+        "batch", "One lambda per batch, per pair (i, n-1-i), or per element."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0 and (
+            self.mixup_alpha > 0 or self.cutmix_alpha > 0 or self.cutmix_minmax is not None
+        )
+
+    def validate(self) -> None:
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'mix.{key}': expected >= 0")
+        for key in ("prob", "switch_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"config key 'mix.{key}': expected a value in [0, 1]")
+        mm = self.cutmix_minmax
+        if mm is not None and not 0.0 < mm[0] <= mm[1] <= 1.0:
+            raise ConfigError(
+                f"config key 'mix.cutmix_minmax': expected 0 < min <= max <= 1, got {list(mm)}"
+            )
+
+
+@dataclass
 class TrainConfig:
     epochs: int = opt(10, "Training epochs.")
-    lr: float = opt(1e-3, "Peak learning rate (AdamW).")
-    weight_decay: float = opt(0.05, "AdamW weight decay (not applied to norms and biases).")
-    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas.")
+    optimizer: str = opt(
+        "adamw",
+        "Any timm.optim.create_optimizer_v2 name: adamw, sgd (Nesterov momentum), momentum, "
+        "lamb, lion, adopt, ...",
+    )
+    lr: float = opt(1e-3, "Peak learning rate.")
+    weight_decay: float = opt(0.05, "Weight decay (not applied to norms and biases).")
+    betas: tuple[float, float] = opt((0.9, 0.999), "Adam-family betas.")
+    momentum: float = opt(0.9, "SGD-family momentum.")
+    layer_decay: float | None = opt(
+        None,
+        "Layer-wise LR decay: block i of n gets lr * decay^(n - i) (timm "
+        "param_groups_layer_decay; HF backbones by their block list); null: off.",
+    )
+    ema_decay: float | None = opt(
+        None,
+        "Model EMA (timm ModelEmaV3) decay, e.g. 0.9998; validation, the best checkpoint, test, "
+        "serving and export then use the EMA weights. null: off.",
+    )
+    ema_warmup: bool = opt(False, "EMA decay warmup (ModelEmaV3 use_warmup).")
+    compile: bool = opt(False, "torch.compile the model for training.")
+    sync_bn: bool = opt(True, "Convert BatchNorm to SyncBatchNorm under multi-worker DDP.")
+    keep_checkpoints: int | None = opt(
+        2, "Checkpoints kept besides the best: the last N (Ray Train CheckpointConfig); null: all."
+    )
     warmup_epochs: float = opt(1.0, "Linear warmup length in epochs (per-step schedule).")
     min_lr_ratio: float = opt(0.0, "Cosine floor as a fraction of lr.")
     scheduler: Literal["cosine", "plateau"] = opt(
@@ -407,6 +503,12 @@ class TrainConfig:
             raise ConfigError("config key 'train.lr': expected > 0")
         if self.precise_bn_batches < 0:
             raise ConfigError("config key 'train.precise_bn_batches': expected >= 0 (0: off)")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError("config key 'train.layer_decay': expected a value in (0, 1]")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError("config key 'train.ema_decay': expected a value in (0, 1)")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ConfigError("config key 'train.keep_checkpoints': expected >= 1 or null")
 
 
 @dataclass
@@ -583,6 +685,7 @@ class RunConfig:
     data: DataConfig = opt(DataConfig, "Ingest: dataset, transforms, batches.")
     model: ModelConfig = opt(ModelConfig, "Backbone and head.")
     task: TaskConfig = opt(TaskConfig, "Loss and metrics.")
+    mix: MixConfig = opt(MixConfig, "Mixup / CutMix of training batches.")
     train: TrainConfig = opt(TrainConfig, "Optimization loop.")
     embed: EmbedConfig = opt(EmbedConfig, "Batch inference: embeddings (jobs.embed).")
     distill: DistillConfig = opt(DistillConfig, "Teacher targets and distillation loss.")
@@ -596,6 +699,7 @@ class RunConfig:
             self.storage,
             self.prepare,
             self.data,
+            self.mix,
             self.train,
             self.distill,
             self.metric,
