@@ -7,7 +7,10 @@ A run dir is ``<run.output_dir>/<run.name>`` (a local path, ``s3://`` or ``gs://
     metrics.jsonl        one row per report (train and validation metrics)
     best.json            {"epoch", "checkpoint", "metrics"}: the best checkpoint so far
     test_metrics.json    test-split metrics of the best checkpoint
-    checkpoints/epoch=N/ model.safetensors, optimizer.safetensors, state.json (last)
+    checkpoints/epoch=N/ model.safetensors, optimizer.safetensors, state.json (last);
+                         with model EMA, model = EMA weights, train_model = raw ones
+    checkpoints/best/    the best checkpoint, copied once it is older than the last
+                         train.keep_checkpoints (which are all that is kept besides it)
     tensorboard/         TensorBoard event files
     report/              report.md + PNGs
     prototypes.parquet   metric runs: each class's mean train embedding
@@ -36,6 +39,7 @@ METRICS = "metrics.jsonl"
 BEST = "best.json"
 TEST_METRICS = "test_metrics.json"
 CHECKPOINTS = "checkpoints"
+BEST_CHECKPOINT = f"{CHECKPOINTS}/best"  # the best, kept after it leaves the last N
 TENSORBOARD = "tensorboard"
 REPORT = "report"
 PROTOTYPES = "prototypes.parquet"
