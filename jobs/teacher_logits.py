@@ -36,10 +36,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _teacher(cfg: RunConfig, flags: argparse.Namespace) -> dict:
     from raylens.infer.teacher import check_store, teacher_pass
+    from raylens.preprocess import resolve_preprocess
     from raylens.rundir import absolute_paths
 
-    cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)
+    # the student's train transform (its interpolation), as jobs.distill will resolve it
+    cfg = resolve_preprocess(absolute_paths(cfg), storage)
     if flags.check:
         out = check_store(cfg, storage)
         print(json.dumps(out, indent=1))

@@ -37,7 +37,7 @@ def make_run(storage: Storage, run: str, task: str = "single_label") -> None:
         RunConfig,
         None,
         ["run.name=tiny", "model.backbone=vgg_s16", "data.image_size=16"]
-        + [f"data.mean={list(MEAN)}", f"data.std={list(STD)}"],
+        + [f"data.mean={list(MEAN)}", f"data.std={list(STD)}", "data.eval_crop_pct=0.875"],
     )
     for epoch in (1, 2):
         torch.manual_seed(epoch)

@@ -7,8 +7,9 @@
     pred.embed(x)    # [b, D] pooled backbone features (Classifier.features), float32
     pred.logits(x)   # [b, C] (run dirs only)
 
-The eval transform (size, crop, mean/std) comes with the model: a run's saved ``data``
-section, or the backbone's own preprocessing. :func:`resolve_model` checks a model spec
+The eval transform (size, crop, interpolation, mean/std) comes with the model: a run's
+saved ``data`` section (concrete values, or a clear error naming the null key), or the
+backbone's own preprocessing. :func:`resolve_model` checks a model spec
 cheaply and returns a picklable :class:`ModelSource`, so a driver can fail on a bad path or
 name before starting any Ray work and ship the source to the actors that load it.
 Pure: no Ray.
@@ -29,6 +30,7 @@ from raylens.checkpoint import load_checkpoint
 from raylens.data.transforms import ImageTransform, decode_and_transform, normalize
 from raylens.models.backbones import BACKBONES, HF_PREFIX, Backbone, create_backbone
 from raylens.models.classifier import Classifier, build_model
+from raylens.preprocess import fill_data, require_preprocess
 from raylens.rundir import METRIC, MULTILABEL, RunDir
 from raylens.schema import DataConfig, ModelConfig
 from raylens.storage import Storage
@@ -43,7 +45,7 @@ class ModelSource:
     kind: Literal["run", "backbone"]
     name: str  # the run dir URI, or the backbone name
     model: ModelConfig  # backbone (+ head for a run)
-    data: DataConfig  # eval transform: image_size, eval_crop_pct, mean, std
+    data: DataConfig  # eval transform: image_size, eval_crop_pct, interpolation, mean, std
     dim: int  # embedding size (the backbone's num_features)
     classes: tuple[str, ...] = ()  # run dirs: class names in logit order
     multi_label: bool = False
@@ -78,9 +80,16 @@ def is_run_dir_spec(spec: str) -> bool:
 
 def _inference_model_cfg(cfg: ModelConfig) -> ModelConfig:
     """The run's model config for rebuilding its architecture: the checkpoint holds every
-    weight, so no hub download (a saved ``hf:`` weights dir still gives the architecture)."""
+    weight, so no hub download (a saved ``hf:`` weights dir still gives the architecture);
+    no drop path or activation checkpointing, training-only and weightless."""
     keep_weights = cfg.backbone.startswith(HF_PREFIX) and cfg.weights
-    return dataclasses.replace(cfg, pretrained=False, weights=cfg.weights if keep_weights else None)
+    return dataclasses.replace(
+        cfg,
+        pretrained=False,
+        weights=cfg.weights if keep_weights else None,
+        drop_path_rate=0.0,
+        grad_checkpointing=False,
+    )
 
 
 def resolve_model(
@@ -117,12 +126,10 @@ def resolve_model(
         )
         if spec in BACKBONES and (mcfg.pretrained or mcfg.weights):  # small: check them now
             create_backbone(spec, pretrained=mcfg.pretrained, weights=mcfg.weights, storage=storage)
-        pre = backbone.preprocess
-        data = DataConfig(
-            image_size=image_size or pre.size,
-            eval_crop_pct=pre.crop_pct,
-            mean=tuple(pre.mean),
-            std=tuple(pre.std),
+        data = fill_data(
+            DataConfig(image_size=image_size or backbone.preprocess.size),
+            backbone.preprocess,
+            source=f"backbone {spec!r}",
         )
         return ModelSource("backbone", spec, mcfg, data, int(backbone.num_features), seed=seed)
 
@@ -140,7 +147,8 @@ def resolve_model(
     mcfg = _inference_model_cfg(run_cfg.model)
     classes = tuple(labels["classes"])
     arch = build_model(mcfg, len(classes), storage)  # unknown backbone etc. fail here
-    data = dataclasses.replace(run_cfg.data, image_size=image_size or run_cfg.data.image_size)
+    data = require_preprocess(run_cfg.data, what=what)  # as trained: no default assumed
+    data = dataclasses.replace(data, image_size=image_size or data.image_size)
     return ModelSource(
         "run",
         run,
@@ -240,7 +248,7 @@ class Predictor:
 
     @property
     def data(self) -> DataConfig:
-        """The eval transform's settings (image_size, eval_crop_pct, mean, std)."""
+        """The eval transform's settings (image_size, eval_crop_pct, interpolation, mean, std)."""
         return self.source.data
 
     @property

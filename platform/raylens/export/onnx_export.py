@@ -351,7 +351,12 @@ def preprocess_spec(plan: ExportPlan, checkpoint_sha: str, model: dict) -> dict[
     """preprocess.json: the eval transform as numbers, the outputs, the classes, the source."""
     d, s = plan.source.data, plan.source
     spec = P.build_spec(
-        image_size=d.image_size, crop_pct=d.eval_crop_pct, mean=d.mean, std=d.std, input_name=INPUT
+        image_size=d.image_size,
+        crop_pct=d.eval_crop_pct,
+        mean=d.mean,
+        std=d.std,
+        interpolation=d.interpolation,
+        input_name=INPUT,
     )
     activation = "sigmoid" if s.multi_label else "softmax"
     spec["task"] = plan.task

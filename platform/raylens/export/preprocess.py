@@ -12,9 +12,10 @@ The spec states the platform's eval transform (``raylens.data.images.decode_rgb`
    by Pillow. EXIF orientation is not applied (pixels as stored).
 2. resize so the shorter side is ``resize.shorter_side`` (``floor(image_size / crop_pct)``)
    and the longer ``max(shorter_side, round(long * shorter_side / short))`` (round half to
-   even), with Pillow's bilinear filter, which antialiases when downscaling (a triangle
-   filter as wide as the scale factor: OpenCV's ``INTER_LINEAR`` does not, and differs);
-   no resize when the image already has that size.
+   even), with Pillow's ``resize.interpolation`` filter (the run's ``data.interpolation``:
+   bilinear, bicubic or nearest); Pillow's bilinear and bicubic antialias when downscaling
+   (the filter widened by the scale factor: OpenCV's ``INTER_LINEAR``/``INTER_CUBIC`` do
+   not, and differ); no resize when the image already has that size.
 3. crop ``image_size`` x ``image_size`` at ``((w - image_size) // 2, (h - image_size) // 2)``.
 4. float32, NCHW, RGB: ``(pixel * scale - mean[c]) / std[c]`` with ``scale = 1 / 255``.
 
@@ -44,11 +45,19 @@ def build_spec(
     crop_pct: float,
     mean: Sequence[float],
     std: Sequence[float],
+    interpolation: str = "bilinear",
     input_name: str = "pixels",
 ) -> dict[str, Any]:
     """The ``decode``/``resize``/``crop``/``normalize``/``input`` sections of preprocess.json
-    for an eval transform (``data.image_size``, ``data.eval_crop_pct``, ``data.mean/std``)."""
+    for an eval transform (``data.image_size``, ``data.eval_crop_pct``,
+    ``data.interpolation``, ``data.mean/std``)."""
+    if interpolation not in INTERPOLATION:
+        raise ValueError(
+            f"interpolation {interpolation!r}: expected one of {sorted(INTERPOLATION)}"
+        )
     shorter = int(math.floor(image_size / crop_pct))
+    pil = f"Image.{interpolation.upper()}"
+    antialias = interpolation != "nearest"
     return {
         "format": FORMAT,
         "decode": {
@@ -70,10 +79,15 @@ def build_spec(
             "shorter_side": shorter,
             "longer_side": "max(shorter_side, round(long * shorter_side / short)), "
             "round half to even",
-            "interpolation": "bilinear",
-            "antialias": True,
-            "implementation": "Pillow Image.resize((w, h), Image.BILINEAR): antialiased when "
-            "downscaling (triangle filter as wide as the scale factor); not cv2.INTER_LINEAR",
+            "interpolation": interpolation,
+            "antialias": antialias,
+            "implementation": f"Pillow Image.resize((w, h), {pil})"
+            + (
+                ": antialiased when downscaling (the filter widened by the scale factor); "
+                "not OpenCV's cv2.resize"
+                if antialias
+                else ""
+            ),
             "skip_when_same_size": True,
         },
         "crop": {

@@ -388,6 +388,7 @@ def run_embed(
             "transform": {
                 "image_size": plan.model.data.image_size,
                 "eval_crop_pct": plan.model.data.eval_crop_pct,
+                "interpolation": plan.model.data.interpolation,
                 "mean": list(plan.model.data.mean),
                 "std": list(plan.model.data.std),
             },

@@ -9,10 +9,10 @@ backbone at its own input size and normalization) and kept on storage::
 ``key`` hashes everything the features depend on: the dataset's fingerprint (its
 version), the backbone (name, or a run dir's checkpoint with its files' sizes and state,
 or a weights file with its size; the init seed for a randomly initialized one), the
-preprocessing (size, crop, mean, std), the autocast mode and the cache format. A cache dir
-is used only when its manifest (written last, atomically) records the same key and every
-image; anything that changes the features gives another key, so it is recomputed, never
-silently reused.
+preprocessing (size, crop, interpolation, mean, std), the autocast mode and the cache
+format. A cache dir is used only when its manifest (written last, atomically) records the
+same key and every image; anything that changes the features gives another key, so it is
+recomputed, never silently reused.
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def cache_key(plan: EmbedPlan, storage: Storage) -> tuple[str, dict[str, Any]]:
         "transform": {
             "image_size": plan.model.data.image_size,
             "eval_crop_pct": plan.model.data.eval_crop_pct,
+            "interpolation": plan.model.data.interpolation,
             "mean": list(plan.model.data.mean),
             "std": list(plan.model.data.std),
         },

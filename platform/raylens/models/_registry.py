@@ -1,4 +1,5 @@
-"""The backbone registry: short name -> builder ``fn(*, pretrained, weights, storage)``.
+"""The backbone registry: short name -> builder ``fn(*, pretrained, weights, storage)``, and
+optionally its preprocessing, so a run config can be resolved without building the model.
 
 A leaf (as timm's ``timm/models/_registry.py``): model files register into it, and
 :func:`raylens.models.backbones.create_backbone` looks names up in it; importing
@@ -9,16 +10,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from raylens.models.base import Backbone
+from raylens.models.base import Backbone, Preprocess
 
 BACKBONES: dict[str, Callable[..., Backbone]] = {}
+PREPROCESS: dict[str, Preprocess] = {}
 
 
-def register_backbone(name: str):
-    """Registers a custom backbone builder ``fn(*, pretrained, weights, storage) -> Backbone``."""
+def register_backbone(name: str, *, preprocess: Preprocess | None = None):
+    """Registers a custom backbone builder ``fn(*, pretrained, weights, storage) -> Backbone``.
+
+    ``preprocess``: what the built backbone's ``preprocess`` will be, so that
+    :func:`raylens.models.backbones.backbone_preprocess` need not build it. A builder that
+    also takes ``drop_path_rate`` / ``grad_checkpointing`` keywords receives them.
+    """
 
     def wrap(fn):
         BACKBONES[name] = fn
+        if preprocess is not None:
+            PREPROCESS[name] = preprocess
         return fn
 
     return wrap

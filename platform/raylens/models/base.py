@@ -1,5 +1,6 @@
 """The backbone contract every model honours: pooled features, ``num_features``, its
-blocks in forward order (for "unfreeze the last N"), its preprocessing (size, mean/std, crop).
+blocks in forward order (for "unfreeze the last N"), its preprocessing (size, mean/std, crop,
+interpolation).
 
 A leaf module: model files (timm and Hugging Face adapters, :mod:`raylens.models.small`)
 build :class:`Backbone` objects and register their builders in
@@ -12,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -21,14 +23,23 @@ class UnknownBackbone(ValueError):
     pass
 
 
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """What a backbone expects: square input side, RGB mean/std (0-1 scale), eval crop."""
+    """What a backbone expects: square input side, RGB mean/std (0-1 scale), eval crop
+    (resize the short side to ``size / crop_pct``, center crop), resize interpolation.
+
+    ``mean``/``std`` are None when the checkpoint does not say (a Hugging Face model without
+    an image processor config): a run must then set ``data.mean``/``data.std`` itself.
+    """
 
     size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
     crop_pct: float = 0.875
+    interpolation: Interpolation = "bilinear"
 
 
 class Backbone(nn.Module):

@@ -23,8 +23,10 @@ import ray.train.torch
 import torch
 
 from raylens.checkpoint import load_checkpoint
-from raylens.loop import Hooks, evaluate
+from raylens.data.mix import build_mixer
+from raylens.loop import Hooks, build_optimizer, evaluate
 from raylens.models.classifier import build_model
+from raylens.preprocess import require_preprocess, resolve_preprocess
 from raylens.report import Samples, write_report
 from raylens.rundir import RunDir, absolute_paths
 from raylens.runtime.ingest import (
@@ -34,7 +36,13 @@ from raylens.runtime.ingest import (
     TorchCollate,
     build_split,
 )
-from raylens.runtime.launch import build_trainer, fit_on_worker, ray_run_config
+from raylens.runtime.launch import (
+    build_trainer,
+    fit_on_worker,
+    ray_run_config,
+    say,
+    sync_batchnorm,
+)
 from raylens.schema import RunConfig
 from raylens.serving.labels import choose, probabilities
 from raylens.storage import Storage, join
@@ -54,8 +62,10 @@ def train_worker(config: dict[str, Any]) -> None:
     model = build_model(cfg.model, len(info.classes), storage)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = sync_batchnorm(model, cfg, device, world, say if rank == 0 else lambda m: None)
     model = ray.train.torch.prepare_model(model)
     task = create_task(cfg, len(info.classes), teacher=_online_teacher(cfg, device))
+    mixer = build_mixer(cfg, len(info.classes), info.multi_label)  # None: mix off
     targets: TeacherTargets | None = config.get("targets")
     clock = ray.get_actor(targets.clock, namespace="raylens") if targets else None
     collate = TorchCollate(cfg.data)
@@ -89,6 +99,7 @@ def train_worker(config: dict[str, Any]) -> None:
         steps_per_epoch=math.ceil(info.num_rows["train"] / world / bs),
         device=device,
         channels_last=cfg.model.channels_last,
+        mixer=mixer,
     )
 
 
@@ -125,11 +136,13 @@ def distill_setup(
     """Checks the teacher (online) or its store (stored) against the student's run before
     any worker starts; for a store, creates the epoch clock the decode tasks read."""
     from raylens.data import teacher_store as TS
+    from raylens.data.mix import mix_settings
     from raylens.data.prepare import load_card
 
     d = cfg.distill
     if d.mode == "online":
-        _, _, classes = load_teacher(d.teacher, storage)
+        _, teacher_cfg, classes = load_teacher(d.teacher, storage)
+        require_preprocess(teacher_cfg.data, what=f"teacher run {d.teacher!r}")
         if len(classes) != len(info.classes):
             raise ValueError(
                 f"teacher {d.teacher!r} has {len(classes)} classes, the student {len(info.classes)}"
@@ -147,6 +160,7 @@ def distill_setup(
         num_classes=len(info.classes),
         seed=cfg.run.seed,
         aug_epochs=d.aug_epochs,
+        mix=mix_settings(cfg.mix),  # a mixed store: the train split mixes at decode time too
     )
     train_ids = _train_ids(cfg.data.dataset, dataset_card, storage)
     for epoch in range(d.aug_epochs):
@@ -177,7 +191,8 @@ def _train_ids(dataset: str, card: dict, storage: Storage) -> set[str]:
 
 
 def check_config(cfg: RunConfig, info: DatasetInfo, storage: Storage) -> None:
-    """Fails before any worker starts, naming the problem (backbone, unfreeze, task/data)."""
+    """Fails before any worker starts, naming the problem (backbone, unfreeze, task/data,
+    optimizer)."""
     if not info.classes:
         raise ValueError(f"dataset {cfg.data.dataset!r} has zero classes")
     spec = get_task(cfg.task.name)
@@ -197,7 +212,8 @@ def check_config(cfg: RunConfig, info: DatasetInfo, storage: Storage) -> None:
         )
     if not cfg.run.name:
         raise ValueError("config key 'run.name' is required: the run dir is <output_dir>/<name>")
-    build_model(cfg.model, len(info.classes), storage)  # unknown backbone, bad unfreeze_last_n
+    model = build_model(cfg.model, len(info.classes), storage)  # backbone, unfreeze_last_n
+    build_optimizer(model, cfg.train)  # unknown train.optimizer, layer_decay without layers
 
 
 def train_images(
@@ -207,8 +223,9 @@ def train_images(
     "result"}``. ``callbacks``: extra Ray Train callbacks. ``evaluate=False`` stops after
     training (no test split, no report): what a Tune trial wants.
     """
-    cfg = absolute_paths(cfg)
     storage = Storage(cfg.storage)
+    # data.mean/std/crop/interpolation from the backbone, recorded in config.yaml below
+    cfg = resolve_preprocess(absolute_paths(cfg), storage)
     spec = get_task(cfg.task.name)
     distill = spec.name == "distill"
     train_ds, info = build_split(cfg, "train", storage)
@@ -292,6 +309,7 @@ def evaluate_split(
     max_samples: int = 32,
 ) -> dict | None:
     """Metrics of a checkpoint on one split (eval transform), on the driver; None if empty.
+    The checkpoint's ``model`` is evaluated: the EMA weights when the run kept a model EMA.
 
     The test split is only ever evaluated here, after training: never for model selection.
     It runs in full precision whatever ``train.amp`` (as Serve and the predictor do by
