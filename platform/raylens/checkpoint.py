@@ -2,7 +2,9 @@
 
 A checkpoint directory (local, ``s3://`` or ``gs://``)::
 
-    model.safetensors       # model state dict
+    model.safetensors       # model state dict: the weights to evaluate, serve and export
+                            # (the EMA weights when ``train.ema_decay`` is on)
+    train_model.safetensors # with model EMA only: the raw training weights (to resume)
     optimizer.safetensors   # optimizer tensors, keyed "state.<param idx>.<name>"
     state.json              # optimizer param groups + scalars, scheduler state, epoch,
                             # step, metrics, anything JSON the caller adds
@@ -21,9 +23,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from raylens.storage import Storage, join
+from raylens.storage import Storage, join, split_uri
 
 MODEL, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "state.json"
+TRAIN_MODEL = "train_model.safetensors"
 
 
 def _json_safe(value: Any) -> Any:
@@ -86,10 +89,17 @@ def save_checkpoint(
     optimizer: dict | None = None,
     scheduler: dict | None = None,
     extra: dict | None = None,
+    train_model: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Writes a checkpoint directory; ``extra`` (epoch, step, metrics, …) must be JSON-able."""
-    model_cpu = {k: v.detach().cpu().contiguous() for k, v in model.items()}
-    storage.write_bytes(join(uri, MODEL), st_save(model_cpu))
+    """Writes a checkpoint directory; ``extra`` (epoch, step, metrics, …) must be JSON-able.
+
+    ``model`` is what every reader of a checkpoint uses (evaluation, Serve, export, teachers);
+    ``train_model``, when training keeps a model EMA in ``model``, is the raw training
+    weights that resuming continues from.
+    """
+    storage.write_bytes(join(uri, MODEL), st_save(_cpu(model)))
+    if train_model is not None:
+        storage.write_bytes(join(uri, TRAIN_MODEL), st_save(_cpu(train_model)))
     state: dict[str, Any] = {"extra": _json_safe(extra or {})}
     if optimizer is not None:
         tensors, meta = optimizer_to_flat(optimizer)
@@ -100,12 +110,20 @@ def save_checkpoint(
     storage.write_text(join(uri, STATE), json.dumps(state, indent=1))
 
 
+def _cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+
+
 def load_checkpoint(storage: Storage, uri: str, *, with_optimizer: bool = True) -> dict[str, Any]:
     """Reads a checkpoint written by :func:`save_checkpoint`.
 
+    ``with_optimizer=False`` reads only what inference needs (``model``, scalars): no
+    optimizer state and no raw training weights.
+
     Returns:
         ``{"model": state dict, "optimizer": state dict | None, "scheduler": dict | None,
-        "extra": dict}``.
+        "extra": dict, "train_model": state dict | None}`` (``train_model``: the raw
+        training weights of a run with model EMA, else None).
     Raises:
         FileNotFoundError: when the directory has no ``state.json`` (incomplete).
     """
@@ -117,8 +135,23 @@ def load_checkpoint(storage: Storage, uri: str, *, with_optimizer: bool = True) 
         "optimizer": None,
         "scheduler": _from_json(state.get("scheduler")),
         "extra": _from_json(state.get("extra", {})),
+        "train_model": None,
     }
+    if with_optimizer and storage.exists(join(uri, TRAIN_MODEL)):
+        out["train_model"] = st_load(storage.read_bytes(join(uri, TRAIN_MODEL)))
     if with_optimizer and "optimizer" in state:
         tensors = st_load(storage.read_bytes(join(uri, OPTIMIZER)))
         out["optimizer"] = optimizer_from_flat(tensors, state["optimizer"])
     return out
+
+
+def copy_checkpoint(storage: Storage, src: str, dst: str) -> None:
+    """Copies the checkpoint directory ``src`` to ``dst`` (replacing what is there), its
+    ``state.json`` last, so ``dst`` reads as complete only once every file is in."""
+    if not storage.exists(join(src, STATE)):
+        raise FileNotFoundError(f"no complete checkpoint at {src!r} (missing {STATE})")
+    storage.delete_tree(dst)
+    root = split_uri(src)[1].rstrip("/") + "/"
+    files = [split_uri(f.uri)[1][len(root) :] for f in storage.list_files(src)]
+    for rel in sorted(files, key=lambda r: r == STATE):
+        storage.write_bytes(join(dst, rel), storage.read_bytes(join(src, rel)))

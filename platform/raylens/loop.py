@@ -1,16 +1,19 @@
 """One training loop for every task (pure PyTorch; Ray is reached only through hooks).
 
-AdamW (no decay on norms and biases), per-step cosine with linear warmup or
-ReduceLROnPlateau, gradient clipping and accumulation, AMP (bf16/fp16), validation
-each epoch or every N steps (optionally with precise BatchNorm statistics),
-best-checkpoint selection by a metric, early stopping.
-Under DDP the caller passes ``all_reduce`` (sum over workers): metrics are computed from
-summed statistics, so 1 or N workers report the same numbers for the same predictions.
+Any timm optimizer (no weight decay on norms and biases; optional layer-wise LR decay),
+per-step cosine with linear warmup or ReduceLROnPlateau, gradient clipping and
+accumulation, AMP (bf16/fp16), optional torch.compile, Mixup/CutMix through a mixer, a
+model EMA, validation each epoch or every N steps (optionally with precise BatchNorm
+statistics), best-checkpoint selection by a metric, early stopping. BatchNorm layers of
+frozen blocks stay in eval mode. Under DDP the caller passes ``all_reduce`` (sum over
+workers): metrics are computed from summed statistics, so 1 or N workers report the same
+numbers for the same predictions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections import deque
@@ -28,33 +31,114 @@ from raylens.tasks.base import Task, check_best_metric, is_better, lower_is_bett
 # ----------------------------------------------------------------------------- pieces
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; 1-d tensors (norms, biases) get no weight decay.
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under a DDP (``.module``) wrapper: the one whose names the checkpoint uses."""
+    return getattr(model, "module", model)
 
-    A model may name parameter prefixes with their own LR multiplier through
-    ``lr_multipliers() -> {prefix: multiplier}`` (e.g. ProxyAnchor's proxies at 100x);
-    schedulers scale every group's LR by the same factor.
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups, each with its own ``lr`` and ``weight_decay``.
+
+    Weight decay as timm's ``param_groups_weight_decay``: none on 1-d tensors (norms,
+    biases) nor on the model's ``no_weight_decay()`` names (e.g. ViT position embeddings).
+    With ``train.layer_decay``, timm's ``param_groups_layer_decay`` over the model's
+    ``group_matcher()``: layer i of n gets ``lr * layer_decay^(n - 1 - i)``, the head the
+    full ``lr``. A model may name parameter prefixes with their own LR multiplier through
+    ``lr_multipliers() -> {prefix: multiplier}`` (e.g. ProxyAnchor's proxies at 100x); it
+    multiplies the layer scale. Frozen parameters are left out.
+
+    Raises:
+        ValueError: naming ``train.layer_decay`` when the model has no ``group_matcher``.
     """
-    inner = getattr(model, "module", model)
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    inner = unwrap(model)
+    no_decay = set(inner.no_weight_decay()) if hasattr(inner, "no_weight_decay") else set()
+    if cfg.layer_decay is not None:
+        if not hasattr(inner, "group_matcher"):
+            raise ValueError(
+                f"config key 'train.layer_decay': {type(inner).__name__} has no "
+                "group_matcher() naming its layers; set train.layer_decay=null"
+            )
+        groups = param_groups_layer_decay(
+            inner,
+            weight_decay=cfg.weight_decay,
+            no_weight_decay_list=no_decay,
+            layer_decay=cfg.layer_decay,
+        )
+    else:
+        groups = param_groups_weight_decay(
+            inner, weight_decay=cfg.weight_decay, no_weight_decay_list=no_decay
+        )
     mults = inner.lr_multipliers() if hasattr(inner, "lr_multipliers") else {}
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    for name, p in inner.named_parameters():
-        if not p.requires_grad:
-            continue
-        mult = next((m for prefix, m in mults.items() if name.startswith(prefix)), 1.0)
-        groups.setdefault((mult, p.ndim <= 1), []).append(p)
-    return torch.optim.AdamW(
-        [
-            {
-                "params": params,
-                "lr": cfg.lr * mult,
-                "weight_decay": 0.0 if no_decay else cfg.weight_decay,
-            }
-            for (mult, no_decay), params in sorted(groups.items(), key=lambda kv: kv[0])
-        ],
+    names = {id(p): n for n, p in inner.named_parameters()}
+    out: list[dict] = []
+    for group in groups:
+        by_mult: dict[float, list[nn.Parameter]] = {}
+        for p in group["params"]:
+            prefix = next((k for k in mults if names[id(p)].startswith(k)), None)
+            by_mult.setdefault(mults[prefix] if prefix else 1.0, []).append(p)
+        scale = group.get("lr_scale", 1.0)
+        for mult, params in sorted(by_mult.items()):
+            out.append(
+                {
+                    "params": params,
+                    # torch schedulers scale every group's own lr (LambdaLR: its initial_lr),
+                    # so the layer scale and multiplier are folded into it here (timm's own
+                    # schedulers read "lr_scale" instead; ours would not)
+                    "lr": cfg.lr * scale * mult,
+                    "weight_decay": group["weight_decay"],
+                }
+            )
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``train.optimizer`` from timm's registry (``timm.optim.create_optimizer_v2``) over
+    :func:`param_groups`; ``betas`` reach Adam-family optimizers, ``momentum`` SGD-family.
+
+    Raises:
+        ValueError: naming ``train.optimizer`` (unknown name) or ``train.layer_decay``.
+    """
+    from timm.optim import create_optimizer_v2, list_optimizers
+
+    name = cfg.optimizer.lower()
+    if name.split("_")[-1] not in list_optimizers():
+        raise ValueError(
+            f"config key 'train.optimizer': unknown optimizer {cfg.optimizer!r}; expected a "
+            f"timm optimizer name (timm.optim.list_optimizers()), e.g. adamw, sgd, lamb, lion"
+        )
+    return create_optimizer_v2(
+        param_groups(model, cfg),
+        opt=name,
         lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
         betas=tuple(cfg.betas),
     )
+
+
+def keep_frozen_bn_in_eval(model: nn.Module) -> int:
+    """Puts every BatchNorm layer whose parameters are all frozen in eval mode; returns how
+    many. Call it after ``model.train()``: a frozen block's BatchNorm then keeps its running
+    statistics, as timm's ``freeze`` does (it swaps in ``FrozenBatchNorm2d``; switching the
+    mode instead keeps the module types and checkpoint keys). A BatchNorm without affine
+    parameters cannot be told frozen and keeps training.
+    """
+    count = 0
+    for m in unwrap(model).modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params = list(m.parameters())
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+                count += 1
+    return count
+
+
+def train_mode(model: nn.Module) -> None:
+    """``model.train()``, frozen BatchNorm layers kept in eval mode."""
+    model.train()
+    keep_frozen_bn_in_eval(model)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -154,10 +238,12 @@ def precise_bn(
     E[batch var + batch mean²] - mean² as the variance, pooled over workers through
     ``all_reduce`` (a sum). The forward runs on the unwrapped module (DDP would broadcast
     rank 0's buffers), without gradients, and restores the RNG state, so dropout masks and
-    the training that follows are unchanged. Every worker must call it (it all-reduces).
-    Returns the number of layers updated.
+    the training that follows are unchanged. SyncBatchNorm layers compute per-worker
+    statistics here (pooled by ``all_reduce`` like the rest): their own per-forward sync
+    would hang when workers hold different numbers of batches. Every worker must call it
+    (it all-reduces). Returns the number of layers updated.
     """
-    net = getattr(model, "module", model)
+    net = unwrap(model)
     bns = [
         m
         for m in net.modules()
@@ -174,6 +260,8 @@ def precise_bn(
     try:
         for m in bns:
             m.momentum = 1.0  # running stats = this batch's stats
+            if isinstance(m, nn.SyncBatchNorm):  # plain (local) BatchNorm for these forwards
+                m.forward = functools.partial(nn.modules.batchnorm._BatchNorm.forward, m)
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             for x in inputs:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -184,6 +272,7 @@ def precise_bn(
     finally:
         for m, momentum in zip(bns, momenta, strict=True):
             m.momentum = momentum
+            m.__dict__.pop("forward", None)
     count = all_reduce(torch.tensor(float(len(inputs)), device=device))
     if count == 0:  # no worker had a batch: keep the running statistics
         return 0
@@ -206,19 +295,39 @@ def fit(
     hooks: Hooks | None = None,
     resume: dict | None = None,
     channels_last: bool = False,
+    mixer: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> LoopState:
     """Trains ``model`` for ``cfg.epochs``; reports metrics (and a checkpoint) every epoch.
+
+    With ``train.ema_decay``, a model EMA (timm's ``ModelEmaV3``, updated after every
+    optimizer step with the step count) is what is validated, selects the best checkpoint
+    and is the checkpoint's ``model``, so whatever reads a checkpoint uses the EMA weights;
+    the raw training weights travel as its ``train_model`` and resume from there. Precise
+    BN then recomputes the EMA model's statistics (under the EMA weights: the training
+    model's would not match them) and leaves the training model's alone.
 
     Args:
         train_batches: ``epoch -> batches`` (dicts with ``image`` and the task's target).
         steps_per_epoch: micro-batches per epoch on this worker (sizes the schedule).
         resume: a loaded checkpoint (``raylens.checkpoint.load_checkpoint``) to continue.
+        mixer: ``(x, y) -> (x_mixed, soft_target)`` (Mixup / CutMix) on every training
+            batch; the loss is then ``task.soft_loss(logits, soft_target)``, unless the task
+            has a ``train_loss`` (it finds the soft target in ``batch["soft_target"]``).
     Returns:
         The final loop state (history of per-epoch metrics, best metric and epoch).
+    Raises:
+        ValueError: naming the config key, before any step (best metric, optimizer,
+            layer decay, a mixer for a task without a soft-target loss).
     """
     hooks = hooks or Hooks()
     metric = cfg.best_metric or task.best_metric
     check_best_metric(metric, task.meter())
+    if mixer is not None and task.train_loss is None and getattr(task, "soft_loss", None) is None:
+        raise ValueError(
+            f"config key 'mix': task {task.name!r} has no soft-target loss for mixed batches; "
+            "turn mixup/cutmix off (mix.mixup_alpha=0, mix.cutmix_alpha=0)"
+        )
+    inner = unwrap(model)
     opt = build_optimizer(model, cfg)
     updates_per_epoch = max(1, math.ceil(steps_per_epoch / cfg.grad_accum))
     if cfg.max_steps_per_epoch:
@@ -237,9 +346,9 @@ def fit(
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     state = LoopState()
+    raw = resume.get("train_model") if resume else None  # set when the run keeps an EMA
     if resume:
-        model_to_load = getattr(model, "module", model)
-        model_to_load.load_state_dict(resume["model"])
+        inner.load_state_dict(raw if raw is not None else resume["model"])
         if resume.get("optimizer"):
             opt.load_state_dict(resume["optimizer"])
         if resume.get("scheduler"):
@@ -248,12 +357,25 @@ def fit(
         state = LoopState(**{k: extra[k] for k in LoopState.__dataclass_fields__ if k in extra})
         state.resumes += 1
         hooks.log(f"[train] resumed after epoch {state.epoch} (step {state.step})")
+    ema = None
+    if cfg.ema_decay is not None:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(inner, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+        if raw is not None:
+            ema.module.load_state_dict(resume["model"])
+    # the compiled module shares the model's parameters; evaluation, precise BN and the
+    # checkpoint use the model itself (no recompiles for eval mode or odd batch sizes)
+    net = torch.compile(model) if cfg.compile else model
 
     def validate_and_report(epoch_done: bool, train_loss: float, seen: int, t0: float) -> bool:
         """Validates; returns True when early stopping says stop."""
+        target = ema.module if ema is not None else model
         if recent:
-            precise_bn(model, recent, dtype, hooks.all_reduce)
-        metrics = evaluate(model, task, val_batches(), device, dtype, hooks, channels_last)
+            if ema is not None:
+                train_mode(target)  # precise BN updates the layers in training mode
+            precise_bn(target, recent, dtype, hooks.all_reduce)
+        metrics = evaluate(target, task, val_batches(), device, dtype, hooks, channels_last)
         scalars = {f"val/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         row = {
             "epoch": state.epoch + (1 if epoch_done else 0),
@@ -287,7 +409,8 @@ def fit(
             row["checkpoint"] = f"{CHECKPOINTS}/{name}"  # relative to the run dir
             checkpoint = {
                 "name": row["checkpoint"],
-                "model": getattr(model, "module", model).state_dict(),
+                "model": (ema.module if ema is not None else inner).state_dict(),
+                "train_model": inner.state_dict() if ema is not None else None,
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "extra": {**state.__dict__, "metrics": metrics},
@@ -296,8 +419,8 @@ def fit(
         if hooks.is_main:
             hooks.log(
                 f"[train] epoch {row['epoch']} step {state.step}: train loss {train_loss:.4f}, "
-                f"val {metric} {value:.4f}{' (best)' if improved else ''}, "
-                f"{row['images_per_s']:.0f} img/s"
+                f"val {metric} {value:.4f}{' (best)' if improved else ''}"
+                f"{' (EMA)' if ema is not None else ''}, {row['images_per_s']:.0f} img/s"
             )
         return stop
 
@@ -315,20 +438,25 @@ def fit(
         if cfg.scheduler == "cosine":
             sched.step()
         state.step += 1
+        if ema is not None:
+            ema.update(inner, step=state.step)
 
     recent: deque[torch.Tensor] = deque(maxlen=cfg.precise_bn_batches)  # maxlen 0: keeps none
 
     for epoch in range(state.epoch, cfg.epochs):
-        model.train()
+        train_mode(model)
         t0, seen, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
         micro = 0
         for micro, batch in enumerate(train_batches(epoch), 1):
             if cfg.max_steps_per_epoch and micro > cfg.max_steps_per_epoch:
                 break
             x = batch[task.input_key].to(device, non_blocking=True)
+            y = batch[task.target_key].to(device)
+            if mixer is not None:
+                x, soft = mixer(x, y)
+                batch["soft_target"] = soft
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = batch[task.target_key].to(device)
             last_micro = micro % cfg.grad_accum == 0
             sync = (
                 contextlib.nullcontext()
@@ -337,9 +465,11 @@ def fit(
             )
             with sync:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    logits = model(x)
+                    logits = net(x)
                 if task.train_loss is not None:
                     loss = task.train_loss(logits.float(), batch, x)
+                elif mixer is not None:
+                    loss = task.soft_loss(logits.float(), soft)
                 else:
                     loss = task.loss(logits.float(), y)
                 scaler.scale(loss / cfg.grad_accum).backward()
@@ -348,7 +478,7 @@ def fit(
                 if cfg.val_every_n_steps and state.step % cfg.val_every_n_steps == 0:
                     if validate_and_report(False, loss_sum / max(n_loss, 1), seen, t0):
                         return state
-                    model.train()
+                    train_mode(model)
             recent.append(x)
             seen += x.shape[0]
             loss_sum += loss.item()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
-from ray.train import DataConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
@@ -90,8 +90,9 @@ def build_trainer(
 
 
 def ray_run_config(cfg: RunConfig, storage, callbacks: list | None = None) -> RayRunConfig:
-    """Ray Train's run state in the run dir (so re-running resumes), with the restart budget.
-    ``callbacks``: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``)."""
+    """Ray Train's run state in the run dir (so re-running resumes), with the restart budget
+    and checkpoint retention (:class:`BestAndLast`). ``callbacks``: Ray Train callbacks (a
+    Tune trial passes ``TuneReportCallback``)."""
     from raylens.storage import split_uri
 
     scheme, path = split_uri(cfg.run.output_dir)
@@ -100,8 +101,85 @@ def ray_run_config(cfg: RunConfig, storage, callbacks: list | None = None) -> Ra
         storage_path=path,
         storage_filesystem=storage.arrow_fs(scheme),
         failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+        # no score attribute: Ray keeps the last N reported (always the latest, which a
+        # restart resumes from); the best is kept by BestAndLast
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         callbacks=callbacks,
     )
+
+
+class BestAndLast:
+    """Rank 0's half of ``train.keep_checkpoints = N``: the run keeps its best checkpoint and
+    its last N, nothing else.
+
+    Ray Train's ``CheckpointConfig(num_to_keep, checkpoint_score_attribute)`` keeps the top N
+    by a score fixed when a checkpoint is reported, plus the latest (or, without a score,
+    the last N): it cannot express "the best and the last N" for N > 1, since a
+    checkpoint's claim to be kept ends when a better one arrives. Deleting checkpoints
+    behind Ray's back is no way out either: a restart then fails on Ray's snapshot naming a
+    checkpoint that is gone. So Ray keeps the last N (:func:`ray_run_config`), and just
+    before the best would leave that window (the report that pushes it out, before Ray sees
+    it) it is copied to ``checkpoints/best`` (:data:`raylens.rundir.BEST_CHECKPOINT`) and
+    ``best.json`` names the copy; a later best makes the copy redundant and it is deleted.
+    A best is copied at most once, when it ages out. ``keep=None`` keeps everything.
+
+    Args:
+        reported: the checkpoint names reported so far, oldest first (from the resumed
+            history), in the order Ray registered them.
+    """
+
+    def __init__(self, run, keep: int | None, reported: list[str]):
+        self.run, self.keep, self.reported = run, keep, list(reported)
+        best = run.best()
+        self.best: str | None = best["checkpoint"] if best else None
+
+    def before_report(self, name: str, improved: bool) -> None:
+        """Call before reporting checkpoint ``name`` to Ray."""
+        from raylens.checkpoint import copy_checkpoint
+        from raylens.rundir import BEST_CHECKPOINT
+
+        self.reported.append(name)
+        if self.keep is None or improved or self.best in (None, BEST_CHECKPOINT):
+            return
+        if self.best in self.reported[-self.keep :]:
+            return
+        copy_checkpoint(self.run.storage, self.run.path(self.best), self.run.path(BEST_CHECKPOINT))
+        best = self.run.best()
+        self.run.write_best(
+            {**best["metrics"], "epoch": best["epoch"], "checkpoint": BEST_CHECKPOINT}
+        )
+        self.best = BEST_CHECKPOINT
+
+    def after_best(self, name: str) -> None:
+        """Call once ``best.json`` names the new best checkpoint ``name``."""
+        from raylens.rundir import BEST_CHECKPOINT
+
+        old, self.best = self.best, name
+        if old == BEST_CHECKPOINT and name != BEST_CHECKPOINT:
+            self.run.storage.delete_tree(self.run.path(BEST_CHECKPOINT))
+
+
+def sync_batchnorm(model, cfg: RunConfig, device, world: int, log: Callable[[str], None]):
+    """``model`` with SyncBatchNorm (``train.sync_bn``) when it trains on several GPU workers
+    and has BatchNorm layers; call before ``prepare_model``.
+
+    On CPU workers it is skipped, saying so through ``log``: torch's SyncBatchNorm
+    synchronizes only GPU (CUDA, XPU, HPU) tensors and raises on CPU ones at the first
+    training step under DDP, so each CPU worker keeps its own batch statistics.
+    """
+    import torch
+
+    if not cfg.train.sync_bn or world < 2:
+        return model
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return model
+    if device.type != "cuda":
+        log(
+            f"[train] train.sync_bn skipped on {device.type} workers: torch's SyncBatchNorm "
+            "syncs GPU tensors only; each worker normalizes with its own batch statistics"
+        )
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def say(message: str) -> None:
@@ -121,10 +199,11 @@ def fit_on_worker(
     steps_per_epoch: int,
     device,
     channels_last: bool,
+    mixer=None,
 ) -> None:
     """:func:`raylens.loop.fit` on a Ray Train worker, for every training pipeline: resumes
     from Ray Train's checkpoint, reports metrics and checkpoints through
-    :func:`make_reporter`, sums metrics over workers."""
+    :func:`make_reporter`, sums metrics over workers. ``mixer``: Mixup/CutMix (see ``fit``)."""
     import torch
     import torch.distributed as dist
 
@@ -162,6 +241,7 @@ def fit_on_worker(
         ),
         resume=resume,
         channels_last=channels_last,
+        mixer=mixer,
     )
     if events is not None:
         events.close()
@@ -172,7 +252,8 @@ def make_reporter(cfg: RunConfig, storage, rank: int, resume: dict | None):
 
     ``report(metrics, checkpoint)`` reports to Ray Train (with the checkpoint), then rank 0
     records the run dir's history and best checkpoint: they never name a checkpoint not
-    persisted first.
+    persisted first. Rank 0 keeps the best and the last ``train.keep_checkpoints``
+    (:class:`BestAndLast`).
     """
     import tempfile
 
@@ -184,6 +265,10 @@ def make_reporter(cfg: RunConfig, storage, rank: int, resume: dict | None):
     run = RunDir.of(cfg, storage)
     history: list[dict] = list((resume or {}).get("extra", {}).get("history", []))
     events = EventLog(storage, run.tensorboard) if rank == 0 else None
+    keeper = None
+    if rank == 0:
+        reported = [row["checkpoint"] for row in history if row.get("checkpoint")]
+        keeper = BestAndLast(run, cfg.train.keep_checkpoints, reported)
 
     def report(metrics: dict, ck: dict | None) -> None:
         if ck is None:
@@ -191,6 +276,7 @@ def make_reporter(cfg: RunConfig, storage, rank: int, resume: dict | None):
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 if rank == 0:
+                    keeper.before_report(ck["name"], bool(metrics.get("best")))
                     save_checkpoint(
                         Storage(),
                         tmp,
@@ -198,6 +284,7 @@ def make_reporter(cfg: RunConfig, storage, rank: int, resume: dict | None):
                         optimizer=ck["optimizer"],
                         scheduler=ck["scheduler"],
                         extra=ck["extra"],
+                        train_model=ck.get("train_model"),
                     )
                 ray.train.report(
                     metrics,
@@ -211,6 +298,7 @@ def make_reporter(cfg: RunConfig, storage, rank: int, resume: dict | None):
         run.write_history(history)
         if metrics.get("best"):
             run.write_best(metrics)
+            keeper.after_best(metrics["checkpoint"])
 
     return report, events
 
