@@ -271,6 +271,10 @@ class DataConfig:
             raise ConfigError(f"config key 'data.reprob': expected [0, 1], got {self.reprob}")
         if self.recount < 1:
             raise ConfigError(f"config key 'data.recount': expected >= 1, got {self.recount}")
+        if self.auto_augment is not None:
+            from raylens.data.augment import check_auto_augment  # a string check, no timm
+
+            check_auto_augment(self.auto_augment)
 
 
 @dataclass

@@ -1,0 +1,219 @@
+"""Strong train augmentation, replayable from a sample's seed: thin seeded wrappers around the
+library implementations (timm's RandAugment / AutoAugment / RandomErasing, torchvision's
+TrivialAugmentWide / ColorJitter), not re-implementations.
+
+Those ops draw from the process-global RNGs (Python ``random``, numpy's global
+``RandomState``, torch's CPU generator). :func:`seeded` points all three at a sub-seed of the
+sample's seed before each op and restores their states afterwards, so the same image and
+seed give the same pixels in any process, and nothing else in the process sees its RNG
+move. Each op draws from its own sub-seed (:func:`sub_seeds`), so adding or removing one op
+leaves the others' draws unchanged.
+
+Only ``numpy`` and ``PIL`` are imported at module level: :func:`check_auto_augment` is a
+string check the config layer can call without importing timm or torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import re
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from raylens.config import ConfigError
+
+INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+AUTO_AUGMENT_FORMS = (
+    "'rand-<sections>' (timm RandAugment, sections m<int>, n<int>, p<float>, mstd<float>, "
+    "mmax<int>, inc<0|1>, t<weights|3a|3aw>; e.g. 'rand-m9-mstd0.5-inc1'), 'trivialaugment' "
+    "or 'ta_wide' (torchvision TrivialAugmentWide), 'original', 'originalr', 'v0' or 'v0r' "
+    "(timm AutoAugment policy, optionally '-mstd<float>', e.g. 'original-mstd0.5')"
+)
+TRIVIAL_AUGMENT = ("trivialaugment", "ta_wide")
+AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r")
+
+_NUMBER = r"\d+(\.\d*)?"
+_RAND_SECTION = re.compile(
+    rf"(m\d+|n\d+|p{_NUMBER}|mstd{_NUMBER}|mmax\d+|inc[01]|t(weights|3a|3aw))"
+)
+_MSTD = re.compile(rf"mstd{_NUMBER}")
+
+
+def check_auto_augment(spec: str) -> str:
+    """Checks a timm-style auto-augment string without building it.
+
+    Returns:
+        Its kind: ``"rand"`` (RandAugment), ``"trivial"`` (TrivialAugmentWide) or ``"auto"``
+        (AutoAugment).
+
+    Raises:
+        ConfigError: (a ``ValueError``) naming ``data.auto_augment`` and the accepted forms. timm itself skips
+        sections it cannot parse (``'rand-foo'`` would silently be plain RandAugment), so
+        this check is stricter than timm.
+    """
+    parts = spec.split("-") if isinstance(spec, str) else [None]
+    head, rest = parts[0], parts[1:]
+    if head == "rand" and all(_RAND_SECTION.fullmatch(s) for s in rest):
+        return "rand"
+    if spec in TRIVIAL_AUGMENT:
+        return "trivial"
+    if head in AUTO_AUGMENT_POLICIES and all(_MSTD.fullmatch(s) for s in rest) and len(rest) <= 1:
+        return "auto"
+    raise ConfigError(
+        f"config key 'data.auto_augment': expected {AUTO_AUGMENT_FORMS}, got {spec!r}"
+    )
+
+
+def auto_augment(
+    spec: str,
+    *,
+    size: int,
+    mean: tuple[float, float, float],
+    interpolation: str = "bilinear",
+) -> Callable[[Image.Image], Image.Image]:
+    """The library transform for an auto-augment string, with the hparams timm's
+    ``transforms_imagenet_train`` builds: ``translate_const = int(size * 0.45)``, fill
+    ``img_mean = round(255 * mean)`` per channel, and the run's ``interpolation`` (timm's
+    'random' choice between bilinear and bicubic is not used: one fixed mode per run).
+
+    The returned callable maps a PIL RGB image to one; call it inside :func:`seeded`.
+    """
+    kind = check_auto_augment(spec)
+    if kind == "trivial":
+        from torchvision.transforms import InterpolationMode, TrivialAugmentWide
+
+        return TrivialAugmentWide(interpolation=InterpolationMode(interpolation))
+    from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+
+    hparams = {
+        "translate_const": int(size * 0.45),
+        "img_mean": tuple(min(255, round(255 * x)) for x in mean),
+        "interpolation": INTERPOLATIONS[interpolation],
+    }
+    if kind == "rand":
+        return rand_augment_transform(spec, hparams)
+    return auto_augment_transform(spec, hparams)
+
+
+def color_jitter(strength: float) -> Callable[[Image.Image], Image.Image]:
+    """torchvision ``ColorJitter`` with the same strength for brightness, contrast and
+    saturation and no hue (timm's scalar ``--color-jitter``). Call it inside :func:`seeded`."""
+    from torchvision.transforms import ColorJitter
+
+    return ColorJitter(strength, strength, strength)
+
+
+def random_erasing(probability: float, mode: str = "pixel", count: int = 1):
+    """timm's ``RandomErasing`` on CPU (``max_count=count``; its default area 2%-1/3 and
+    aspect 0.3-3.3), for :func:`erase_uint8`."""
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(probability, mode=mode, max_count=count, device="cpu")
+
+
+def erase_uint8(
+    pixels: np.ndarray,
+    erasing,
+    mean: tuple[float, float, float],
+    std: tuple[float, float, float],
+) -> np.ndarray:
+    """Applies timm's ``RandomErasing`` where timm does, to the image normalized with the run's
+    mean/std, and returns ``uint8 [3, h, w]`` again so erased pixels ship as uint8.
+
+    The image is normalized as ``ToTensor`` + ``Normalize`` do (``x / 255``, minus mean, over
+    std, float32); after erasing it is mapped back (times std, plus mean, times 255), rounded
+    and clipped to 0-255. Untouched pixels come back unchanged (the float32 round trip is off
+    by far less than half a level). Erased pixels differ from timm's float fill in two ways:
+    they are quantized to 1/255 steps, and fills beyond the displayable range are clipped:
+    ``const`` fills the mean (exact up to rounding), while the normal(0, 1) fills of ``rand``
+    / ``pixel`` land at ``mean + z * std`` and are clipped at 0 and 1 (for ImageNet's
+    mean/std, z below about -2.1 or above 2.2: ~3% of draws). Teacher and student see the
+    same uint8 pixels, which is what replay needs.
+
+    The arithmetic runs in numpy, single-threaded: torch's elementwise ops fan out to its
+    intra-op threads, which on a busy 2-core machine made them 20-50x slower. (timm's own
+    erasing is torch; Ray Data workers run torch with one thread, OMP_NUM_THREADS=1.)
+
+    Args:
+        pixels: ``uint8 [3, h, w]``.
+        erasing: a :func:`random_erasing` transform; call inside :func:`seeded`.
+    """
+    import torch
+
+    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    x = pixels.astype(np.float32)  # [3, h, w]; in-place steps from here: half the time
+    x /= np.float32(255)
+    x -= m
+    x /= s
+    erasing(torch.from_numpy(x))  # in place, on the same memory
+    x *= s
+    x += m
+    x *= np.float32(255)
+    np.rint(x, out=x)
+    np.clip(x, 0, 255, out=x)
+    return x.astype(np.uint8)
+
+
+def sub_seeds(seed: int, op: str) -> tuple[int, int, int]:
+    """Three independent 32-bit seeds (Python ``random``, numpy, torch) for ``op`` of the
+    sample with ``seed``.
+
+    Python's and numpy's generators are both MT19937 seeded the same way from an int, so one
+    shared value would make their streams identical (RandAugment draws its ops from numpy and
+    their probabilities/magnitudes from ``random``): each library gets its own.
+    """
+    digest = hashlib.blake2b(f"{seed}:{op}".encode(), digest_size=12).digest()
+    return tuple(int.from_bytes(digest[i : i + 4], "little") for i in (0, 4, 8))
+
+
+# One seeded block at a time per process: two threads seeding and drawing from the global
+# RNGs at once would interleave their draws, and the results would not replay.
+_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[Callable[[str], None]]:
+    """Saves the global RNG states (Python ``random``, numpy's global ``RandomState``,
+    torch's CPU generator), yields ``use(op)``, and restores the states on exit.
+
+    ``use(op)`` seeds all three from :func:`sub_seeds` ``(seed, op)``: call it right before
+    each op, so every op draws from its own sub-seed whatever ran before it::
+
+        with seeded(sample_seed) as use:
+            use("auto_augment")
+            img = aa(img)
+            use("random_erasing")
+            x = erasing(x)
+
+    The states are saved and restored once per block, not per op: saving and restoring
+    numpy's state is the expensive part (~60 us). CUDA generators are neither seeded nor
+    saved (``fork_rng(devices=[])``, the CPU generator's own ``manual_seed``): the library
+    ops used here draw on the CPU only. Blocks in different threads of one process run one
+    at a time.
+    """
+    import torch
+
+    def use(op: str) -> None:
+        py_seed, np_seed, torch_seed = sub_seeds(seed, op)
+        random.seed(py_seed)
+        np.random.seed(np_seed)
+        torch.default_generator.manual_seed(torch_seed)
+
+    with _LOCK, torch.random.fork_rng(devices=[]):
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            yield use
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
