@@ -12,22 +12,31 @@ seed in that epoch), ``idx`` (k uint16 class indices, highest probability first)
 Parquet keeps exactly 2k bytes each with no list overhead. Per sample and epoch that is
 ``4 + 4k`` bytes besides the id (zstd may shrink it). Any number of readers can load any
 epoch: nothing depends on the world size that wrote it.
+
+Format 2 (``raylens.teacher_topk/2``) adds the decode-time mix of each sample
+(:mod:`raylens.data.mix`): ``partner`` (string: the id mixed into it, null when unmixed)
+and ``lam`` (float32: the weight of its own image, 1 when unmixed); the targets are the
+teacher's on the mixed image. Unmixed they cost almost nothing (nulls and a constant).
+Stores of format 1 are still read (as unmixed). The card records the ``mix.*`` settings.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raylens.storage import Storage, join
 
-FORMAT = "raylens.teacher_topk/1"
+FORMAT = "raylens.teacher_topk/2"
+READABLE = (FORMAT, "raylens.teacher_topk/1")
 CARD = "store.json"
 
 
@@ -35,12 +44,19 @@ def epoch_file(store: str, epoch: int) -> str:
     return join(store, f"epoch={epoch:04d}", "part-00000.parquet")
 
 
-def encode(ids: list[str], epoch: int, seeds, idx, prob) -> pa.Table:
-    """A store table from ``idx`` int [n, k] and ``prob`` float [n, k]."""
+def encode(ids: list[str], epoch: int, seeds, idx, prob, partners=None, lams=None) -> pa.Table:
+    """A store table from ``idx`` int [n, k] and ``prob`` float [n, k]; ``partners`` (ids,
+    the own id or None when unmixed) and ``lams`` float [n] when the samples were mixed."""
     idx = np.ascontiguousarray(np.asarray(idx, dtype=np.uint16))
     prob = np.ascontiguousarray(np.asarray(prob, dtype=np.float16))
     n, k = idx.shape
     width = 2 * k
+    if partners is None:
+        partners = [None] * n
+    partners = [
+        None if p is None or str(p) == i else str(p) for i, p in zip(ids, partners, strict=True)
+    ]
+    lams = np.ones(n, dtype=np.float32) if lams is None else np.asarray(lams, dtype=np.float32)
     return pa.table(
         {
             "id": pa.array(ids, pa.string()),
@@ -52,6 +68,8 @@ def encode(ids: list[str], epoch: int, seeds, idx, prob) -> pa.Table:
             "prob": pa.FixedSizeBinaryArray.from_buffers(
                 pa.binary(width), n, [None, pa.py_buffer(prob.tobytes())]
             ),
+            "partner": pa.array(partners, pa.string()),
+            "lam": pa.array(lams),
         }
     )
 
@@ -72,16 +90,26 @@ class EpochTargets:
     seeds: np.ndarray  # uint32
     idx: np.ndarray  # int64 [n, k]
     prob: np.ndarray  # float32 [n, k]
+    partners: np.ndarray  # str: the id mixed in, the own id when unmixed
+    lams: np.ndarray  # float32: weight of the own image, 1 when unmixed
 
     @classmethod
     def from_table(cls, table: pa.Table, k: int) -> EpochTargets:
         ids = np.asarray(table.column("id").to_pylist(), dtype=object)
         order = np.argsort(ids, kind="stable")
+        if "partner" in table.column_names:  # format 2
+            stored = table.column("partner").to_pylist()
+            partners = np.asarray([p or i for i, p in zip(ids, stored, strict=True)], dtype=object)
+            lams = table.column("lam").to_numpy().astype(np.float32)
+        else:
+            partners, lams = ids.copy(), np.ones(len(ids), dtype=np.float32)
         return cls(
             ids=ids[order],
             seeds=table.column("seed").to_numpy()[order],
             idx=_fixed(table.column("idx"), np.uint16, k).astype(np.int64)[order],
             prob=_fixed(table.column("prob"), np.float16, k).astype(np.float32)[order],
+            partners=partners[order],
+            lams=lams[order],
         )
 
     def rows(self, ids) -> np.ndarray:
@@ -104,9 +132,13 @@ def write_epoch(storage: Storage, store: str, table: pa.Table) -> int:
     return len(data)
 
 
-def read_epoch(storage: Storage, store: str, epoch: int, k: int) -> EpochTargets:
+def read_epoch(
+    storage: Storage, store: str, epoch: int, k: int, ids: Sequence[str] | None = None
+) -> EpochTargets:
+    """One epoch's targets; ``ids``: only these samples' (the others are not loaded)."""
     data = storage.read_bytes(epoch_file(store, epoch))
-    return EpochTargets.from_table(pq.read_table(io.BytesIO(data)), k)
+    flt = None if ids is None else pc.field("id").isin(list(ids))
+    return EpochTargets.from_table(pq.read_table(io.BytesIO(data), filters=flt), k)
 
 
 def read_ids(storage: Storage, store: str, epoch: int) -> set[str]:
@@ -136,7 +168,38 @@ def load_card(storage: Storage, store: str) -> dict[str, Any]:
     return json.loads(storage.read_text(uri))
 
 
-AUG_KEYS = ("image_size", "rrc_scale", "rrc_ratio", "hflip", "augment")
+AUG_KEYS = (
+    "image_size",
+    "rrc_scale",
+    "rrc_ratio",
+    "hflip",
+    "augment",
+    "interpolation",
+    "auto_augment",
+    "color_jitter",
+    "reprob",
+    "remode",
+    "recount",
+)
+# What a format-1 store (made before these keys existed) did: bilinear, no extra ops.
+_AUG_BEFORE_KEYS = {
+    "interpolation": "bilinear",
+    "auto_augment": None,
+    "color_jitter": None,
+    "reprob": 0.0,
+    "remode": "pixel",
+    "recount": 1,
+}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _same_augmentation(key: str, mine: Any, stored: Any) -> bool:
+    if key == "interpolation":  # null resizes bilinearly (ImageTransform's default)
+        mine, stored = mine or "bilinear", stored or "bilinear"
+    return _plain(mine) == _plain(stored)
 
 
 def check_compatible(
@@ -148,11 +211,16 @@ def check_compatible(
     num_classes: int,
     seed: int,
     aug_epochs: int,
+    mix: dict[str, Any] | None = None,
 ) -> None:
-    """Raises ValueError naming the first way a store does not fit a student's run."""
+    """Raises ValueError naming the first way a store does not fit a student's run.
+
+    ``mix``: the student's ``mix.*`` settings (:func:`raylens.data.mix.mix_settings`; None:
+    not mixing), which must be the store's.
+    """
     store = card.get("store", "the teacher store")
-    if card.get("format") != FORMAT:
-        raise ValueError(f"{store}: format {card.get('format')!r}, expected {FORMAT!r}")
+    if card.get("format") not in READABLE:
+        raise ValueError(f"{store}: format {card.get('format')!r}, expected one of {READABLE}")
     if card["dataset_fingerprint"] != dataset_card.get("fingerprint"):
         raise ValueError(
             f"{store} was written for another version of the dataset "
@@ -174,11 +242,34 @@ def check_compatible(
         raise ValueError(
             f"config key 'run.seed': {seed}, but {store} was augmented with seed {card['seed']}"
         )
+    augmentation = card["augmentation"]
+    if card["format"] != FORMAT:
+        augmentation = {**_AUG_BEFORE_KEYS, **augmentation}
     for key in AUG_KEYS:
-        stored = card["augmentation"].get(key)
-        mine = data.get(key)
-        if (list(mine) if isinstance(mine, (list, tuple)) else mine) != stored:
+        stored, mine = augmentation.get(key), data.get(key)
+        if not _same_augmentation(key, mine, stored):
             raise ValueError(
                 f"config key 'data.{key}': {mine!r}, but {store} was made with {stored!r} "
                 "(the student must see the teacher's augmentation)"
+            )
+    check_mix(card, mix)
+
+
+def check_mix(card: dict[str, Any], mix: dict[str, Any] | None) -> None:
+    """Raises ValueError naming the first ``mix.*`` key where ``mix`` (a run's settings, None
+    when not mixing) differs from the store's."""
+    store = card.get("store", "the teacher store")
+    stored = card.get("mix")
+    if (stored is None) != (mix is None):
+        mine = "mixes" if mix is not None else "does not mix"
+        theirs = f"with mix {stored}" if stored is not None else "without mixing"
+        raise ValueError(
+            f"config key 'mix': this run {mine}, but {store} was made {theirs} "
+            "(the student must see the teacher's mixed images)"
+        )
+    for key in sorted(stored or {}):
+        if _plain(mix.get(key)) != _plain(stored[key]):
+            raise ValueError(
+                f"config key 'mix.{key}': {mix.get(key)!r}, but {store} was made with "
+                f"{stored[key]!r} (the student must see the teacher's mixed images)"
             )

@@ -10,6 +10,11 @@
 Decoding runs in Ray Data tasks and ships uint8 pixels; normalization to float happens in
 the collate function on the consumer. A row that fails to decode is dropped and recorded
 (see :func:`ingest_failures`), never crashing the run.
+
+Stored-target distillation with ``mix`` on mixes at decode time instead: the train split is
+then a dataset of mixing units (a prepared shard's row groups, :mod:`raylens.data.mix`),
+each decoded, augmented and mixed by one call, whatever the number of workers; its rows
+add ``mix_partner``, ``mix_lam`` and ``mix_label``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import ray
 from ray.data import RandomSeedConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from raylens.data.mix import Unit, decode_time_mixing, decode_unit, list_units, read_unit
 from raylens.data.prepare import CARD
 from raylens.data.sources import SPLITS, label_space, open_source
 from raylens.data.transforms import (
@@ -31,7 +37,14 @@ from raylens.data.transforms import (
     normalize,
     sample_seed,
 )
-from raylens.schema import DataConfig, PrepareConfig, RunConfig, SourceConfig, StorageConfig
+from raylens.schema import (
+    DataConfig,
+    MixConfig,
+    PrepareConfig,
+    RunConfig,
+    SourceConfig,
+    StorageConfig,
+)
 from raylens.storage import Storage, join, split_uri
 
 FAILURES_ACTOR = "raylens_ingest_failures"
@@ -271,6 +284,50 @@ def execution_index() -> int:
     return idx
 
 
+def _replay_epoch(targets: TeacherTargets) -> int:
+    """The stored epoch a distillation decode task replays: train epoch ``e % E``."""
+    clock = ray.get_actor(targets.clock, namespace="raylens")
+    train_epoch = ray.get(clock.get.remote())
+    if train_epoch < 0:
+        raise RuntimeError("distillation: the train loop did not set the epoch clock")
+    return train_epoch % targets.epochs
+
+
+def _add_targets(
+    out: dict[str, np.ndarray], targets: TeacherTargets, replay: int
+) -> dict[str, np.ndarray]:
+    """Adds the stored teacher targets of ``out``'s rows, after checking that the store
+    recorded the same augmentation seeds (and, when mixing, the same partners and lambdas)
+    as this decode derived."""
+    stored = _epoch_targets(targets, replay)
+    ids = [str(i) for i in out["id"]]
+    rows = stored.rows(ids)
+    if not np.array_equal(stored.seeds[rows].astype(np.int64), out["aug_seed"]):
+        raise RuntimeError(
+            f"teacher store {targets.store!r}: stored augmentation seeds differ "
+            "from the replayed ones (a store from another run.seed?)"
+        )
+    if "mix_lam" in out:
+        partners = [str(p) for p in out["mix_partner"]]
+        if list(stored.partners[rows]) != partners or not np.array_equal(
+            stored.lams[rows], out["mix_lam"]
+        ):
+            raise RuntimeError(
+                f"teacher store {targets.store!r}: stored mix partners or lambdas differ from "
+                "the replayed ones (a store made with other mix.* or data.* settings?)"
+            )
+    k = targets.k  # a store keeps top-k highest first: use the first k' <= k
+    out["teacher_idx"] = np.ascontiguousarray(stored.idx[rows][:, :k])
+    out["teacher_prob"] = np.ascontiguousarray(stored.prob[rows][:, :k])
+    out["aug_epoch"] = np.full(len(ids), replay, dtype=np.int64)
+    return out
+
+
+def _record_failures(failures: list[dict[str, str]]) -> None:
+    if failures:
+        _failures_actor().add.remote(failures)
+
+
 class _DecodeBatch:
     """Ray Data UDF: bytes → uint8 pixels; drops undecodable rows and records them."""
 
@@ -289,17 +346,12 @@ class _DecodeBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [str(i) for i in batch["id"]]
-        stored = None
+        replay = None
         if self.targets is not None:  # distillation: replay the teacher's epoch
-            clock = ray.get_actor(self.targets.clock, namespace="raylens")
-            train_epoch = ray.get(clock.get.remote())
-            if train_epoch < 0:
-                raise RuntimeError("distillation: the train loop did not set the epoch clock")
-            replay = train_epoch % self.targets.epochs
+            replay = _replay_epoch(self.targets)
             seeds = np.array(
                 [sample_seed(self.targets.seed, i, replay) for i in ids], dtype=np.int64
             )
-            stored = _epoch_targets(self.targets, replay)
         elif not self.transform.train:
             seeds = np.zeros(len(ids), dtype=np.int64)
         else:
@@ -308,24 +360,14 @@ class _DecodeBatch:
         pixels, kept, failures = decode_and_transform(
             list(batch["image"]), self.transform, seeds if self.transform.train else None
         )
-        if failures:
-            _failures_actor().add.remote([{"id": ids[i], "reason": r} for i, r in failures])
+        _record_failures([{"id": ids[i], "reason": r} for i, r in failures])
         out = {
             "id": np.array([ids[i] for i in kept], dtype=object),
             "image": pixels,
             "aug_seed": seeds[kept],
         }
-        if stored is not None:
-            rows = stored.rows([ids[i] for i in kept])
-            if not np.array_equal(stored.seeds[rows].astype(np.int64), out["aug_seed"]):
-                raise RuntimeError(
-                    f"teacher store {self.targets.store!r}: stored augmentation seeds differ "
-                    "from the replayed ones (a store from another run.seed?)"
-                )
-            k = self.targets.k  # a store keeps top-k highest first: use the first k' <= k
-            out["teacher_idx"] = np.ascontiguousarray(stored.idx[rows][:, :k])
-            out["teacher_prob"] = np.ascontiguousarray(stored.prob[rows][:, :k])
-            out["aug_epoch"] = np.full(len(kept), replay, dtype=np.int64)
+        if replay is not None:
+            out = _add_targets(out, self.targets, replay)
         if self.multi_label:
             hot = np.zeros((len(kept), self.num_classes), dtype=np.float32)
             for row, i in enumerate(kept):
@@ -334,6 +376,60 @@ class _DecodeBatch:
         else:
             out["label"] = np.asarray(batch["label"], dtype=np.int64)[kept]
         return out
+
+
+class DecodeUnits:
+    """Ray Data UDF over mixing units (``{"file", "row_group"}`` rows): reads each row group,
+    decodes, augments and mixes it (:func:`raylens.data.mix.decode_unit`), yields its rows in
+    batches of at most ``batch_rows``.
+
+    Everything a row gets derives from ``(seed, epoch, unit, id)``, so a unit mixes the same
+    in any task, process or split of units over workers. ``targets``: the student of a
+    stored distillation, replaying (and checking) the teacher's epoch ``e % E``.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        storage: StorageConfig,
+        transform: ImageTransform,
+        mix: MixConfig,
+        seed: int,
+        epoch: int | None,
+        remap: dict[int, int] | None = None,
+        targets: TeacherTargets | None = None,
+        batch_rows: int = 1024,
+    ):
+        self.dataset, self.storage = dataset, Storage(storage)
+        self.transform, self.mix, self.seed, self.epoch = transform, mix, seed, epoch
+        self.remap, self.targets, self.batch_rows = remap, targets, batch_rows
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        replay = None
+        if self.targets is not None:
+            replay = _replay_epoch(self.targets)
+            seed, epoch = self.targets.seed, replay
+        else:
+            seed = self.seed
+            epoch = execution_index() if self.epoch is None else self.epoch
+        for file, group in zip(batch["file"], batch["row_group"], strict=True):
+            unit = Unit(str(file), int(group))
+            table = read_unit(self.storage, self.dataset, unit, remap=self.remap)
+            out, failures = decode_unit(
+                table.column("id").to_pylist(),
+                table.column("image").to_pylist(),
+                table.column("label").to_numpy(),
+                transform=self.transform,
+                mix=self.mix,
+                seed=seed,
+                epoch=epoch,
+                unit=unit,
+            )
+            _record_failures([{"id": i, "reason": r} for i, r in failures])
+            if replay is not None:
+                out = _add_targets(out, self.targets, replay)
+            for start in range(0, len(out["id"]), self.batch_rows):
+                yield {k: v[start : start + self.batch_rows] for k, v in out.items()}
 
 
 class _SelectClasses:
@@ -359,6 +455,7 @@ def build_split(
     train: bool | None = None,
     epoch: int | None = None,
     targets: TeacherTargets | None = None,
+    mix_units: bool | None = None,
 ) -> tuple[ray.data.Dataset, DatasetInfo]:
     """The decoded, transformed dataset of one split.
 
@@ -371,6 +468,9 @@ def build_split(
         targets: distillation: each pass reads the epoch from ``targets.clock``, replays the
             teacher's augmentation of epoch ``e % E`` and adds ``teacher_idx``,
             ``teacher_prob`` and ``aug_epoch`` columns from the store.
+        mix_units: mix ``cfg.mix`` at decode time, per row group (:mod:`raylens.data.mix`);
+            default: for the train split of a stored distillation with mixing on
+            (:func:`raylens.data.mix.decode_time_mixing`). The teacher pass sets it.
     """
     train = split == "train" if train is None else train
     data = cfg.data
@@ -379,6 +479,10 @@ def build_split(
             "config key 'data.dataset' is required: a prepared dataset dir "
             "(or a raw folder / manifest)"
         )
+    if mix_units is None:
+        mix_units = decode_time_mixing(cfg) and split == "train" and train
+    if mix_units:
+        return _unit_split(cfg, split, storage, epoch=epoch, targets=targets)
     if is_prepared(data.dataset, storage):
         ds, info = read_prepared(data.dataset, split, storage)
     else:
@@ -406,6 +510,61 @@ def build_split(
     return ds, info
 
 
+def _unit_split(
+    cfg: RunConfig,
+    split: str,
+    storage: Storage,
+    *,
+    epoch: int | None,
+    targets: TeacherTargets | None,
+) -> tuple[ray.data.Dataset, DatasetInfo]:
+    """A split mixed at decode time: one item (and block) per row group, one UDF call each."""
+    data = cfg.data
+    if not cfg.mix.enabled:
+        raise ValueError("decode-time mixing needs mix.* on (mix.mixup_alpha or mix.cutmix_*)")
+    if not is_prepared(data.dataset, storage):
+        raise ValueError(
+            f"config key 'data.dataset': {data.dataset!r} is not a prepared dataset; mixing "
+            "for stored distillation mixes the row groups of a prepared one (run jobs.prepare)"
+        )
+    card = json.loads(storage.read_text(join(data.dataset, CARD)))
+    info = DatasetInfo.from_card(card)
+    if info.multi_label:
+        raise ValueError(
+            f"decode-time mixing (stored distillation) needs single labels; "
+            f"{data.dataset!r} is multi-label"
+        )
+    remap = None
+    if data.classes:
+        info, remap = info.select(list(data.classes))
+    units = list_units(storage, data.dataset, card["splits"][split]["files"])
+    if not units:
+        raise ValueError(f"dataset {data.dataset!r} has no rows in split {split!r}")
+    # the units in a seeded order per epoch (a pass without a fixed epoch reorders its
+    # blocks below, as the ordinary train split does)
+    order = np.random.default_rng([cfg.run.seed, 0 if epoch is None else epoch]).permutation(
+        len(units)
+    )
+    items = [{"file": units[i].file, "row_group": units[i].row_group} for i in order]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    if epoch is None:
+        ds = ds.randomize_block_order(
+            seed=RandomSeedConfig(seed=cfg.run.seed, reseed_after_execution=True)
+        )
+    udf = DecodeUnits(
+        data.dataset,
+        storage.cfg,
+        ImageTransform.from_config(data, True),
+        cfg.mix,
+        cfg.run.seed,
+        epoch,
+        remap,
+        targets,
+        data.decode_rows(),
+    )
+    return ds.map_batches(udf, batch_size=1, batch_format="numpy"), info
+
+
 class TorchCollate(NumpyBatchCollateFn):
     """``iter_torch_batches`` collate: numpy batch → normalized float tensors + ids."""
 
@@ -424,7 +583,17 @@ class TorchCollate(NumpyBatchCollateFn):
             "aug_seed": torch.from_numpy(np.array(batch["aug_seed"])),
             "id": list(batch["id"]),
         }
-        for key in ("label", "labels", "teacher_idx", "teacher_prob", "aug_epoch"):
+        for key in (
+            "label",
+            "labels",
+            "teacher_idx",
+            "teacher_prob",
+            "aug_epoch",
+            "mix_lam",
+            "mix_label",
+        ):
             if key in batch:
                 out[key] = torch.from_numpy(np.array(batch[key]))
+        if "mix_partner" in batch:  # decode-time mixing: each row's partner id
+            out["mix_partner"] = list(batch["mix_partner"])
         return out

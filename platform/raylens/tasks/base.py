@@ -31,6 +31,9 @@ class Task:
     # e.g. distillation's teacher targets; validation always uses ``loss``
     train_loss: Callable[[torch.Tensor, dict, torch.Tensor], torch.Tensor] | None = None
     input_key: str = "image"  # the batch key fed to the model (metric tasks: "features")
+    # training loss against soft targets float [b, C] (Mixup / CutMix, raylens.data.mix),
+    # used when the task has no ``train_loss``; None: the task cannot train on mixed targets
+    soft_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 
 from raylens.rundir import CLASSIFY
 from raylens.schema import RunConfig
@@ -21,6 +22,13 @@ def classification_loss(
 ) -> torch.Tensor:
     """Mean cross-entropy. ``logits`` [b, c] (any float dtype), ``target`` [b] int64."""
     return F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
+
+
+def soft_target_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """timm's ``SoftTargetCrossEntropy``: mean over the batch of ``-sum_c target_c ·
+    log softmax(logits)_c``. ``logits``, ``target`` [b, c] (Mixup / CutMix soft targets,
+    label smoothing already in them)."""
+    return SoftTargetCrossEntropy()(logits.float(), target.float())
 
 
 def prf_from_counts(
@@ -137,6 +145,7 @@ def _build(cfg: RunConfig, num_classes: int, **_: object) -> Task:
         lambda z, y: classification_loss(z, y, label_smoothing=cfg.task.label_smoothing),
         lambda: ClassificationMeter(num_classes),
         "top1",
+        soft_loss=soft_target_loss,
     )
 
 

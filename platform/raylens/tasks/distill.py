@@ -73,12 +73,27 @@ def kd_kl(
     temperature: float = 4.0,
     alpha: float = 0.5,
 ) -> torch.Tensor:
-    """``T² · KL(temper(target, T) || softmax(logits / T)) + α · CE(logits, labels)``."""
+    """``T² · KL(temper(target, T) || softmax(logits / T)) + α · CE(logits, labels)``.
+
+    ``labels``: int64 [b], or a distribution float [b, C] (mixed hard labels, see
+    :func:`mixed_labels`): CE against it is ``lam · CE(y) + (1 - lam) · CE(y')``.
+    """
     t = temperature
     p = temper(target.float(), t)
     log_q = F.log_softmax(logits.float() / t, dim=1)
     kl = F.kl_div(log_q, p, reduction="batchmean")
     return t * t * kl + alpha * F.cross_entropy(logits.float(), labels)
+
+
+def mixed_labels(
+    label: torch.Tensor, mix_label: torch.Tensor, mix_lam: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """The hard labels of mixed images as a distribution float [b, C]: ``lam`` on the own
+    ``label``, ``1 - lam`` on the partner's ``mix_label`` (all [b])."""
+    lam = mix_lam.float().view(-1, 1)
+    own = F.one_hot(label.long(), num_classes).float()
+    other = F.one_hot(mix_label.long(), num_classes).float()
+    return lam * own + (1.0 - lam) * other
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -144,8 +159,18 @@ def _build(
             )
         if d.loss == "soft_ce":
             return soft_target_ce(logits, target)
-        labels = batch["label"].to(logits.device)
+        labels = hard_target(batch).to(logits.device)
         return kd_kl(logits, target, labels, temperature=d.temperature, alpha=d.alpha)
+
+    def hard_target(batch: dict) -> torch.Tensor:
+        """The CE term's target: the consumer-side mixer's soft target (online mode), the
+        decode-time mix's labels (stored mode), or the plain labels."""
+        if "soft_target" in batch:
+            return batch["soft_target"]
+        label = batch["label"]
+        if "mix_lam" in batch:
+            return mixed_labels(label, batch["mix_label"], batch["mix_lam"], num_classes)
+        return label
 
     return Task(
         "distill",
@@ -154,6 +179,7 @@ def _build(
         lambda: ClassificationMeter(num_classes),
         "top1",
         train_loss,
+        soft_loss=soft_target_ce,
     )
 
 

@@ -126,6 +126,7 @@ def _build(cfg: RunConfig, num_classes: int, **_: object) -> Task:
         loss,
         lambda: MultiLabelMeter(num_classes, t.threshold),
         "f1_weighted",
+        soft_loss=loss,  # focal and BCE take soft (mixed) targets in [0, 1] as they are
     )
 
 
