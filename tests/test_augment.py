@@ -20,6 +20,7 @@ from raylens.data.augment import (
     auto_augment,
     check_auto_augment,
     erase_uint8,
+    posterize_to_zero_bits,
     random_erasing,
     seeded,
     sub_seeds,
@@ -246,6 +247,22 @@ def test_auto_augment_gets_timm_hparams():
     assert aa.policy[0][0].kwargs["resample"] == Image.Resampling.BILINEAR
     ta = auto_augment("trivialaugment", size=224, mean=MEAN, interpolation="nearest")
     assert type(ta).__name__ == "TrivialAugmentWide" and ta.interpolation.value == "nearest"
+
+
+def test_posterize_to_zero_bits_gives_black_where_pillow_13_raises():
+    """timm asks for 0 bits at the strongest magnitudes; the installed Pillow refuses them."""
+    small = IMAGES["photo"].resize((64, 64))
+    assert np.asarray(posterize_to_zero_bits(small, 0)).max() == 0
+    assert np.array_equal(posterize_to_zero_bits(small, 8), np.asarray(small))
+    for spec in ("v0", "rand-m10-n3-inc1"):
+        aug = auto_augment(spec, size=64, mean=MEAN)
+        ops = aug.ops if spec.startswith("rand") else [o for p in aug.policy for o in p]
+        posterize = [o for o in ops if o.name.startswith("Posterize")]
+        assert posterize and all(o.aug_fn is posterize_to_zero_bits for o in posterize)
+        for seed in range(150):  # v0 raised for ~2% of seeds before
+            with seeded(seed) as use:
+                use("auto_augment")
+                aug(small)
 
 
 def test_color_jitter_only_without_auto_augment():
