@@ -385,6 +385,36 @@ def test_a_mixer_mixes_every_training_batch_and_the_soft_loss_trains_on_its_targ
         )
 
 
+def test_grad_checkpointing_through_the_loop_trains_the_same_weights():
+    """A timm ViT with activation checkpointing (model.grad_checkpointing), layer decay and an
+    EMA: the loop's steps give the weights they give without checkpointing."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 160, 160, generator=g), torch.randint(0, 3, (4,), generator=g)
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        spec = ModelConfig(
+            backbone="test_vit", grad_checkpointing=checkpointing, channels_last=False
+        )
+        model = build_model(spec, 3)
+        assert model.backbone.net.grad_checkpointing is checkpointing
+        start = model.head[1].weight.detach().clone()
+        fit(
+            model,
+            create_task(RunConfig(task=TaskConfig()), 3),
+            _cfg(epochs=1, lr=1e-3, layer_decay=0.7, ema_decay=0.9),
+            train_batches=_batches(x, y, bs=2),
+            val_batches=_batches(x, y, bs=2),
+            steps_per_epoch=2,
+            device=DEV,
+            hooks=QUIET,
+        )
+        assert not torch.equal(model.head[1].weight, start)
+        runs.append(model)
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- SyncBatchNorm
 
 
