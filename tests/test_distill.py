@@ -235,3 +235,152 @@ def test_online_distillation_and_bad_stores_fail_before_training(
                   val_fraction=0.2)  # fmt: skip
     with pytest.raises(ValueError, match="another version of the dataset"):
         finetune(_distill_cfg(base, teacher, store, "run.name=x"))
+
+
+# ----------------------------------------------------------------------------- mixing (format 2)
+
+
+def test_store_format_2_keeps_partners_and_lambdas_and_format_1_reads_as_unmixed(tmp_path):
+    import pyarrow.parquet as pq
+
+    storage, store = Storage(), str(tmp_path / "store")
+    ids, n = ["a", "b", "c", "d"], 4
+    idx, prob = topk_sparse(torch.randn(n, 6, generator=torch.Generator().manual_seed(0)), 2)
+    lams = np.array([0.25, 0.25, 1.0, 0.6], np.float32)
+    table = TS.encode(ids, 0, np.arange(n), idx.numpy(), prob.numpy(), ["b", "a", "c", "a"], lams)
+    assert table.column("partner").to_pylist() == ["b", "a", None, "a"]  # unmixed: null
+    TS.write_epoch(storage, store, table)
+    got = TS.read_epoch(storage, store, 0, 2)
+    assert list(got.partners) == ["b", "a", "c", "a"] and np.array_equal(got.lams, lams)
+    some = TS.read_epoch(storage, store, 0, 2, ids=["d", "b"])
+    assert list(some.ids) == ["b", "d"] and list(some.partners) == ["a", "a"]
+    v1 = table.drop_columns(["partner", "lam"])  # what format 1 wrote
+    pq.write_table(v1, TS.epoch_file(store, 0))
+    old = TS.read_epoch(storage, store, 0, 2)
+    assert list(old.partners) == ids and old.lams.tolist() == [1.0] * n
+    plain = TS.encode(ids, 0, np.arange(n), idx.numpy(), prob.numpy())  # not mixed
+    assert plain.column_names == v1.column_names  # not mixed: no partner/lam columns
+
+
+MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "cutmix_minmax": None, "prob": 1.0,
+       "switch_prob": 0.5, "mode": "pair"}  # fmt: skip
+DATA = {"image_size": 28, "rrc_scale": (0.8, 1.0), "rrc_ratio": (0.9, 1.1), "hflip": 0.5,
+        "augment": True, "interpolation": "bicubic", "auto_augment": "rand-m9-n2",
+        "color_jitter": None, "reprob": 0.25, "remode": "pixel", "recount": 1}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "card,kw,message",
+    [
+        ({"mix": None}, {}, "'mix': this run mixes, but s was made without mixing"),
+        ({}, {"mix": None}, "'mix': this run does not mix, but s was made with mix"),
+        ({}, {"mix": {**MIX, "mode": "elem"}}, "'mix.mode': 'elem', but s was made with 'pair'"),
+        ({}, {"mix": {**MIX, "cutmix_minmax": [0.2, 0.8]}}, "'mix.cutmix_minmax': \\[0.2, 0.8\\]"),
+        ({}, {"data": {"auto_augment": None}}, "'data.auto_augment': None, but s was made with"),
+        ({}, {"data": {"reprob": 0.0}}, "'data.reprob': 0.0, but s was made with 0.25"),
+        ({}, {"data": {"interpolation": "bilinear"}}, "'data.interpolation': 'bilinear'"),
+        ({"format": "raylens.teacher_topk/0"}, {}, "format 'raylens.teacher_topk/0', expected"),
+    ],
+)
+def test_a_store_whose_mix_or_augmentation_differs_is_named(card, kw, message):
+    full = _card(mix=MIX, augmentation={k: list(v) if isinstance(v, tuple) else v
+                                        for k, v in DATA.items()})  # fmt: skip
+    args = dict(dataset_card={"fingerprint": "abc"}, data=DATA, topk=5, num_classes=10, seed=0,
+                aug_epochs=4, mix=MIX)  # fmt: skip
+    TS.check_compatible(full, **args)
+    with pytest.raises(ValueError, match=message):
+        TS.check_compatible(
+            {**full, **card}, **{**args, **kw, "data": {**DATA, **kw.get("data", {})}}
+        )
+
+
+def test_a_format_1_store_fits_a_student_with_the_augmentation_it_had():
+    v1 = _card(format="raylens.teacher_topk/1")  # no mix, none of the newer augmentation keys
+    args = dict(dataset_card={"fingerprint": "abc"}, topk=5, num_classes=10, seed=0, aug_epochs=4)
+    old = {**DATA, "rrc_scale": (0.8, 1.0), "rrc_ratio": (0.9, 1.1), "auto_augment": None,
+           "reprob": 0.0}  # fmt: skip
+    for interpolation in (None, "bilinear"):  # null resizes bilinearly, as format 1 did
+        TS.check_compatible(v1, data={**old, "interpolation": interpolation}, **args)
+    with pytest.raises(ValueError, match="'data.interpolation': 'bicubic', but s was made"):
+        TS.check_compatible(v1, data={**old, "interpolation": "bicubic"}, **args)
+    with pytest.raises(ValueError, match="'data.auto_augment': 'rand-m9-n2', but s was made"):
+        TS.check_compatible(v1, data={**old, "interpolation": None, "auto_augment": "rand-m9-n2"},
+                            **args)  # fmt: skip
+    with pytest.raises(ValueError, match="'mix': this run mixes"):
+        TS.check_compatible(v1, data={**old, "interpolation": None}, mix=MIX, **args)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_mixed_teacher_pass_replays_exactly_for_the_check_and_one_or_two_workers(
+    ray_session, teacher_run
+):
+    """Decode-time mixing end to end: the teacher pass stores targets of mixed (and
+    RandAugment-ed, erased) images, check_store re-derives them exactly, and the student's
+    decode, split over 1 or 2 consumers as Ray Train splits it, yields the very pixels,
+    partners and lambdas the teacher saw; then a 2-worker student trains on them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    from raylens.infer.teacher import check_store, teacher_pass
+    from raylens.preprocess import resolve_preprocess
+    from raylens.rundir import absolute_paths
+    from raylens.runtime.ingest import build_split
+    from raylens.train import finetune
+    from raylens.train.images import distill_setup
+
+    from tests.sourcegen import prepare_quiet
+
+    root, base, teacher = teacher_run
+    storage, store = Storage(), str(root / "store-mixed")
+    units_ds = str(root / "ds-units")  # the same images, train split in row groups of <= 16
+    prepare_quiet(storage, str(root / "raw"), units_ds, shard_rows=16)
+    mixed = [f"data.dataset={units_ds}", "mix.mixup_alpha=0.8", "mix.cutmix_alpha=1.0",
+             "mix.mode=pair", "data.auto_augment=rand-m9-n2", "data.reprob=0.25",
+             "distill.check_samples=40"]  # fmt: skip
+
+    def config(*extra):  # resolved as jobs.teacher_logits and jobs.distill resolve it
+        cfg = absolute_paths(_distill_cfg(base, teacher, store, *mixed, *extra))
+        return resolve_preprocess(cfg, storage)
+
+    cfg = config("run.name=mixed-student")
+    card = teacher_pass(cfg, storage, log=lambda m: None)
+    assert card["format"] == TS.FORMAT and card["mix"]["mode"] == "pair"
+    assert card["augmentation"]["auto_augment"] == "rand-m9-n2" and card["rows_per_epoch"] == 72
+    e1 = TS.read_epoch(storage, store, 1, 2)
+    assert (e1.lams < 1).mean() > 0.8 and (e1.partners != e1.ids).mean() > 0.8
+    report = check_store(cfg, storage, log=lambda m: None)
+    assert report["mixed"] and report["samples"] == 40 and report["seed_mismatches"] == 0
+    assert report["partner_mismatches"] == 0 and report["lam_mismatches"] == 0
+    assert report["index_mismatch_rate"] == 0.0 and report["mean_abs_prob_error"] < 1e-3
+    # what the teacher saw in epoch 1 (teacher_pass's own split), matching the store
+    seen_ds, info = build_split(cfg, "train", storage, epoch=1, mix_units=True)
+    seen = {r["id"]: r for r in seen_ds.take_all()}
+    pos = {i: n for n, i in enumerate(e1.ids)}
+    assert len(seen) == 72
+    for i, r in seen.items():
+        assert r["mix_partner"] == e1.partners[pos[i]] and r["mix_lam"] == e1.lams[pos[i]], i
+    # the student at train epoch 3 replays stored epoch 1, split over 1 or 2 consumers
+    targets, clock = distill_setup(cfg, info, storage)
+    ray.get(clock.set.remote(3))
+    student, _ = build_split(cfg, "train", storage, targets=targets)
+    for workers in (1, 2):
+        shards = student.streaming_split(workers)
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(
+                lambda it: list(it.iter_batches(batch_size=8, batch_format="numpy")), shards
+            ))  # fmt: skip
+        rows = [(b, n) for part in parts for b in part for n in range(len(b["id"]))]
+        assert sorted(b["id"][n] for b, n in rows) == sorted(seen), workers
+        for b, n in rows:
+            r = seen[b["id"][n]]
+            assert np.array_equal(b["image"][n], r["image"]), (workers, b["id"][n])
+            assert b["mix_partner"][n] == r["mix_partner"] and b["mix_lam"][n] == r["mix_lam"]
+            assert b["mix_label"][n] == r["mix_label"] and b["aug_epoch"][n] == 1
+            assert b["teacher_idx"][n].tolist() == e1.idx[pos[b["id"][n]]].tolist()
+        assert all(len(p) for p in parts) or workers == 1  # both consumers got rows
+    del clock
+    # a 2-worker student trains on the mixed store (kd_kl: CE on the mixed hard labels)
+    out = finetune(config("run.name=mixed-student", "train.epochs=1", "ray.num_workers=2",
+                          "distill.loss=kl"))  # fmt: skip
+    assert out["best"] is not None and out["test"]["count"] == 9

@@ -381,3 +381,45 @@ def test_collate_passes_the_mix_columns_through():
     out = TorchCollate(cfg.data)(batch)
     assert out["mix_partner"] == ["b", "a"] and out["mix_label"].tolist() == [1, 0]
     assert out["mix_lam"].dtype == torch.float32 and out["mix_lam"].tolist() == [0.25, 0.25]
+
+
+def test_the_student_decode_checks_stored_partners_and_lambdas(dataset, tmp_path, monkeypatch):
+    """A student's unit decode re-derives the mix and refuses a store that recorded another."""
+    import raylens.runtime.ingest as ingest
+    from raylens.data import teacher_store as TS
+    from raylens.schema import StorageConfig
+
+    storage, ds, card = dataset
+    monkeypatch.setattr(ingest, "_replay_epoch", lambda targets: 0)  # no epoch clock here
+    units = list_units(storage, ds, card["splits"]["train"]["files"])
+    batch = {"file": np.array([u.file for u in units], dtype=object),
+             "row_group": np.array([u.row_group for u in units])}  # fmt: skip
+    tf = ImageTransform(size=16, train=True, scale=(0.5, 1.0))
+    teacher = _by_id(ingest.DecodeUnits(ds, storage.cfg, tf, PAIR, seed=7, epoch=0)(batch))
+    ids = sorted(teacher)
+    n = len(ids)
+    idx = np.tile(np.arange(2), (n, 1))
+    prob = np.full((n, 2), 0.5)
+    seeds = [teacher[i]["aug_seed"] for i in ids]
+    partners = [teacher[i]["mix_partner"] for i in ids]
+    lams = np.array([teacher[i]["mix_lam"] for i in ids], np.float32)
+
+    def student(name: str, partners=partners, lams=lams, seeds=seeds):
+        store = str(tmp_path / name)
+        TS.write_epoch(storage, store, TS.encode(ids, 0, seeds, idx, prob, partners, lams))
+        targets = ingest.TeacherTargets("clock", store, StorageConfig(), 2, 7, 1)
+        return _by_id(
+            ingest.DecodeUnits(ds, storage.cfg, tf, PAIR, 7, None, targets=targets)(batch)
+        )
+
+    got = student("same")
+    assert _digest(got) == _digest(teacher) and all(r["aug_epoch"] == 0 for r in got.values())
+    assert all(r["teacher_idx"].tolist() == [0, 1] for r in got.values())
+    other = lams.copy()
+    other[3] = np.nextafter(other[3], np.float32(0))  # one lambda, one ulp off
+    with pytest.raises(RuntimeError, match="stored mix partners or lambdas differ"):
+        student("lam", lams=other)
+    with pytest.raises(RuntimeError, match="stored mix partners or lambdas differ"):
+        student("partner", partners=partners[1:] + partners[:1])
+    with pytest.raises(RuntimeError, match="stored augmentation seeds differ"):
+        student("seed", seeds=[s + 1 for s in seeds])

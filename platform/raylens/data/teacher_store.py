@@ -16,8 +16,9 @@ epoch: nothing depends on the world size that wrote it.
 Format 2 (``raylens.teacher_topk/2``) adds the decode-time mix of each sample
 (:mod:`raylens.data.mix`): ``partner`` (string: the id mixed into it, null when unmixed)
 and ``lam`` (float32: the weight of its own image, 1 when unmixed); the targets are the
-teacher's on the mixed image. Unmixed they cost almost nothing (nulls and a constant).
-Stores of format 1 are still read (as unmixed). The card records the ``mix.*`` settings.
+teacher's on the mixed image. A store made without mixing has neither column (it is a
+format-1 table), and stores of format 1 are still read, as unmixed. The card records the
+``mix.*`` settings (null: not mixed).
 """
 
 from __future__ import annotations
@@ -45,33 +46,36 @@ def epoch_file(store: str, epoch: int) -> str:
 
 
 def encode(ids: list[str], epoch: int, seeds, idx, prob, partners=None, lams=None) -> pa.Table:
-    """A store table from ``idx`` int [n, k] and ``prob`` float [n, k]; ``partners`` (ids,
-    the own id or None when unmixed) and ``lams`` float [n] when the samples were mixed."""
+    """A store table from ``idx`` int [n, k] and ``prob`` float [n, k]; with ``partners``
+    (ids; the own id or None when unmixed) and ``lams`` float [n] when the samples were
+    mixed (else the table has no ``partner``/``lam`` columns)."""
     idx = np.ascontiguousarray(np.asarray(idx, dtype=np.uint16))
     prob = np.ascontiguousarray(np.asarray(prob, dtype=np.float16))
     n, k = idx.shape
     width = 2 * k
-    if partners is None:
-        partners = [None] * n
-    partners = [
-        None if p is None or str(p) == i else str(p) for i, p in zip(ids, partners, strict=True)
-    ]
-    lams = np.ones(n, dtype=np.float32) if lams is None else np.asarray(lams, dtype=np.float32)
-    return pa.table(
-        {
-            "id": pa.array(ids, pa.string()),
-            "epoch": pa.array(np.full(n, epoch, dtype=np.int16)),
-            "seed": pa.array(np.asarray(seeds, dtype=np.uint32)),
-            "idx": pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(width), n, [None, pa.py_buffer(idx.tobytes())]
-            ),
-            "prob": pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(width), n, [None, pa.py_buffer(prob.tobytes())]
-            ),
-            "partner": pa.array(partners, pa.string()),
-            "lam": pa.array(lams),
-        }
-    )
+    columns = {
+        "id": pa.array(ids, pa.string()),
+        "epoch": pa.array(np.full(n, epoch, dtype=np.int16)),
+        "seed": pa.array(np.asarray(seeds, dtype=np.uint32)),
+        "idx": pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(width), n, [None, pa.py_buffer(idx.tobytes())]
+        ),
+        "prob": pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(width), n, [None, pa.py_buffer(prob.tobytes())]
+        ),
+    }
+    if partners is not None or lams is not None:
+        if partners is None or lams is None:
+            raise ValueError("a mixed store needs both partners and lams")
+        columns["partner"] = pa.array(
+            [
+                None if p is None or str(p) == i else str(p)
+                for i, p in zip(ids, partners, strict=True)
+            ],
+            pa.string(),
+        )
+        columns["lam"] = pa.array(np.asarray(lams, dtype=np.float32))
+    return pa.table(columns)
 
 
 def _fixed(col: pa.ChunkedArray, dtype, k: int) -> np.ndarray:

@@ -116,14 +116,17 @@ def teacher_pass(cfg: RunConfig, storage: Storage, log=print) -> dict[str, Any]:
             for key in parts:
                 parts[key].append(batch[key])
         ids = [str(i) for i in np.concatenate(parts["id"])]
+        mixing = {}
+        if mix:  # whom each image was mixed with, and the weight of its own
+            partners = [str(p) for p in np.concatenate(parts["partner"])]
+            mixing = {"partners": partners, "lams": np.concatenate(parts["lam"])}
         table = TS.encode(
             ids,
             epoch,
             np.concatenate(parts["seed"]),
             np.concatenate(parts["idx"]),
             np.concatenate(parts["prob"]),
-            [str(p) for p in np.concatenate(parts["partner"])],
-            np.concatenate(parts["lam"]),
+            **mixing,
         )
         total_bytes += TS.write_epoch(storage, d.store, table)
         rows += len(ids)
