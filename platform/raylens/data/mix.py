@@ -220,6 +220,9 @@ def apply_plan(
     ``rint(lam * own + (1 - lam) * partner)`` in float32 (timm's ``FastCollateMixup``
     rounding), so it is bit-for-bit the same on every machine. A row whose partner is
     absent, or whose lambda came out 1, stays unmixed: partner itself, lam 1.
+
+    Own code rather than timm's ``Mixup.__call__``: that mixes a full float batch in place
+    and has no notion of a row that failed to decode; the draws it would make are the plan's.
     """
     n = len(plan.order)
     rows = np.arange(n)
