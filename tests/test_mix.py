@@ -229,7 +229,7 @@ def dataset(tmp_path_factory):
     return storage, str(root / "ds"), card
 
 
-TRANSFORM = dict(size=16, train=True, scale=(0.5, 1.0), auto_augment="rand-m9-n2",
+TRANSFORM = dict(size=16, train=True, scale=(0.5, 1.0), auto_augment="rand-m9-mstd0.5-inc1",
                  reprob=0.25, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))  # fmt: skip
 PAIR = MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0, mode="pair")
 
