@@ -17,7 +17,13 @@ from tests.modelgen import tiny_hf
 from tests.sourcegen import prepare_quiet, write_folder
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
-GPU = ["tiny_vit_5m_224", "dinov3_multilabel_focal", "clip_linear_probe", "distill_tiny_vit_5m"]
+GPU = [
+    "tiny_vit_5m_224",
+    "dinov3_multilabel_focal",
+    "clip_linear_probe",
+    "clip_finetune",
+    "distill_tiny_vit_5m",
+]
 
 
 def test_the_shipped_configs_are_all_here():
