@@ -37,6 +37,7 @@ from raylens.data.transforms import (
     decode_and_transform,
     sample_seed,
 )
+from raylens.preprocess import require_preprocess
 from raylens.schema import RunConfig, StorageConfig
 from raylens.storage import Storage, join
 from raylens.tasks.distill import TeacherInput, load_teacher, topk_sparse
@@ -81,6 +82,7 @@ def teacher_pass(cfg: RunConfig, storage: Storage, log=print) -> dict[str, Any]:
     if dataset_card is None:
         raise FileNotFoundError(f"data.dataset {cfg.data.dataset!r} is not a prepared dataset")
     _, teacher_cfg, teacher_classes = load_teacher(d.teacher, storage)  # fail before Ray work
+    require_preprocess(teacher_cfg.data, what=f"teacher run {d.teacher!r}")
     if teacher_classes != dataset_card["classes"]:
         raise ValueError(
             f"teacher {d.teacher!r} was trained on classes {teacher_classes[:5]}..., "
