@@ -197,6 +197,7 @@ def check_store(cfg: RunConfig, storage: Storage, log=print) -> dict[str, Any]:
     if card.get("mix") is not None or cfg.mix.enabled:
         TS.check_mix(card, mix_settings(cfg.mix))
     model, teacher_cfg, _ = load_teacher(d.teacher or card["teacher"], storage)
+    require_preprocess(teacher_cfg.data, what=f"teacher run {d.teacher or card['teacher']!r}")
     to_input = TeacherInput(teacher_cfg)
     transform = ImageTransform.from_config(cfg.data, train=True)
     stats = {"mismatched": 0, "compared": 0, "abs_err": 0.0, "seeds": 0, "partners": 0, "lams": 0}
