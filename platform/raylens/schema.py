@@ -293,10 +293,14 @@ class ModelConfig:
     )
     channels_last: bool = opt(True, "channels_last memory format (faster convolutions).")
     drop_path_rate: float = opt(
-        0.0, "Stochastic depth (drop path) rate: timm models, and HF backbones that have one."
+        0.0,
+        "Stochastic depth (drop path) rate, the last block's (timm ramps it over the blocks): "
+        "timm models and HF models whose config has drop_path_rate; others refuse > 0.",
     )
     grad_checkpointing: bool = opt(
-        False, "Activation (gradient) checkpointing in the backbone: less memory, more compute."
+        False,
+        "Activation (gradient) checkpointing in the backbone: less memory, more compute; "
+        "timm models and HF models that support it, others refuse it.",
     )
 
 
