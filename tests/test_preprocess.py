@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import yaml
 from PIL import Image
 from raylens import config as C
 from raylens.checkpoint import load_checkpoint
@@ -155,6 +156,24 @@ def test_a_run_recorded_before_interpolation_existed_loads_bilinear():
     old = DataConfig(image_size=16, eval_crop_pct=0.875, mean=(0.5,) * 3, std=(0.2,) * 3)
     assert old.interpolation is None
     assert require_preprocess(old, what="run").interpolation == "bilinear"
+
+
+def test_resuming_a_run_recorded_before_interpolation_keeps_its_bilinear(tmp_path):
+    from raylens.rundir import RunDir
+
+    storage = Storage()
+    cfg = cfg_of("run.name=old", f"run.output_dir={tmp_path}", "model.backbone=resnet10t")
+    old = C.to_dict(cfg)  # as saved before: ImageNet stats, 0.875, no interpolation key
+    old["data"].update(mean=list(IMAGENET[0]), std=list(IMAGENET[1]), eval_crop_pct=0.875)
+    del old["data"]["interpolation"]
+    run = RunDir.of(cfg, storage)
+    storage.write_text(run.path("config.yaml"), yaml.safe_dump(old))
+    storage.write_text(run.path("metrics.jsonl"), '{"epoch": 1}\n')  # it has trained
+    resolved = resolve_preprocess(cfg)  # test_vit: bicubic, crop 0.9
+    with pytest.raises(ConfigError, match=r"data.interpolation: 'bilinear' -> 'bicubic'"):
+        run.write_config(resolved)
+    as_trained = C.apply_overrides(cfg, ["data.interpolation=bilinear", "data.eval_crop_pct=0.875"])
+    run.write_config(resolve_preprocess(as_trained))  # the same training: it resumes
 
 
 def test_a_bare_backbone_serves_with_its_own_preprocessing(hf):

@@ -19,11 +19,10 @@ import dataclasses
 
 from raylens.config import ConfigError
 from raylens.models.backbones import Preprocess, backbone_preprocess
+from raylens.rundir import LEGACY_INTERPOLATION
 from raylens.schema import DataConfig, RunConfig
 
 KEYS = ("mean", "std", "eval_crop_pct", "interpolation")
-# Runs recorded before data.interpolation existed were trained and evaluated with bilinear.
-LEGACY_INTERPOLATION = "bilinear"
 
 
 def is_resolved(data: DataConfig) -> bool:

@@ -52,6 +52,9 @@ KINDS = (CLASSIFY, MULTILABEL, METRIC)
 # labels.json written before the kind vocabulary was unified stored the dataset's label type
 _LEGACY_KINDS = {"single_label": CLASSIFY, "multi_label": MULTILABEL, "metric": METRIC}
 
+# How runs recorded before data.interpolation existed resized images (train crops and eval).
+LEGACY_INTERPOLATION = "bilinear"
+
 # Keys a resumed run may change: where and how it runs, and how long (more epochs extend
 # it: the cosine is recomputed over the new total at the resumed step), not what it trains.
 RESUME_MAY_CHANGE = (
@@ -152,6 +155,9 @@ class RunDir:
         path = self.path(CONFIG)
         if self.storage.exists(self.path(METRICS)) and self.storage.exists(path):
             old = yaml.safe_load(self.storage.read_text(path)) or {}
+            if isinstance(old.get("data"), dict) and cfg.data.interpolation is not None:
+                # a key missing from an old config is no difference, but this one had a value
+                old["data"].setdefault("interpolation", LEGACY_INTERPOLATION)
             diff = C.changed_keys(old, C.to_dict(cfg), ignore=RESUME_MAY_CHANGE)
             if diff:
                 keys = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
