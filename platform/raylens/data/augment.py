@@ -57,9 +57,9 @@ def check_auto_augment(spec: str) -> str:
         (AutoAugment).
 
     Raises:
-        ConfigError: (a ``ValueError``) naming ``data.auto_augment`` and the accepted forms. timm itself skips
-        sections it cannot parse (``'rand-foo'`` would silently be plain RandAugment), so
-        this check is stricter than timm.
+        ConfigError: (a ``ValueError``) naming ``data.auto_augment`` and the accepted
+            forms. timm itself skips sections it cannot parse (``'rand-foo'`` would silently
+            be plain RandAugment), so this check is stricter than timm.
     """
     parts = spec.split("-") if isinstance(spec, str) else [None]
     head, rest = parts[0], parts[1:]
