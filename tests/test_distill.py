@@ -266,7 +266,8 @@ MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "cutmix_minmax": None, "prob": 1
        "switch_prob": 0.5, "mode": "pair"}  # fmt: skip
 DATA = {"image_size": 28, "rrc_scale": (0.8, 1.0), "rrc_ratio": (0.9, 1.1), "hflip": 0.5,
         "augment": True, "interpolation": "bicubic", "auto_augment": "rand-m9-n2",
-        "color_jitter": None, "reprob": 0.25, "remode": "pixel", "recount": 1}  # fmt: skip
+        "color_jitter": None, "reprob": 0.25, "remode": "pixel", "recount": 1,
+        "mean": (0.286,) * 3, "std": (0.353,) * 3}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -279,6 +280,8 @@ DATA = {"image_size": 28, "rrc_scale": (0.8, 1.0), "rrc_ratio": (0.9, 1.1), "hfl
         ({}, {"data": {"auto_augment": None}}, "'data.auto_augment': None, but s was made with"),
         ({}, {"data": {"reprob": 0.0}}, "'data.reprob': 0.0, but s was made with 0.25"),
         ({}, {"data": {"interpolation": "bilinear"}}, "'data.interpolation': 'bilinear'"),
+        # RandAugment's fill colour and erasing's fills depend on the statistics
+        ({}, {"data": {"mean": (0.5,) * 3}}, "'data.mean': \\(0.5, 0.5, 0.5\\), but s was made"),
         ({"format": "raylens.teacher_topk/0"}, {}, "format 'raylens.teacher_topk/0', expected"),
     ],
 )
@@ -301,6 +304,8 @@ def test_a_format_1_store_fits_a_student_with_the_augmentation_it_had():
            "reprob": 0.0}  # fmt: skip
     for interpolation in (None, "bilinear"):  # null resizes bilinearly, as format 1 did
         TS.check_compatible(v1, data={**old, "interpolation": interpolation}, **args)
+    # without RandAugment or erasing the statistics shape no pixels: not compared
+    TS.check_compatible(v1, data={**old, "interpolation": None, "mean": (0.5,) * 3}, **args)
     with pytest.raises(ValueError, match="'data.interpolation': 'bicubic', but s was made"):
         TS.check_compatible(v1, data={**old, "interpolation": "bicubic"}, **args)
     with pytest.raises(ValueError, match="'data.auto_augment': 'rand-m9-n2', but s was made"):

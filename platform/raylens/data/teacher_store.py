@@ -184,7 +184,12 @@ AUG_KEYS = (
     "reprob",
     "remode",
     "recount",
+    "mean",
+    "std",
 )
+# mean/std shape pixels only through RandAugment's fill colour and random erasing's fills
+# (ImageTransform normalizes with them there); elsewhere normalization is the consumer's.
+_PIXEL_STATS = ("mean", "std")
 # What a format-1 store (made before these keys existed) did: bilinear, no extra ops.
 _AUG_BEFORE_KEYS = {
     "interpolation": "bilinear",
@@ -249,8 +254,11 @@ def check_compatible(
     augmentation = card["augmentation"]
     if card["format"] != FORMAT:
         augmentation = {**_AUG_BEFORE_KEYS, **augmentation}
+    uses_stats = bool(augmentation.get("auto_augment")) or (augmentation.get("reprob") or 0) > 0
     for key in AUG_KEYS:
         stored, mine = augmentation.get(key), data.get(key)
+        if key in _PIXEL_STATS and not uses_stats:
+            continue
         if not _same_augmentation(key, mine, stored):
             raise ValueError(
                 f"config key 'data.{key}': {mine!r}, but {store} was made with {stored!r} "
