@@ -17,7 +17,7 @@ from raylens.cli import init_ray, run_job
 from raylens.schema import RunConfig
 
 PROG = "python -m jobs.finetune"
-SECTIONS = ["run", "storage", "data", "model", "task", "train", "metric", "distill", "ray"]
+SECTIONS = ["run", "storage", "data", "mix", "model", "task", "train", "metric", "distill", "ray"]
 
 
 def main(argv: list[str] | None = None) -> dict:

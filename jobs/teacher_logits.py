@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
         argv,
         prog=PROG,
         description=__doc__,
-        sections=["run", "storage", "data", "distill", "ray"],
+        sections=["run", "storage", "data", "mix", "distill", "ray"],
         add_arguments=lambda p: p.add_argument(
             "--check", action="store_true", help="replay stored samples and compare"
         ),

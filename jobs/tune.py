@@ -22,7 +22,19 @@ from raylens.schema import RunConfig
 from raylens.storage import Storage
 
 PROG = "python -m jobs.tune"
-SECTIONS = ["run", "storage", "data", "model", "task", "train", "metric", "distill", "ray", "tune"]
+SECTIONS = [
+    "run",
+    "storage",
+    "data",
+    "mix",
+    "model",
+    "task",
+    "train",
+    "metric",
+    "distill",
+    "ray",
+    "tune",
+]
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:

@@ -33,25 +33,16 @@ COMMAND = f"python -m raylens.reference --write {DEFAULT_PATH}"
 
 # The sections each job's ``--help`` lists (the ``sections`` each job passes to
 # raylens.cli.run_job; tests/test_reference.py checks them against the jobs).
-_TRAIN_SECTIONS = ("run", "storage", "data", "model", "task", "train", "metric", "distill", "ray")
+_TRAIN_SECTIONS = (
+    "run", "storage", "data", "mix", "model", "task", "train", "metric", "distill", "ray"
+)  # fmt: skip
 JOB_SECTIONS: dict[str, tuple[str, ...]] = {
     "jobs.prepare": ("run", "storage", "source", "prepare"),
     "jobs.finetune": _TRAIN_SECTIONS,
     "jobs.distill": _TRAIN_SECTIONS,  # an alias of jobs.finetune with task.name=distill
-    "jobs.teacher_logits": ("run", "storage", "data", "distill", "ray"),
+    "jobs.teacher_logits": ("run", "storage", "data", "mix", "distill", "ray"),
     "jobs.embed": ("run", "storage", "data", "model", "embed", "ray"),
-    "jobs.tune": (
-        "run",
-        "storage",
-        "data",
-        "model",
-        "task",
-        "train",
-        "metric",
-        "distill",
-        "ray",
-        "tune",
-    ),
+    "jobs.tune": (*_TRAIN_SECTIONS, "tune"),
     "jobs.export": ("storage", "export"),
 }
 
