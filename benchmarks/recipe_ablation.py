@@ -45,6 +45,7 @@ VARIANTS: dict[str, list[str]] = {
     "trivialaugment": [*PLAIN, "data.auto_augment=trivialaugment"],
     "mixup_cutmix": [*PLAIN, "mix.mixup_alpha=0.8", "mix.cutmix_alpha=1.0"],
     "ema": [*PLAIN, "train.ema_decay=0.999", "train.ema_warmup=true"],
+    "compile": [*PLAIN, "train.compile=true"],  # speed, not accuracy
     "shipped": [],
 }
 

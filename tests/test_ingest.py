@@ -32,6 +32,8 @@ def _cfg(dataset: str, *extra: str) -> RunConfig:
             f"data.dataset={dataset}",
             "data.image_size=16",
             "data.eval_crop_pct=1.0",
+            "data.mean=[0.485, 0.456, 0.406]",
+            "data.std=[0.229, 0.224, 0.225]",
             "data.batch_size=8",
             "data.decode_batch_size=16",
             *extra,

@@ -363,7 +363,12 @@ def test_data_classes_selects_a_class_subset_relabelled(ray_session, dataset):
     cfg = C.load(
         RunConfig,
         None,
-        [f"data.dataset={dataset / 'ds'}", "data.image_size=16", "data.classes=[green, red]"],
+        [
+            f"data.dataset={dataset / 'ds'}",
+            "data.image_size=16",
+            "data.eval_crop_pct=1.0",
+            "data.classes=[green, red]",
+        ],
     )
     ds, info = build_split(cfg, "train", Storage(), train=False)
     assert info.classes == ["green", "red"] and info.num_rows["train"] == 24

@@ -28,6 +28,7 @@ import ray
 from ray.data import RandomSeedConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from raylens.config import ConfigError
 from raylens.data.mix import Unit, decode_time_mixing, decode_unit, list_units, read_unit
 from raylens.data.prepare import CARD
 from raylens.data.sources import SPLITS, label_space, open_source
@@ -570,6 +571,12 @@ class TorchCollate(NumpyBatchCollateFn):
 
     def __init__(self, data: DataConfig, device: str | None = None):
         super().__init__()
+        for key in ("mean", "std"):
+            if getattr(data, key) is None:
+                raise ConfigError(
+                    f"config key 'data.{key}' is null: resolve preprocessing from the backbone "
+                    "first (raylens.preprocess.resolve_preprocess), or set it"
+                )
         self.mean, self.std, self.device = tuple(data.mean), tuple(data.std), device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
