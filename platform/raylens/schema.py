@@ -13,6 +13,49 @@ from typing import Literal
 
 from raylens.config import ConfigError, opt
 
+# The data.auto_augment vocabulary (built by raylens.data.augment): checked here, at config
+# load, without importing timm.
+AUTO_AUGMENT_FORMS = (
+    "'rand-<sections>' (timm RandAugment, sections m<int>, n<int>, p<float>, mstd<float>, "
+    "mmax<int>, inc<0|1>, t<weights|3a|3aw>; e.g. 'rand-m9-mstd0.5-inc1'), 'trivialaugment' "
+    "or 'ta_wide' (torchvision TrivialAugmentWide), 'original', 'originalr', 'v0' or 'v0r' "
+    "(timm AutoAugment policy, optionally '-mstd<float>', e.g. 'original-mstd0.5')"
+)
+TRIVIAL_AUGMENT = ("trivialaugment", "ta_wide")
+AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r")
+
+_NUMBER = r"\d+(\.\d*)?"
+_RAND_SECTION = re.compile(
+    rf"(m\d+|n\d+|p{_NUMBER}|mstd{_NUMBER}|mmax\d+|inc[01]|t(weights|3a|3aw))"
+)
+_MSTD = re.compile(rf"mstd{_NUMBER}")
+
+
+def check_auto_augment(spec: str) -> str:
+    """Checks a timm-style auto-augment string without building it.
+
+    Returns:
+        Its kind: ``"rand"`` (RandAugment), ``"trivial"`` (TrivialAugmentWide) or ``"auto"``
+        (AutoAugment).
+
+    Raises:
+        ConfigError: (a ``ValueError``) naming ``data.auto_augment`` and the accepted
+            forms. timm itself skips sections it cannot parse (``'rand-foo'`` would silently
+            be plain RandAugment), so this check is stricter than timm.
+    """
+    parts = spec.split("-") if isinstance(spec, str) else [None]
+    head, rest = parts[0], parts[1:]
+    if head == "rand" and all(_RAND_SECTION.fullmatch(s) for s in rest):
+        return "rand"
+    if spec in TRIVIAL_AUGMENT:
+        return "trivial"
+    if head in AUTO_AUGMENT_POLICIES and all(_MSTD.fullmatch(s) for s in rest) and len(rest) <= 1:
+        return "auto"
+    raise ConfigError(
+        f"config key 'data.auto_augment': expected {AUTO_AUGMENT_FORMS}, got {spec!r}"
+    )
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -272,8 +315,6 @@ class DataConfig:
         if self.recount < 1:
             raise ConfigError(f"config key 'data.recount': expected >= 1, got {self.recount}")
         if self.auto_augment is not None:
-            from raylens.data.augment import check_auto_augment  # a string check, no timm
-
             check_auto_augment(self.auto_augment)
 
 

@@ -9,8 +9,9 @@ seed give the same pixels in any process, and nothing else in the process sees i
 move. Each op draws from its own sub-seed (:func:`sub_seeds`), so adding or removing one op
 leaves the others' draws unchanged.
 
-Only ``numpy`` and ``PIL`` are imported at module level: :func:`check_auto_augment` is a
-string check the config layer can call without importing timm or torch.
+Only ``numpy`` and ``PIL`` are imported at module level. The accepted ``data.auto_augment``
+strings are the schema's (:func:`raylens.schema.check_auto_augment`, checked at config load
+without importing timm).
 """
 
 from __future__ import annotations
@@ -18,60 +19,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import random
-import re
 import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from raylens.config import ConfigError
+from raylens.schema import check_auto_augment
 
 INTERPOLATIONS = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "nearest": Image.Resampling.NEAREST,
 }
-
-AUTO_AUGMENT_FORMS = (
-    "'rand-<sections>' (timm RandAugment, sections m<int>, n<int>, p<float>, mstd<float>, "
-    "mmax<int>, inc<0|1>, t<weights|3a|3aw>; e.g. 'rand-m9-mstd0.5-inc1'), 'trivialaugment' "
-    "or 'ta_wide' (torchvision TrivialAugmentWide), 'original', 'originalr', 'v0' or 'v0r' "
-    "(timm AutoAugment policy, optionally '-mstd<float>', e.g. 'original-mstd0.5')"
-)
-TRIVIAL_AUGMENT = ("trivialaugment", "ta_wide")
-AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r")
-
-_NUMBER = r"\d+(\.\d*)?"
-_RAND_SECTION = re.compile(
-    rf"(m\d+|n\d+|p{_NUMBER}|mstd{_NUMBER}|mmax\d+|inc[01]|t(weights|3a|3aw))"
-)
-_MSTD = re.compile(rf"mstd{_NUMBER}")
-
-
-def check_auto_augment(spec: str) -> str:
-    """Checks a timm-style auto-augment string without building it.
-
-    Returns:
-        Its kind: ``"rand"`` (RandAugment), ``"trivial"`` (TrivialAugmentWide) or ``"auto"``
-        (AutoAugment).
-
-    Raises:
-        ConfigError: (a ``ValueError``) naming ``data.auto_augment`` and the accepted
-            forms. timm itself skips sections it cannot parse (``'rand-foo'`` would silently
-            be plain RandAugment), so this check is stricter than timm.
-    """
-    parts = spec.split("-") if isinstance(spec, str) else [None]
-    head, rest = parts[0], parts[1:]
-    if head == "rand" and all(_RAND_SECTION.fullmatch(s) for s in rest):
-        return "rand"
-    if spec in TRIVIAL_AUGMENT:
-        return "trivial"
-    if head in AUTO_AUGMENT_POLICIES and all(_MSTD.fullmatch(s) for s in rest) and len(rest) <= 1:
-        return "auto"
-    raise ConfigError(
-        f"config key 'data.auto_augment': expected {AUTO_AUGMENT_FORMS}, got {spec!r}"
-    )
 
 
 def auto_augment(
