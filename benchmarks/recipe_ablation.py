@@ -77,7 +77,7 @@ def train(name: str, overrides: list[str], seed: int, epochs: int, out: str) -> 
         best = json.load(f)
     with open(os.path.join(run_dir, "ablation_timing.json")) as f:
         timing = json.load(f)
-    return {"test_top1": test["top1"], "val_top1": best.get("val/top1"), **timing}
+    return {"test_top1": test["top1"], "val_top1": best["metrics"]["val/top1"], **timing}
 
 
 def main() -> None:
