@@ -25,7 +25,7 @@ import yaml
 from raylens.data import fashion_mnist
 from raylens.data.images import encode_png
 from raylens.schema import SourceConfig
-from raylens.storage import FileEntry, Storage, join, parent, split_uri
+from raylens.storage import FileEntry, Storage, is_uri, join, parent, split_uri
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {
@@ -214,12 +214,21 @@ class ManifestSource(Source):
         raise ValueError(f"manifest {self.uri!r}: expected a .csv, .tsv or .parquet file")
 
     def _resolve_path(self, path: str) -> str:
-        if "://" in path:
+        """A manifest's path as a URI or an absolute local path: a URI as written, an
+        absolute path as it is, anything else relative to the manifest's folder, with
+        ``.`` and ``..`` resolved (on object stores too: a key is read as written, so
+        ``./img/a.png`` would name no object). Nothing is URL-decoded: ``#``, ``?``, ``%``,
+        ``+`` and spaces are characters of the file name or key."""
+        if is_uri(path):
             return path
         if os.path.isabs(path):
             return os.path.normpath(path)
         resolved = join(parent(self.uri), path)
-        return resolved if "://" in resolved else os.path.normpath(resolved)
+        if not is_uri(resolved):
+            return os.path.normpath(resolved)
+        scheme, rest = resolved.split("://", 1)
+        bucket, _, key = rest.partition("/")
+        return f"{scheme}://{bucket}/{posixpath.normpath(key)}"
 
     def _where(self, i: int) -> tuple[str, int]:
         """Where data row ``i`` (0-based) is in the manifest file: ``("line", n)`` for CSV/TSV,
