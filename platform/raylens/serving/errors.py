@@ -74,6 +74,10 @@ _PATH = re.compile(
 )
 
 
+# A parser's position in a file the client never sees (safetensors: "at line 1 column 0").
+_POSITION = re.compile(r",? at line \d+,? column \d+")
+
+
 def _last_part(m: re.Match) -> str:
     parts = [p for p in m.group(0).split("/") if p and not p.endswith(":")]
     return parts[-1] if parts else "..."
@@ -82,13 +86,13 @@ def _last_part(m: re.Match) -> str:
 def one_line(text: str, limit: int = MAX_DETAIL) -> str:
     """A server-side message as an error body's ``detail``: one line (the last line of a
     traceback, which holds the exception's message), every URI or path in it reduced to
-    its last part (``s3://b/runs/fm/checkpoints/epoch=3`` -> ``epoch=3``), at most
-    ``limit`` characters. A client never learns the server's layout from it."""
+    its last part (``s3://b/runs/fm/checkpoints/epoch=3`` -> ``epoch=3``), no parser
+    positions in the server's files, at most ``limit`` characters. A client never learns the server's layout from it."""
     lines = [x.strip() for x in str(text).strip().splitlines() if x.strip()]
     if _TRACEBACK.search(str(text)) and lines:
         lines = lines[-1:]
     line = " ".join(" ".join(lines).split())
-    line = _PATH.sub(_last_part, line)
+    line = _POSITION.sub("", _PATH.sub(_last_part, line))
     return line if len(line) <= limit else line[: limit - 3].rstrip() + "..."
 
 
