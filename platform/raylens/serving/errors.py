@@ -72,8 +72,6 @@ _PATH = re.compile(
     r"(?:\b[A-Za-z][A-Za-z0-9+.-]*://|~|\.{1,2}(?=/))?"  # scheme://, ~, . or ..
     r"/?(?:[^\s'\"`/,;()\[\]{}<>|]+/+)+[^\s'\"`/,;()\[\]{}<>|]*"
 )
-
-
 # A parser's position in a file the client never sees (safetensors: "at line 1 column 0").
 _POSITION = re.compile(r",? at line \d+,? column \d+")
 
@@ -87,7 +85,8 @@ def one_line(text: str, limit: int = MAX_DETAIL) -> str:
     """A server-side message as an error body's ``detail``: one line (the last line of a
     traceback, which holds the exception's message), every URI or path in it reduced to
     its last part (``s3://b/runs/fm/checkpoints/epoch=3`` -> ``epoch=3``), no parser
-    positions in the server's files, at most ``limit`` characters. A client never learns the server's layout from it."""
+    positions in the server's files, at most ``limit`` characters. A client never learns
+    the server's layout from it. (Ray and the standard library have no such scrubber.)"""
     lines = [x.strip() for x in str(text).strip().splitlines() if x.strip()]
     if _TRACEBACK.search(str(text)) and lines:
         lines = lines[-1:]
