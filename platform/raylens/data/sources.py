@@ -2,8 +2,10 @@
 
 A source lists :class:`Record` s cheaply (no image bytes read, except IDX where the
 pixels live inside the IDX file); :mod:`raylens.data.prepare` reads, validates and shards
-them. Records that cannot be used before reading (no label, unknown class id) land in
-``source.rejected`` with their reason; tiles without labels are counted in ``skipped``.
+them. Records that cannot be used before reading (no label, unknown class id, manifest
+rows repeating an id with other values) land in ``source.rejected`` with their reason;
+tiles without labels and exact repeats of a manifest row are counted in ``skipped``, the
+repeats also listed in ``duplicates``.
 """
 
 from __future__ import annotations
