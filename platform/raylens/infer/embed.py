@@ -51,6 +51,7 @@ from raylens.data.sources import SPLITS, label_space, open_source
 from raylens.data.transforms import ImageTransform, decode_and_transform
 from raylens.predict import ModelSource, Predictor, resolve_model
 from raylens.rundir import RunDir, local_path
+from raylens.runtime.ingest import EXACT_FILES
 from raylens.schema import EmbedConfig, RunConfig, SourceConfig, StorageConfig
 from raylens.storage import Storage, join, split_uri
 
@@ -304,7 +305,9 @@ def build_dataset(plan: EmbedPlan, storage: Storage) -> ray.data.Dataset:
         ctx = ray.data.DataContext.get_current()
         use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
         try:
-            ds = ray.data.read_parquet([split_uri(f)[1] for f in plan.shards], filesystem=fs)
+            ds = ray.data.read_parquet(
+                [split_uri(f)[1] for f in plan.shards], filesystem=fs, **EXACT_FILES
+            )
         finally:
             ctx.use_datasource_v2 = use_v2
     else:

@@ -49,6 +49,11 @@ from raylens.schema import (
 from raylens.storage import Storage, join, split_uri
 
 FAILURES_ACTOR = "raylens_ingest_failures"
+# read_parquet of the exact files a card lists, whatever their keys hold. Ray Data's
+# defaults would drop a file whose key has '?' before its suffix (its extension filter
+# cuts paths at '?': "list index out of range") and add a column per 'k=v' folder of the
+# path (hive partitioning); prepared datasets are neither filtered nor partitioned.
+EXACT_FILES: dict[str, Any] = {"file_extensions": None, "partitioning": None}
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,10 @@ def read_prepared(
     use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
         ds = ray.data.read_parquet(
-            [split_uri(f)[1] for f in files], filesystem=fs, columns=["id", "image", label_col]
+            [split_uri(f)[1] for f in files],
+            filesystem=fs,
+            columns=["id", "image", label_col],
+            **EXACT_FILES,
         )
     finally:
         ctx.use_datasource_v2 = use_v2
