@@ -31,7 +31,7 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,10 +40,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from raylens.data import fashion_mnist
 from raylens.data.clutter import build_clutter, compose_clutter
 from raylens.data.images import ImageRejected, inspect_image
 from raylens.data.mosaic import build_mosaics, compose
-from raylens.data.sources import SPLITS, Record, Source, label_space, open_source
+from raylens.data.sources import (
+    SPLITS,
+    FolderSource,
+    IdxSource,
+    ManifestSource,
+    Record,
+    Source,
+    label_space,
+    open_source,
+)
 from raylens.schema import PrepareConfig, SourceConfig
 from raylens.storage import Storage, join
 
@@ -367,11 +377,144 @@ def _order_key(seed: int, rid: str) -> bytes:
     return hashlib.blake2b(f"{seed}:{rid}".encode(), digest_size=8).digest()
 
 
-def load_card(storage: Storage, output: str) -> dict[str, Any] | None:
+# What every reader of a card relies on (DatasetInfo, the Parquet readers, embed, teacher).
+CARD_KEYS = ("format", "classes", "task", "splits", "fingerprint")
+TASKS = ("single_label", "multi_label")
+
+
+def load_card(storage: Storage, output: str, *, strict: bool = True) -> dict[str, Any] | None:
+    """The card (``dataset.json``) of the prepared dataset at ``output``; None when there
+    is none (not prepared, or an unfinished prepare: the card is written last).
+
+    Raises:
+        ValueError: (``strict``) the file is there but is not a card: empty, not JSON, or
+            lacking what readers need; the message names the file and what is wrong.
+            Without ``strict`` such a card reads as None (prepare then rewrites it).
+    """
     uri = join(output, CARD)
     if not storage.exists(uri):
         return None
-    return json.loads(storage.read_text(uri))
+    try:
+        return check_card(storage.read_bytes(uri), uri)
+    except ValueError:
+        if strict:
+            raise
+        return None
+
+
+def check_card(data: bytes, uri: str) -> dict[str, Any]:
+    """The card parsed from ``data`` (the bytes of ``uri``), checked for what its readers use.
+
+    Raises:
+        ValueError: naming ``uri`` and what is wrong (no decoder internals), then the way
+            out.
+    """
+    fix = "re-run jobs.prepare (it rewrites a damaged card)"
+    if not data.strip():
+        raise ValueError(f"dataset card {uri!r} is empty; {fix}")
+    try:
+        card = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"dataset card {uri!r} is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as err:
+        where = f"line {err.lineno}, column {err.colno}"
+        raise ValueError(f"dataset card {uri!r} is not valid JSON (at {where}); {fix}") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"dataset card {uri!r} is not a JSON object; {fix}")
+    problems = [f"no {k!r}" for k in CARD_KEYS if k not in card]
+    if not problems:
+        if card["format"] != FORMAT:
+            problems.append(f"format {card['format']!r}, expected {FORMAT!r}")
+        if not isinstance(card["classes"], list):
+            problems.append("'classes' is not a list")
+        if card["task"] not in TASKS:
+            problems.append(f"'task' is {card['task']!r}, expected one of {list(TASKS)}")
+        splits = card["splits"] if isinstance(card["splits"], dict) else {}
+        for split in SPLITS:
+            entry = splits.get(split)
+            if not isinstance(entry, dict):
+                problems.append(f"no split {split!r}")
+            elif not isinstance(entry.get("count"), int) or not isinstance(
+                entry.get("files"), list
+            ):
+                problems.append(f"split {split!r} lacks its 'count' or 'files' list")
+    if problems:
+        raise ValueError(
+            f"dataset card {uri!r} is not a raylens dataset card: {'; '.join(problems)}; {fix}"
+        )
+    return card
+
+
+def check_dataset(
+    dataset: str,
+    source: SourceConfig,
+    storage: Storage,
+    *,
+    raw_kinds: Collection[str] = ("folder", "manifest", "yolo", "idx"),
+    why_prepared: str = "",
+) -> dict[str, Any] | None:
+    """Checks ``data.dataset`` before any cluster work: the card of a prepared dataset, or
+    None for a raw source of one of ``raw_kinds`` (read with ``source.*``) that holds
+    labelled images. Cheap: one card read, or a listing (and a manifest read).
+
+    Args:
+        raw_kinds: the raw layouts the caller reads directly; empty: only a prepared
+            dataset will do, ``why_prepared`` saying why.
+
+    Raises:
+        ValueError: no ``data.dataset``; a damaged card (:func:`load_card`); a raw source the
+            caller cannot read, or one without labelled images.
+        FileNotFoundError: no card and nothing usable at ``dataset``, naming what is missing.
+    """
+    if not dataset:
+        raise ValueError(
+            "config key 'data.dataset' is required: a prepared dataset dir "
+            "(or a raw folder / manifest)"
+        )
+    card = load_card(storage, dataset)
+    if card is not None:
+        return card
+    where = f"config key 'data.dataset': no prepared dataset ({CARD}) at {dataset!r}"
+    if not raw_kinds:
+        raise FileNotFoundError(f"{where}; {why_prepared} (run jobs.prepare)")
+    if dataset not in fashion_mnist.ALIASES and not storage.exists(dataset):
+        raise FileNotFoundError(f"{where}, and nothing else is there (no such file or folder)")
+    shards = [e.uri for s in SPLITS for e in storage.list_files(join(dataset, s), False)]
+    if any(u.endswith(".parquet") for u in shards):
+        raise FileNotFoundError(
+            f"{where}, only shards: an unfinished jobs.prepare (the card is written last); "
+            "re-run it"
+        )
+    src = open_source(SourceConfig(**{**source.__dict__, "uri": dataset}), storage)
+    what = f"a raw {src.kind} source"
+    if source.kind != "auto":
+        what += f" (source.kind={source.kind})"
+    try:
+        _probe_raw(src, raw_kinds)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"{where}, nor is it {what}: {err}") from None
+    return None
+
+
+def _probe_raw(src: Source, raw_kinds: Collection[str]) -> None:
+    """Fails unless ``src`` is of a kind the caller reads and holds what it needs, without
+    reading images (IDX: its four files; folder, manifest: labelled records)."""
+    if src.kind not in raw_kinds:
+        raise ValueError(
+            f"{src.kind} files are read only by jobs.prepare; this job reads a raw "
+            f"{' / '.join(sorted(raw_kinds))} source"
+        )
+    if isinstance(src, IdxSource):
+        missing = [
+            f"{name}[.gz]"
+            for name in fashion_mnist.FILES.values()
+            if not any(src.storage.exists(join(src.uri, name + gz)) for gz in (".gz", ""))
+        ]
+        if missing:
+            raise FileNotFoundError(f"missing {', '.join(missing)}")
+    elif isinstance(src, (FolderSource, ManifestSource)) and not src.records():
+        dropped = {**Counter(r["reason"] for r in src.rejected), **src.skipped}
+        raise ValueError(f"no labelled images (left out: {dropped or 'nothing'})")
 
 
 def prepare(
@@ -395,7 +538,7 @@ def prepare(
     log(f"[prepare] listing {source.kind} source {source_cfg.uri}")
     records = sorted(source.records(), key=lambda r: r.id)
     fp = fingerprint(source, source_cfg, cfg, seed)
-    existing = load_card(storage, cfg.output)
+    existing = load_card(storage, cfg.output, strict=False)  # a damaged card is rewritten
     same_split = existing and (
         existing.get("split_over") == SPLIT_OVER or not existing.get("rejected")
     )

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raylens.config import ConfigError
-from raylens.data.prepare import CARD, fingerprint, infer_meta_schema, splits_for
+from raylens.data.prepare import CARD, fingerprint, infer_meta_schema, load_card, splits_for
 from raylens.data.sources import SPLITS, label_space, open_source
 from raylens.data.transforms import ImageTransform, decode_and_transform
 from raylens.predict import ModelSource, Predictor, resolve_model
@@ -137,8 +137,8 @@ def plan_embed(cfg: RunConfig, storage: Storage | None = None) -> EmbedPlan:
     _check_output(output, dataset, model, storage)
     wanted = list(e.splits) or list(SPLITS)
     plan = EmbedPlan(cfg, model, dataset, output, wanted, [], False, "", 0)
-    if storage.exists(join(dataset, CARD)):
-        card = json.loads(storage.read_text(join(dataset, CARD)))
+    card = load_card(storage, dataset)  # a damaged card is named
+    if card is not None:
         plan.splits = [s for s in wanted if card["splits"][s]["count"]]
         plan.shards = [join(dataset, f) for s in plan.splits for f in card["splits"][s]["files"]]
         plan.classes, plan.multi_label = card["classes"], card["task"] == "multi_label"

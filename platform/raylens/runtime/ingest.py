@@ -19,7 +19,6 @@ add ``mix_partner``, ``mix_lam`` and ``mix_label``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raylens.config import ConfigError
 from raylens.data.mix import Unit, decode_time_mixing, decode_unit, list_units, read_unit
-from raylens.data.prepare import CARD
+from raylens.data.prepare import CARD, load_card
 from raylens.data.sources import SPLITS, label_space, open_source
 from raylens.data.transforms import (
     ImageTransform,
@@ -190,7 +189,9 @@ def read_prepared(
     """The rows of one split of a prepared dataset (only the shards its card lists)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
-    card = json.loads(storage.read_text(join(dataset, CARD)))
+    card = load_card(storage, dataset)  # a damaged card is named
+    if card is None:
+        raise FileNotFoundError(f"no prepared dataset ({CARD}) at {dataset!r}")
     files = [join(dataset, f) for f in card["splits"][split]["files"]]
     info = DatasetInfo.from_card(card)
     if not info.classes:
@@ -536,7 +537,7 @@ def _unit_split(
             f"config key 'data.dataset': {data.dataset!r} is not a prepared dataset; mixing "
             "for stored distillation mixes the row groups of a prepared one (run jobs.prepare)"
         )
-    card = json.loads(storage.read_text(join(data.dataset, CARD)))
+    card = load_card(storage, data.dataset)
     info = DatasetInfo.from_card(card)
     if info.multi_label:
         raise ValueError(
