@@ -78,9 +78,10 @@ class RunSection:
 # Object-store URIs as raylens.storage splits them (it imports this module, so the few
 # lines of parsing the checks below need are here rather than imported from it).
 _OBJECT_URI = re.compile(r"(s3|s3a|gs|gcs)://([^/]*)/?(.*)", re.IGNORECASE | re.DOTALL)
-# Names Ray Train gives a local directory (<session>/artifacts/.../<run name>): one file
-# name on Linux.
-MAX_NAME_BYTES = 255
+# Ray Train names a local directory after a run (<session>/artifacts/<run name>): one file
+# name, at most 255 bytes on Linux, less what jobs.tune appends to derive names from it
+# (<run.name>-tune, then <tune.name>-best for the retrain).
+MAX_NAME_BYTES = 255 - len("-tune-best")
 
 
 def _control_char(text: str) -> str | None:
@@ -111,8 +112,9 @@ def check_run_name(key: str, name: str) -> None:
         )
     elif len(name.encode()) > MAX_NAME_BYTES:
         why = (
-            f"{len(name.encode())} bytes in UTF-8: Ray Train names a local directory after the "
-            f"run, and a file name holds at most {MAX_NAME_BYTES}"
+            f"{len(name.encode())} bytes in UTF-8, over {MAX_NAME_BYTES}: Ray Train names a "
+            "local directory after the run (a file name holds 255 bytes, less what jobs.tune "
+            "appends: -tune, -best)"
         )
     if why:
         raise ConfigError(f"config key {key!r}: {name!r} cannot be a run name: {why}")
