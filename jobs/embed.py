@@ -40,10 +40,13 @@ def _exit_codes() -> dict:
 
 
 def _embed(cfg: RunConfig, _flags) -> dict:
+    from raylens.data.prepare import check_dataset
+
+    storage = Storage(cfg.storage)
+    check_dataset(cfg.data.dataset, cfg.source, storage)  # a typo fails before Ray's import
     from raylens.infer.embed import MANIFEST, plan_embed, run_embed
     from raylens.infer.metric_embed import is_metric_run, plan_metric_embed, run_metric_embed
 
-    storage = Storage(cfg.storage)
     metric = is_metric_run(cfg.embed.model, storage)
     # model, dataset and output are checked before Ray starts
     plan = plan_metric_embed(cfg, storage) if metric else plan_embed(cfg, storage)

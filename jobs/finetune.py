@@ -15,6 +15,7 @@ import functools
 
 from raylens.cli import init_ray, run_job
 from raylens.schema import RunConfig
+from raylens.storage import Storage
 
 PROG = "python -m jobs.finetune"
 SECTIONS = ["run", "storage", "data", "mix", "model", "task", "train", "metric", "distill", "ray"]
@@ -38,13 +39,34 @@ def run(argv: list[str] | None, *, prog: str, description: str, distill: bool) -
 
 def _train(cfg: RunConfig, _flags, *, distill: bool) -> dict:
     from raylens.tasks import get_task
-    from raylens.train import finetune
 
     if distill:  # jobs.distill: an alias of task.name=distill
         cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="distill"))
     spec = get_task(cfg.task.name)
+    check_data(cfg)
+    from raylens.train import finetune
+
     init_ray(cfg.ray)
     return {**finetune(cfg), "metric": spec.default_metric(cfg)}
+
+
+def check_data(cfg: RunConfig) -> None:
+    """Checks data.dataset before Ray starts (a typo fails in seconds, naming the path),
+    for the reader the task's pipeline uses."""
+    from raylens.data.prepare import check_dataset
+    from raylens.data.sources import KINDS
+    from raylens.tasks import get_task
+
+    spec, why = get_task(cfg.task.name), ""
+    if spec.name == "distill" and cfg.distill.mode == "stored":
+        kinds, why = (), "stored distillation replays the teacher store over a prepared dataset"
+    elif spec.pipeline == "features":  # read like jobs.embed: raw IDX too
+        kinds = tuple(KINDS)
+    else:  # Ray Data reads raw images by URI; IDX pixels come only through jobs.prepare
+        kinds = tuple(k for k in KINDS if k != "idx")
+    check_dataset(
+        cfg.data.dataset, cfg.source, Storage(cfg.storage), raw_kinds=kinds, why_prepared=why
+    )
 
 
 def _report(out: dict) -> None:

@@ -35,11 +35,20 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _teacher(cfg: RunConfig, flags: argparse.Namespace) -> dict:
+    from raylens.data.prepare import check_dataset
+
+    storage = Storage(cfg.storage)
+    check_dataset(  # before Ray is imported or started: a typo fails in seconds
+        cfg.data.dataset,
+        cfg.source,
+        storage,
+        raw_kinds=(),
+        why_prepared="the teacher store keys a prepared dataset's rows",
+    )
     from raylens.infer.teacher import check_store, teacher_pass
     from raylens.preprocess import resolve_preprocess
     from raylens.rundir import absolute_paths
 
-    storage = Storage(cfg.storage)
     # the student's train transform (its interpolation), as jobs.distill will resolve it
     cfg = resolve_preprocess(absolute_paths(cfg), storage)
     if flags.check:

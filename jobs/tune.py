@@ -21,6 +21,8 @@ from raylens.cli import init_ray, run_job
 from raylens.schema import RunConfig
 from raylens.storage import Storage
 
+from jobs.finetune import check_data
+
 PROG = "python -m jobs.tune"
 SECTIONS = [
     "run",
@@ -62,13 +64,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _sweep(cfg: RunConfig, flags: argparse.Namespace) -> dict:
+    distill = cfg.task.name == "classify" and (flags.distill or cfg.distill.teacher)
+    trials = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="distill"))
+    check_data(trials if distill else cfg)  # before Ray is imported or started
     from raylens.tune.space import load_space
     from raylens.tune.sweep import cluster_resources, plan_sweep, retrain_best, run_sweep
 
     space = load_space(Storage(cfg.storage).read_text(flags.space), cfg, flags.space)
     init_ray(cfg.ray, dashboard=True)  # Tune + Train: stopped trials' CPUs get released
-    if cfg.task.name == "classify" and (flags.distill or cfg.distill.teacher):
-        cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="distill"))
+    if distill:
+        cfg = trials
     plan = plan_sweep(cfg, space, cluster=cluster_resources())
     print(
         f"[tune] {cfg.tune.num_samples} trials of {len(space.params)} params, "

@@ -165,7 +165,7 @@ class Prototypes:
 
     def classes(self, model: dict) -> dict:
         store = self._store(model)
-        return {"classes": store.list(), "source": store.source}
+        return {"classes": store.list(), "source": store.origin}
 
 
 api = make_api()

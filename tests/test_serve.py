@@ -5,8 +5,10 @@ classifier also from real S3 (SeaweedFS) and GCS (fake-gcs-server), and a broken
 Checked: classification at the run's own test accuracy; embeddings equal to the embed job's;
 OpenAI-style embeddings; class enrolment (NCM) seen by the next classify call and kept across
 a Prototypes replica restart; every bad input answered with its 4xx JSON error while the
-server keeps serving; overload answered 429 + Retry-After; an API key; a model replica
-killed under steady load (the error rate during recovery is printed)."""
+server keeps serving; configured runs that are missing, corrupt or broken answered 503
+naming them (and so reported by /readyz), every error body one short line with nothing of
+Ray's traceback or the server's paths; overload answered 429 + Retry-After; an API key; a
+model replica killed under steady load (the error rate during recovery is printed)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from raylens.storage import Storage, join
 
 from tests.sourcegen import prepare_quiet, read_prepared
 from tests.stores import gcs_storage, s3_storage
+from tests.test_serving_calls import LEAKS, assert_clean
 
 pytestmark = [
     pytest.mark.ray,
@@ -49,6 +52,7 @@ pytestmark = [
 API_KEY = "test-key-7f3a"
 KEY_ENV = "RAYLENS_TEST_API_KEY"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
+UNLOADABLE = ("broken", "corrupt", "missing")  # configured models that answer 503
 TRAIN, VAL, TEST = 80, 10, 30  # images per class
 
 
@@ -171,6 +175,10 @@ def settings(runs, seaweed, fake_gcs) -> dict:
     broken = runs["root"] / "broken"
     _copy_dir(runs["clf"], Storage(), str(broken))
     (broken / "config.yaml").write_text("model: {backbone: 3}\n")
+    corrupt = runs["root"] / "corrupt"  # its best checkpoint's weights: not safetensors
+    _copy_dir(runs["clf"], Storage(), str(corrupt))
+    best = json.loads((corrupt / "best.json").read_text())["checkpoint"]
+    (corrupt / best / "model.safetensors").write_bytes(b"\x00" * 64)
     bag = sorted((runs["root"] / "raw/test/Bag").glob("*.png"))[0]
     s3.write_bytes(f"s3://{bucket}/images/bag.png", bag.read_bytes())
     s3.write_bytes(f"s3://{bucket}/private/bag.png", bag.read_bytes())
@@ -195,6 +203,7 @@ def settings(runs, seaweed, fake_gcs) -> dict:
         "max_models_per_replica": 2,  # five models: the LRU evicts
         "bucket": bucket,
         "broken": str(broken),
+        "corrupt": str(corrupt),
         "api_key_env": KEY_ENV,
         "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.01},
         "limits": {
@@ -214,8 +223,12 @@ def server(runs, seaweed, fake_gcs):
     from serve.app import make_app
 
     args = settings(runs, seaweed, fake_gcs)
-    bucket, broken = args.pop("bucket"), args.pop("broken")
-    args["models"].append({"id": "broken", "run": broken})
+    bucket, broken, corrupt = args.pop("bucket"), args.pop("broken"), args.pop("corrupt")
+    args["models"] += [
+        {"id": "broken", "run": broken},  # a config that does not load
+        {"id": "corrupt", "run": corrupt},  # a checkpoint that does not load
+        {"id": "missing", "run": str(runs["root"] / "untrained/fm-next")},  # no run there
+    ]
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = make_app(
@@ -228,15 +241,23 @@ def server(runs, seaweed, fake_gcs):
     serve.run(app, name="raylens", route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=HEADERS, timeout=60)
     deadline = time.time() + 120
-    while True:  # every model loads but the broken one: not ready, and it says which
+    while True:  # every model loads but the three bad ones: not ready, and it says which
         r = client.get("/readyz")
         models = r.json().get("models", {})
-        if models and all(v == "loaded" for k, v in models.items() if k != "broken"):
+        if models and all(v == "loaded" for k, v in models.items() if k not in UNLOADABLE):
             break
         assert time.time() < deadline, r.text
         time.sleep(0.5)
     assert r.status_code == 503 and not r.json()["ready"]
-    assert "does not load" in models["broken"] and "Traceback" not in r.text
+    assert models["broken"].startswith("model 'broken' does not load: run"), models
+    assert "config.yaml does not load" in models["broken"]
+    assert models["corrupt"].startswith("model 'corrupt' does not load: SafetensorError"), models
+    assert models["missing"] == (
+        "model 'missing' is unavailable: its run 'fm-next' is missing (not trained yet, or moved)"
+    )
+    assert not LEAKS.search(r.text), r.text  # no frames, Ray reprs or paths in any of it
+    for mid in UNLOADABLE:
+        assert_clean(models[mid], runs["root"])
     yield {
         "client": client,
         "url": f"http://127.0.0.1:{port}",
@@ -344,7 +365,7 @@ def test_embed_equals_the_embed_job_and_openai_shape(server):
         body = r.json()
         best = json.loads(Storage().read_text(join(server["clf"], "best.json")))["checkpoint"]
         assert body["dim"] == len(job[row["id"]]) == 64
-        assert body["model_id"] == join(server["clf"], best)
+        assert body["model_id"] == "fm@" + best.rsplit("/", 1)[-1]  # an id, not a path
         np.testing.assert_allclose(body["embedding"], job[row["id"]], rtol=1e-4, atol=1e-4)
     # OpenAI embeddings: data URIs in, float and base64 encodings out
     uris = ["data:image/png;base64," + base64.b64encode(r["image"]).decode() for r in rows[:3]]
@@ -439,7 +460,7 @@ def _bomb() -> bytes:
     return buf.getvalue()
 
 
-def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(server):
+def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(server, capsys):
     client = server["client"]
     good = _png(sorted((server["root"] / "raw/test/Bag").glob("*.png"))[0])
     bucket = server["bucket"]
@@ -556,6 +577,21 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(server):
             503,
             "model_unavailable",
         ),
+        "a run whose checkpoint is corrupt": (
+            lambda: client.post("/v1/embed", json={"image_b64": b64, "model": "corrupt"}),
+            503,
+            "model_unavailable",
+        ),
+        "a configured run that is missing": (
+            lambda: client.post("/v1/classify", json={"image_b64": b64, "model": "missing"}),
+            503,
+            "model_unavailable",
+        ),
+        "an on-demand run that does not exist": (
+            lambda: client.post("/v1/classify", json={"image_b64": b64, "model": "fm-none"}),
+            404,
+            "unknown_model",
+        ),
         "unknown route": (lambda: client.get("/v1/nothing"), 404, "not_found"),
         "no api key": (
             lambda: client.post("/v1/classify", content=good, headers={**png, "authorization": ""}),
@@ -570,15 +606,27 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(server):
             "unauthorized",
         ),
     }
+    sizes = {}
     for what, (call, status, error) in bad.items():
         r = call()
+        sizes[what] = len(r.content)
         assert r.status_code == status, (what, r.status_code, r.text)
         body = r.json()
         assert body["error"] == error and body["detail"], (what, body)
-        assert "Traceback" not in r.text and API_KEY not in r.text, what
-        assert server["secret"] not in r.text, what
+        assert_clean(r.text, server["root"])  # short; no frames, Ray reprs or paths
+        assert API_KEY not in r.text and server["secret"] not in r.text, what
+        if status == 503:
+            assert r.headers["retry-after"] == "1", what
+        if r.request.headers.get("content-type") == "application/json" and error in (
+            "model_unavailable",
+            "unknown_model",
+        ):  # names the model asked for
+            assert repr(json.loads(r.request.content)["model"]) in body["detail"], what
         ok = _classify(client, good)  # and the server keeps serving
         assert ok["labels"][0]["label"] == "Bag", (what, ok)
+    longest = max(sizes, key=sizes.get)
+    with capsys.disabled():
+        print(f"\n[serve] {len(sizes)} error bodies, longest {sizes[longest]} B ({longest})")
     for uri in (f"file://{allowed}/bag.png", f"s3://{bucket}/images/bag.png"):
         r = client.post("/v1/classify", json={"uri": uri})
         assert r.status_code == 200 and r.json()["labels"][0]["label"] == "Bag", r.text
@@ -591,6 +639,25 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(server):
     assert {"/v1/classify", "/v1/embed", "/v1/enroll", "/v1/embeddings", "/v1/classes"} <= set(
         paths
     )
+
+
+@pytest.mark.timeout(120)
+def test_responses_name_models_and_runs_not_locations(server, capsys):
+    client, root = server["client"], str(server["root"])
+    r = client.get("/v1/models")
+    assert r.status_code == 200 and root not in r.text and "s3://" not in r.text, r.text
+    models = {m["id"]: m for m in r.json()["models"]}
+    assert models["fm"]["run"] == "fm" and models["missing"]["run"] == "fm-next"
+    assert models["bb"] == {"id": "bb", "run": None, "backbone": "vgg_s8"}
+    assert r.json()["on_demand"] is True
+    r = client.get("/v1/classes", params={"model": "fm-metric"})
+    assert r.status_code == 200 and r.json()["source"] in ("trained", "serving"), r.text
+    assert root not in r.text
+    r = client.get("/readyz")  # per model, each bad one in one clean line
+    assert r.status_code == 503 and root not in r.text and not LEAKS.search(r.text), r.text
+    assert [m for m, v in r.json()["models"].items() if v != "loaded"] == list(UNLOADABLE)
+    with capsys.disabled():
+        print(f"\n[serve] /readyz: {len(r.content)} B: {r.text}")
 
 
 def test_overload_answers_429_with_retry_after(server):

@@ -115,6 +115,14 @@ def test_classifier_model_matches_the_predictor_and_isolates_bad_images(tmp_path
     assert out.probs.shape == (3,) and not np.isclose(out.probs.sum(), 1.0)
     with pytest.raises(FileNotFoundError, match="not a run dir"):
         load_served_model(ModelEntry(id="x", run=str(tmp_path / "none")), Storage())
+    # what /v1/embed names as the source of an embedding: an id, not the checkpoint's path
+    assert model.model_id == "r@epoch=2" and model.describe()["model_id"] == "r@epoch=2"
+    pinned = load_served_model(
+        ModelEntry(id="r1", run=run, checkpoint="checkpoints/epoch=1"), Storage()
+    )
+    assert pinned.model_id == "r1@epoch=1"
+    bare = load_served_model(ModelEntry(id="bb", backbone="vgg_s8"), Storage())
+    assert bare.model_id == "bb@vgg_s8" and bare.describe()["model_id"] == "bb@vgg_s8"
 
 
 def test_prototypes_enrol_update_replace_delete_and_persist(tmp_path):
@@ -136,6 +144,8 @@ def test_prototypes_enrol_update_replace_delete_and_persist(tmp_path):
     again = PrototypeStore(storage, run, 4).load()  # a restarted replica
     assert again.list() == [{"class": "a", "count": 1, "seen_in_training": False, "enrolled": True}]
     assert again.source == join(run, "serving/prototypes.parquet")
+    assert again.origin == "serving" and store.origin == "serving"  # /v1/classes: no path
+    assert PrototypeStore(storage, str(tmp_path / "none"), 4).load().origin is None
     assert pq.read_table(again.source).num_rows == 1
     for bad in ("", " a", "a\n", "x" * 129, 3):
         with pytest.raises(ValueError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 
 import httpx
@@ -26,6 +27,8 @@ from raylens.serving.throttle import Throttle
 from raylens.storage import Storage
 from starlette.requests import Request
 from starlette.testclient import TestClient
+
+from tests.test_serving_calls import assert_clean
 
 KEY = "k-3f9a"
 
@@ -203,6 +206,7 @@ def test_raw_and_json_bodies_within_the_limit(tmp_path):
     for bad in (b'{"a": ', b"\xff\xfe", b""):
         err = _refused(lambda b=bad: reader.json(_request(b)), 400, "malformed_json")
         assert err.detail.startswith("request body is not JSON")
+        assert_clean(err.detail)  # no "line 1 column 7": that reads like a stack frame
     err = _refused(lambda: reader.json(_request(b"[1, 2]")), 400, "malformed_json")
     assert err.detail == "expected a JSON object at the top level"
 
@@ -242,6 +246,11 @@ def test_one_image_from_raw_json_or_multipart(tmp_path):
             _request(b"GIF89a-no", {"content-type": "image/png"}),
             415,
             "not_an_image",
+        ),
+        "oversized body": (
+            _request(b"\x89PNG" + b"x" * 10_000, {"content-type": "image/png"}, chunk=4096),
+            413,
+            "request_too_large",
         ),
         "too many pixels": (
             _request(_png((100, 100)), {"content-type": "image/png"}),
@@ -284,6 +293,8 @@ def test_one_image_from_raw_json_or_multipart(tmp_path):
         with pytest.raises(RequestError) as err:
             asyncio.run(reader.single(req))
         assert (err.value.status, err.value.error) == (status, error), (what, err.value)
+        # one short sentence; neither the server's allowed prefixes nor the URI's path
+        assert_clean(json.dumps(err.value.body()), tmp_path)
     err = _refused(lambda: reader.single(_request(png)), 415, "unsupported_media_type")
     assert err.detail == (
         "Content-Type 'missing': expected image/*, multipart/form-data or application/json"
@@ -398,14 +409,15 @@ def test_error_bodies_and_the_api_object():
 
 def test_response_bodies():
     cfg = load_settings(_settings(runs_root="/runs"))
-    assert responses.models_body(cfg) == {
+    assert responses.models_body(cfg) == {  # runs by name: no server path in a response
         "models": [
-            {"id": "fm", "run": "runs/fm", "backbone": None},
+            {"id": "fm", "run": "fm", "backbone": None},
             {"id": "bb", "run": None, "backbone": "vgg_s8"},
         ],
         "default": "fm",
-        "runs_root": "/runs",
+        "on_demand": True,
     }
+    assert not responses.models_body(load_settings(_settings()))["on_demand"]
     assert responses.readiness([("a", None), ("b", None)]) == (
         {"ready": True, "models": {"a": "loaded", "b": "loaded"}},
         200,
@@ -416,17 +428,23 @@ def test_response_bodies():
         "models": {"a": "loaded", "b": "model 'b' does not load"},
     }
     e = np.array([3.0, 4.0], np.float32)
-    desc = {"kind": "classify", "checkpoint": "runs/fm/checkpoints/epoch=2", "run": "runs/fm"}
+    desc = {
+        "kind": "classify",
+        "model_id": "fm@epoch=2",
+        "checkpoint": "/srv/runs/fm/checkpoints/epoch=2",
+        "run": "/srv/runs/fm",
+    }
     body = responses.embed_body("fm", desc, e, normalize=True)
-    assert body == {
+    assert body == {  # the model's id, never its checkpoint's location
         "model": "fm",
-        "model_id": "runs/fm/checkpoints/epoch=2",
+        "model_id": "fm@epoch=2",
         "dim": 2,
         "normalized": True,
         "embedding": [pytest.approx(0.6), pytest.approx(0.8)],
     }
-    body = responses.embed_body("m", {**desc, "kind": "metric", "checkpoint": None}, e, False)
-    assert body["normalized"] and body["embedding"] == [3.0, 4.0] and body["model_id"] == "runs/fm"
+    body = responses.embed_body("m", {**desc, "kind": "metric"}, e, False)
+    assert body["normalized"] and body["embedding"] == [3.0, 4.0]
+    assert "/srv" not in str(body)
     body = responses.embeddings_body("fm", [e, e * 2], "base64")
     assert [d["index"] for d in body["data"]] == [0, 1] and body["object"] == "list"
     np.testing.assert_array_equal(

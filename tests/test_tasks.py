@@ -40,10 +40,37 @@ def test_classification_handles_absent_classes_and_small_k():
     meter.update(torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]]), torch.tensor([0, 0]))
     m = meter.compute()
     assert m["top1"] == 0.5 and m["top5"] == 1.0
+    # macro over the classes with samples (class 0): class 1 was predicted, never true
     ref = precision_recall_fscore_support(
-        [0, 0], [0, 1], average="macro", labels=range(4), zero_division=0
+        [0, 0], [0, 1], average="macro", labels=[0], zero_division=0
     )
-    assert m["f1_macro"] == pytest.approx(ref[2])
+    assert m["f1_macro"] == pytest.approx(ref[2]) == pytest.approx(2 / 3)
+    assert m["absent_classes"] == [1, 2, 3]
+
+
+def test_macro_metrics_cover_present_classes_and_list_absent_ones():
+    """A class seen in training but with no sample in the evaluated split (the dataset
+    card warns of it) is listed, not scored F1 0: a perfect model gets macro F1 1."""
+    target = torch.tensor([0, 0, 1, 1, 1, 3])  # class 2: train only
+    perfect = torch.nn.functional.one_hot(target, 4).float() * 5
+    meter = ClassificationMeter(4)
+    meter.update(perfect, target)
+    m = meter.compute()
+    assert m["top1"] == 1.0 and m["absent_classes"] == [2]
+    assert m["f1_macro"] == m["precision_macro"] == m["recall_macro"] == 1.0
+    # with mistakes: equal to sklearn's macro over the present classes, not over all 4
+    logits, target = _batches(120, 4, 7)
+    target[target == 2] = 0
+    meter = ClassificationMeter(4)
+    meter.update(logits, target)
+    m = meter.compute()
+    y, p = target.numpy(), logits.argmax(1).numpy()
+    assert (p == 2).any()  # predicted although absent: counts against recall of true classes
+    for avg, labels in (("macro", [0, 1, 3]), ("weighted", range(4))):
+        ref = precision_recall_fscore_support(y, p, average=avg, labels=labels, zero_division=0)
+        assert (m[f"precision_{avg}"], m[f"recall_{avg}"], m[f"f1_{avg}"]) == pytest.approx(ref[:3])
+    all4 = precision_recall_fscore_support(y, p, average="macro", labels=range(4), zero_division=0)
+    assert m["f1_macro"] > all4[2] + 0.1 and m["absent_classes"] == [2]
 
 
 def test_meters_merge_across_workers_exactly():
@@ -95,8 +122,9 @@ def test_multilabel_metrics_equal_sklearn():
         meter.update(logits[i : i + 40], targets[i : i + 40])
     m = meter.compute(class_names=list("abcdef"))
     y, p = targets.numpy().astype(int), (torch.sigmoid(logits) >= 0.5).numpy().astype(int)
-    for avg in ("macro", "weighted"):
-        ref = precision_recall_fscore_support(y, p, average=avg, zero_division=0)
+    assert y[:, 5].sum() == 0 and m["absent_classes"] == [5]  # "f": no target has it
+    for avg, labels in (("macro", range(5)), ("weighted", range(6))):
+        ref = precision_recall_fscore_support(y, p, average=avg, labels=labels, zero_division=0)
         assert (m[f"precision_{avg}"], m[f"recall_{avg}"], m[f"f1_{avg}"]) == pytest.approx(ref[:3])
     per = precision_recall_fscore_support(y, p, average=None, zero_division=0)
     assert [m["per_class"][c]["f1"] for c in "abcdef"] == pytest.approx(per[2].tolist())

@@ -8,6 +8,9 @@ any storage (local, ``s3://``, ``gs://``); :func:`write_report` does that for a 
     <run>/report/confusion_matrix.png     (classification)
     <run>/report/per_class_f1.png         (multi-label; classification too)
     <run>/report/val_samples.png
+
+Classes with no sample in a split are shown as absent there (not as F1 0) and left out of
+the macro line, as the metrics leave them out of macro averages.
 """
 
 from __future__ import annotations
@@ -96,16 +99,26 @@ def confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], title:
     return _png(fig)
 
 
-def per_class_f1(f1: Sequence[float], classes: Sequence[str], title: str) -> bytes:
-    """Horizontal bars of per-class F1, sorted, with the macro mean as a line."""
+def per_class_f1(
+    f1: Sequence[float], classes: Sequence[str], title: str, absent: Sequence[int] = ()
+) -> bytes:
+    """Horizontal bars of per-class F1, sorted, with the macro mean (over the classes not in
+    ``absent``) as a line; ``absent`` classes (no sample in the split) are named, unbarred."""
     values = np.asarray(f1, dtype=np.float64)
-    order = np.argsort(values)
+    missing = set(absent)
+    present = [i for i in np.argsort(values, kind="stable") if i not in missing]
+    order = sorted(missing) + present  # absent classes at the bottom
     fig, ax = plt.subplots(figsize=(7, max(3.0, 0.3 * len(classes) + 1)))
-    ax.barh(range(len(order)), values[order], color="tab:blue")
-    ax.set_yticks(range(len(order)), [classes[i] for i in order])
-    ax.axvline(values.mean(), color="tab:red", ls="--", label=f"macro {values.mean():.3f}")
+    bars = [0.0 if i in missing else values[i] for i in order]
+    ax.barh(range(len(order)), bars, color="tab:blue")
+    ax.set_yticks(
+        range(len(order)), [f"{classes[i]} (absent)" if i in missing else classes[i] for i in order]
+    )
+    if present:
+        macro = float(values[present].mean())
+        ax.axvline(macro, color="tab:red", ls="--", label=f"macro {macro:.3f}")
+        ax.legend(loc="lower right")
     ax.set(xlim=(0, 1), xlabel="F1", title=title)
-    ax.legend(loc="lower right")
     return _png(fig)
 
 
@@ -182,16 +195,44 @@ def render_markdown(
         lines.append("")
         lines.append("worst: " + ", ".join(f"{c} {f:.3f}" for c, f in last["worst5"]))
         lines.append("")
+    absent = {s: absent_classes(m, multi_label) for s, m in splits.items()}
+    if any(absent.values()):
+        lines += ["## Classes absent from a split", ""]
+        lines.append(
+            "No sample of these classes is in the split: they are left out of its macro "
+            "averages (not scored 0); the dataset card warns of them."
+        )
+        lines.append("")
+        lines += [f"- {s}: " + ", ".join(classes[i] for i in a) for s, a in absent.items() if a]
+        lines.append("")
     per_class = _per_class_f1(last, classes, multi_label)
     if per_class is not None and len(classes) <= 50:
         split = "test" if "test" in splits else "val"
+        missing = set(absent.get(split, []))
         lines += [f"## Per-class F1 ({split})", "", "| class | F1 |", "|---|---:|"]
-        lines += [f"| {c} | {f:.4f} |" for c, f in zip(classes, per_class, strict=True)]
+        lines += [
+            f"| {c} | {'absent' if i in missing else f'{f:.4f}'} |"
+            for i, (c, f) in enumerate(zip(classes, per_class, strict=True))
+        ]
         lines.append("")
     lines += ["## Plots", ""]
     lines += [f"![{name}]({name})" for name in images]
     lines.append("")
     return "\n".join(lines)
+
+
+def absent_classes(metrics: dict, multi_label: bool) -> list[int]:
+    """Indices of the classes with no sample in a split's ``metrics``: its
+    ``absent_classes``, or for metrics written before that key, the classes whose
+    confusion-matrix row (single-label) or support (multi-label) is 0."""
+    if "absent_classes" in metrics:
+        return [int(i) for i in metrics["absent_classes"]]
+    if multi_label and metrics.get("per_class"):
+        supports = [v.get("support") for v in metrics["per_class"].values()]
+        return [i for i, n in enumerate(supports) if n == 0]
+    if not multi_label and metrics.get("confusion") is not None:
+        return [i for i, row in enumerate(metrics["confusion"]) if sum(row) == 0]
+    return []
 
 
 def _per_class_f1(metrics: dict, classes: Sequence[str], multi_label: bool) -> list[float] | None:
@@ -241,7 +282,12 @@ def write_report(
         )
     f1 = _per_class_f1(last, classes, multi_label)
     if f1 is not None:
-        put("per_class_f1.png", per_class_f1(f1, classes, f"per-class F1 ({last_split})"))
+        put(
+            "per_class_f1.png",
+            per_class_f1(
+                f1, classes, f"per-class F1 ({last_split})", absent_classes(last, multi_label)
+            ),
+        )
     if samples is not None and len(samples.images):
         put(
             "val_samples.png",

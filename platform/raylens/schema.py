@@ -70,6 +70,88 @@ class RunSection:
     output_dir: str = opt("runs", "Where run dirs go: a local path, s3://bucket/prefix or gs://...")
     seed: int = opt(0, "Global seed (splits, augmentation, init).")
 
+    def validate(self) -> None:
+        check_run_name("run.name", self.name)
+        check_output_dir("run.output_dir", self.output_dir)
+
+
+# Object-store URIs as raylens.storage splits them (it imports this module, so the few
+# lines of parsing the checks below need are here rather than imported from it).
+_OBJECT_URI = re.compile(r"(s3|s3a|gs|gcs)://([^/]*)/?(.*)", re.IGNORECASE | re.DOTALL)
+# Ray Train names a local directory after a run (<session>/artifacts/<run name>): one file
+# name, at most 255 bytes on Linux, less what jobs.tune appends to derive names from it
+# (<run.name>-tune, then <tune.name>-best for the retrain).
+MAX_NAME_BYTES = 255 - len("-tune-best")
+
+
+def _control_char(text: str) -> str | None:
+    return next((c for c in text if ord(c) < 32 or ord(c) == 127), None)
+
+
+def check_run_name(key: str, name: str) -> None:
+    """Refuses a run (or experiment) name that cannot be one folder of a run dir on every
+    backend: any other character (``#``, ``?``, ``%``, ``+``, spaces, unicode) works.
+
+    Raises:
+        ConfigError: naming ``key``, the character and why it cannot work.
+    """
+    if not name:
+        return  # required only by the jobs that create a run dir; they say so
+    why = None
+    if "/" in name:
+        why = "'/' would nest the run dir in folders (a name is one folder of <output_dir>)"
+    elif "\\" in name:
+        why = "'\\' is a folder separator to some S3 servers (SeaweedFS lists it as '/')"
+    elif name in (".", ".."):
+        why = f"{name!r} names a folder that is not a new one"
+    elif (c := _control_char(name)) is not None:
+        why = (
+            f"control character {c!r}: Ray Train names a local directory after the run, and "
+            "S3 listings (XML) cannot return control characters (SeaweedFS lists \\x01 as "
+            "U+FFFD)"
+        )
+    elif len(name.encode()) > MAX_NAME_BYTES:
+        why = (
+            f"{len(name.encode())} bytes in UTF-8, over {MAX_NAME_BYTES}: Ray Train names a "
+            "local directory after the run (a file name holds 255 bytes, less what jobs.tune "
+            "appends: -tune, -best)"
+        )
+    if why:
+        raise ConfigError(f"config key {key!r}: {name!r} cannot be a run name: {why}")
+
+
+def check_output_dir(key: str, uri: str) -> None:
+    """Refuses an object-store output dir whose key Ray Train would rewrite: Ray joins its
+    ``storage_path`` with ``pathlib`` (``Path(path).as_posix()``), which drops empty and
+    ``.`` segments (``a//b``, ``a/./b`` become ``a/b``), so its checkpoints would land
+    elsewhere than raylens' files; ``..`` segments are not resolved by object stores.
+
+    Raises:
+        ConfigError: naming ``key``, the character and why it cannot work.
+    """
+    match = _OBJECT_URI.fullmatch(uri or "")
+    if match is None:
+        return  # a local path (the OS resolves it alike for Ray and raylens)
+    bucket, path = match.group(2), match.group(3).rstrip("/")
+    why = None
+    if not bucket:
+        why = "no bucket (expected <scheme>://<bucket>/<prefix>)"
+    elif path and any(seg in ("", ".", "..") for seg in path.split("/")):
+        why = (
+            "an empty, '.' or '..' folder in the key: Ray Train normalizes its storage path "
+            "(a//b and a/./b become a/b) and object stores do not resolve '..', so Ray's "
+            "files and raylens' would land in different places"
+        )
+    elif (c := _control_char(uri)) is not None:
+        why = (
+            f"control character {c!r}: S3 listings (XML) cannot return control characters "
+            "(SeaweedFS lists \\x01 as U+FFFD)"
+        )
+    elif "\\" in path:
+        why = "'\\' is a folder separator to some S3 servers (SeaweedFS lists it as '/')"
+    if why:
+        raise ConfigError(f"config key {key!r}: {uri!r} cannot hold run dirs: {why}")
+
 
 @dataclass
 class StorageConfig:
@@ -662,6 +744,8 @@ class TuneConfig:
     )
 
     def validate(self) -> None:
+        check_run_name("tune.name", self.name)  # Tune's experiment dir, named like a run dir
+        check_output_dir("tune.output_dir", self.output_dir)
         if self.num_samples < 1:
             raise ConfigError("config key 'tune.num_samples': expected >= 1")
         if self.grace_period < 1:
@@ -745,6 +829,7 @@ class RunConfig:
 
     def validate(self) -> None:
         for section in (
+            self.run,
             self.storage,
             self.prepare,
             self.data,

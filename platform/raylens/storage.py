@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 import time
@@ -51,35 +52,58 @@ class FileEntry:
     size: int
 
 
+# A URI's scheme (RFC 3986): anything else before "://" is part of a local path.
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+OBJECT_SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs"}
+
+
 def split_uri(uri: str) -> tuple[str, str]:
-    """Returns ``(scheme, path)``: ``("s3", "bucket/key")``, ``("file", "/abs/path")``."""
-    if "://" not in uri:
+    """Returns ``(scheme, path)``: ``("s3", "bucket/key")``, ``("file", "/abs/path")``.
+
+    An object URI is split at the first ``/`` after the scheme and never URL-decoded: every
+    character after ``bucket/`` (``#``, ``?``, ``%``, ``+``, spaces, unicode) is part of
+    the key, as S3 and GCS store it. ``urllib.parse`` is not used on purpose: it would cut
+    the key at ``#`` (a fragment) or ``?`` (a query). A trailing ``/`` is dropped.
+
+    Raises:
+        StorageError: an unsupported scheme, or an object URI without a bucket.
+    """
+    match = _SCHEME.match(uri)
+    if match is None:
         return "file", str(Path(uri).expanduser().absolute())
-    parsed = urlparse(uri)
-    scheme = parsed.scheme.lower()
+    scheme, rest = match.group(1).lower(), uri[match.end() :]
     if scheme == "file":
-        return "file", str(Path(parsed.netloc + parsed.path).absolute())
-    if scheme in ("s3", "s3a"):
-        return "s3", (parsed.netloc + parsed.path).rstrip("/")
-    if scheme in ("gs", "gcs"):
-        return "gs", (parsed.netloc + parsed.path).rstrip("/")
-    raise StorageError(
-        f"unsupported URI scheme {scheme!r} in {uri!r}: expected s3://, gs://, file:// or a path"
-    )
+        return "file", str(Path(rest).absolute())
+    if scheme not in OBJECT_SCHEMES:
+        raise StorageError(
+            f"unsupported URI scheme {scheme!r} in {uri!r}: expected s3://, gs://, file:// "
+            "or a path"
+        )
+    bucket = rest.split("/", 1)[0]
+    if not bucket:
+        raise StorageError(f"no bucket in {uri!r}: expected {scheme}://<bucket>/<key>")
+    return OBJECT_SCHEMES[scheme], rest.rstrip("/")
+
+
+def is_uri(text: str) -> bool:
+    """Whether ``text`` starts with a scheme (``s3://``, ``gs://``, ``file://``...), rather
+    than being a local path."""
+    return _SCHEME.match(text) is not None
 
 
 def join(uri: str, *parts: str) -> str:
-    """Joins path parts onto a URI or path, keeping its scheme."""
-    if "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://" + posixpath.join(rest.rstrip("/"), *parts)
+    """Joins path parts onto a URI or path, keeping its scheme; characters are kept as they
+    are (no URL quoting), so ``split_uri(join(u, p))`` names the key ``<key of u>/<p>``."""
+    match = _SCHEME.match(uri)
+    if match:
+        return uri[: match.end()] + posixpath.join(uri[match.end() :].rstrip("/"), *parts)
     return os.path.join(uri, *parts)
 
 
 def parent(uri: str) -> str:
-    if "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://" + posixpath.dirname(rest.rstrip("/"))
+    match = _SCHEME.match(uri)
+    if match:
+        return uri[: match.end()] + posixpath.dirname(uri[match.end() :].rstrip("/"))
     return os.path.dirname(os.path.abspath(uri))
 
 

@@ -9,7 +9,13 @@ Rows: ``id`` (str), ``image`` (encoded bytes, as in the source), ``label`` (int3
 ``labels`` (list<int32>), ``split``, ``source`` (the input URI), ``width``, ``height``,
 ``mode``, then the source's metadata columns. ``dataset.json`` holds the classes, counts
 per split and class, every rejected input with its reason, inputs whose pixel format is
-converted at decode, and a fingerprint of source + settings that makes re-runs idempotent.
+converted at decode, manifest rows dropped as exact repeats (``duplicates``), classes
+missing from a split (``warnings``), and a fingerprint of source + settings that makes
+re-runs idempotent.
+
+Every input is read and decoded before any split is drawn, and the seeded, stratified
+split is drawn over the inputs that passed, so a class with >= 3 valid images gets at
+least one val and one test image however many of its files were bad.
 With ``prepare.mosaic_grid`` the rows are multi-label mosaics of the source's images
 (:mod:`raylens.data.mosaic`), with a ``members`` column naming the source ids per cell.
 With ``prepare.clutter_canvas`` each image is pasted on a cluttered canvas
@@ -25,7 +31,7 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,15 +40,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from raylens.data import fashion_mnist
 from raylens.data.clutter import build_clutter, compose_clutter
 from raylens.data.images import ImageRejected, inspect_image
 from raylens.data.mosaic import build_mosaics, compose
-from raylens.data.sources import SPLITS, Record, Source, label_space, open_source
+from raylens.data.sources import (
+    SPLITS,
+    FolderSource,
+    IdxSource,
+    ManifestSource,
+    Record,
+    Source,
+    label_space,
+    open_source,
+)
 from raylens.schema import PrepareConfig, SourceConfig
 from raylens.storage import Storage, join
 
 FORMAT = "raylens.dataset/1"
 CARD = "dataset.json"
+# Cards record that their split was drawn over the images that passed validation. A card
+# without it (prepared before) whose inputs all passed has the same split; one with
+# rejected inputs is prepared again, not reported up to date.
+SPLIT_OVER = "valid_images"
 
 
 # ----------------------------------------------------------------------------- splits
@@ -106,6 +126,58 @@ def splits_for(records: list[Record], cfg: PrepareConfig, seed: int) -> dict[str
     )
 
 
+def promised_splits(records: list[Record], cfg: PrepareConfig) -> list[str]:
+    """The splits every class should appear in: those the source gives (plus val when it is
+    carved from train), or those with a non-zero fraction when prepare draws them."""
+    given = {r.split for r in records if r.split}
+    if not given:
+        fractions = {
+            "train": cfg.train_fraction,
+            "val": cfg.val_fraction,
+            "test": cfg.test_fraction,
+        }
+        return [s for s in SPLITS if fractions[s] > 0]
+    if "val" not in given and cfg.val_fraction > 0 and "train" in given:
+        given.add("val")
+    return [s for s in SPLITS if s in given]
+
+
+def split_warnings(
+    counts: dict[str, Counter], classes: list[str], promised: list[str], *, drawn: bool
+) -> list[dict[str, Any]]:
+    """One warning per class with no image in a promised split: ``{class, images (valid,
+    all splits; label occurrences when multi-label), per_split, missing, message}``.
+    ``drawn``: prepare drew the splits (the source gave none), which the message hints at.
+
+    Such a class cannot be evaluated there: it is absent from that split's metrics (see
+    :mod:`raylens.tasks.classification`), not scored 0.
+    """
+    out = []
+    for c in classes:
+        per_split = {s: counts[s].get(c, 0) for s in SPLITS}
+        missing = [s for s in promised if per_split[s] == 0]
+        if not missing:
+            continue
+        images = sum(per_split.values())
+        message = (
+            f"class {c!r} has {images} valid image(s) ("
+            + ", ".join(f"{s} {n}" for s, n in per_split.items())
+            + f"): none in {', '.join(missing)}"
+        )
+        if drawn:
+            message += "; a class needs >= 3 valid images to get one in each of train, val, test"
+        out.append(
+            {
+                "class": c,
+                "images": images,
+                "per_split": per_split,
+                "missing": missing,
+                "message": message,
+            }
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -119,6 +191,11 @@ class Checked:
     conversion: str | None = None
     reason: str | None = None
     detail: str = ""
+    digest: bytes = b""  # of the bytes judged, to tell whether a re-read returns the same
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checked:
@@ -134,6 +211,10 @@ def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checke
         return Checked(record, reason="missing_file", detail=str(err))
     except ImageRejected as rej:  # a mosaic member or clutter layer that does not decode
         return Checked(record, reason=rej.reason, detail=rej.detail)
+    return _inspect(record, data, cfg)
+
+
+def _inspect(record: Record, data: bytes, cfg: PrepareConfig) -> Checked:
     try:
         info = inspect_image(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_file_bytes)
     except ImageRejected as rej:
@@ -145,7 +226,49 @@ def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checke
         height=info.height,
         mode=info.mode,
         conversion=info.conversion,
+        digest=_digest(data),
     )
+
+
+def validate(
+    records: list[Record], storage: Storage, cfg: PrepareConfig, *, progress: bool
+) -> dict[str, Checked]:
+    """:func:`check_record` of every record, in parallel: ``{id: Checked}`` without the
+    image bytes (memory stays bounded: :func:`reload` reads them again to write them)."""
+    out: dict[str, Checked] = {}
+    bar = tqdm(
+        total=len(records),
+        desc="check",
+        unit="img",
+        disable=not progress,
+        mininterval=2.0,
+        file=sys.stderr,
+    )
+
+    def check(r: Record) -> Checked:
+        return dataclasses.replace(check_record(r, storage, cfg), data=None)
+
+    with ThreadPoolExecutor(max_workers=cfg.num_threads) as pool:
+        for checked in _ordered_map(pool, check, records, window=cfg.num_threads * 64):
+            bar.update(1)
+            out[checked.record.id] = checked
+    bar.close()
+    return out
+
+
+def reload(record: Record, first: Checked | None, storage: Storage, cfg: PrepareConfig) -> Checked:
+    """The bytes of a record :func:`validate` passed, with its decode facts (no second
+    decode); judged afresh if they changed since. Composites (mosaics, clutter canvases),
+    which ``first`` is None for, are composed and checked here."""
+    if first is None:
+        return check_record(record, storage, cfg)
+    try:
+        data = record.data if record.data is not None else storage.read_bytes(record.uri)
+    except FileNotFoundError as err:
+        return Checked(record, reason="missing_file", detail=str(err))
+    if _digest(data) == first.digest:
+        return dataclasses.replace(first, data=data)
+    return _inspect(record, data, cfg)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -254,11 +377,144 @@ def _order_key(seed: int, rid: str) -> bytes:
     return hashlib.blake2b(f"{seed}:{rid}".encode(), digest_size=8).digest()
 
 
-def load_card(storage: Storage, output: str) -> dict[str, Any] | None:
+# What every reader of a card relies on (DatasetInfo, the Parquet readers, embed, teacher).
+CARD_KEYS = ("format", "classes", "task", "splits", "fingerprint")
+TASKS = ("single_label", "multi_label")
+
+
+def load_card(storage: Storage, output: str, *, strict: bool = True) -> dict[str, Any] | None:
+    """The card (``dataset.json``) of the prepared dataset at ``output``; None when there
+    is none (not prepared, or an unfinished prepare: the card is written last).
+
+    Raises:
+        ValueError: (``strict``) the file is there but is not a card: empty, not JSON, or
+            lacking what readers need; the message names the file and what is wrong.
+            Without ``strict`` such a card reads as None (prepare then rewrites it).
+    """
     uri = join(output, CARD)
     if not storage.exists(uri):
         return None
-    return json.loads(storage.read_text(uri))
+    try:
+        return check_card(storage.read_bytes(uri), uri)
+    except ValueError:
+        if strict:
+            raise
+        return None
+
+
+def check_card(data: bytes, uri: str) -> dict[str, Any]:
+    """The card parsed from ``data`` (the bytes of ``uri``), checked for what its readers use.
+
+    Raises:
+        ValueError: naming ``uri`` and what is wrong (no decoder internals), then the way
+            out.
+    """
+    fix = "re-run jobs.prepare (it rewrites a damaged card)"
+    if not data.strip():
+        raise ValueError(f"dataset card {uri!r} is empty; {fix}")
+    try:
+        card = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"dataset card {uri!r} is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as err:
+        where = f"line {err.lineno}, column {err.colno}"
+        raise ValueError(f"dataset card {uri!r} is not valid JSON (at {where}); {fix}") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"dataset card {uri!r} is not a JSON object; {fix}")
+    problems = [f"no {k!r}" for k in CARD_KEYS if k not in card]
+    if not problems:
+        if card["format"] != FORMAT:
+            problems.append(f"format {card['format']!r}, expected {FORMAT!r}")
+        if not isinstance(card["classes"], list):
+            problems.append("'classes' is not a list")
+        if card["task"] not in TASKS:
+            problems.append(f"'task' is {card['task']!r}, expected one of {list(TASKS)}")
+        splits = card["splits"] if isinstance(card["splits"], dict) else {}
+        for split in SPLITS:
+            entry = splits.get(split)
+            if not isinstance(entry, dict):
+                problems.append(f"no split {split!r}")
+            elif not isinstance(entry.get("count"), int) or not isinstance(
+                entry.get("files"), list
+            ):
+                problems.append(f"split {split!r} lacks its 'count' or 'files' list")
+    if problems:
+        raise ValueError(
+            f"dataset card {uri!r} is not a raylens dataset card: {'; '.join(problems)}; {fix}"
+        )
+    return card
+
+
+def check_dataset(
+    dataset: str,
+    source: SourceConfig,
+    storage: Storage,
+    *,
+    raw_kinds: Collection[str] = ("folder", "manifest", "yolo", "idx"),
+    why_prepared: str = "",
+) -> dict[str, Any] | None:
+    """Checks ``data.dataset`` before any cluster work: the card of a prepared dataset, or
+    None for a raw source of one of ``raw_kinds`` (read with ``source.*``) that holds
+    labelled images. Cheap: one card read, or a listing (and a manifest read).
+
+    Args:
+        raw_kinds: the raw layouts the caller reads directly; empty: only a prepared
+            dataset will do, ``why_prepared`` saying why.
+
+    Raises:
+        ValueError: no ``data.dataset``; a damaged card (:func:`load_card`); a raw source the
+            caller cannot read, or one without labelled images.
+        FileNotFoundError: no card and nothing usable at ``dataset``, naming what is missing.
+    """
+    if not dataset:
+        raise ValueError(
+            "config key 'data.dataset' is required: a prepared dataset dir "
+            "(or a raw folder / manifest)"
+        )
+    card = load_card(storage, dataset)
+    if card is not None:
+        return card
+    where = f"config key 'data.dataset': no prepared dataset ({CARD}) at {dataset!r}"
+    if not raw_kinds:
+        raise FileNotFoundError(f"{where}; {why_prepared} (run jobs.prepare)")
+    if dataset not in fashion_mnist.ALIASES and not storage.exists(dataset):
+        raise FileNotFoundError(f"{where}, and nothing else is there (no such file or folder)")
+    shards = [e.uri for s in SPLITS for e in storage.list_files(join(dataset, s), False)]
+    if any(u.endswith(".parquet") for u in shards):
+        raise FileNotFoundError(
+            f"{where}, only shards: an unfinished jobs.prepare (the card is written last); "
+            "re-run it"
+        )
+    src = open_source(SourceConfig(**{**source.__dict__, "uri": dataset}), storage)
+    what = f"a raw {src.kind} source"
+    if source.kind != "auto":
+        what += f" (source.kind={source.kind})"
+    try:
+        _probe_raw(src, raw_kinds)
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"{where}, nor is it {what}: {err}") from None
+    return None
+
+
+def _probe_raw(src: Source, raw_kinds: Collection[str]) -> None:
+    """Fails unless ``src`` is of a kind the caller reads and holds what it needs, without
+    reading images (IDX: its four files; folder, manifest: labelled records)."""
+    if src.kind not in raw_kinds:
+        raise ValueError(
+            f"{src.kind} files are read only by jobs.prepare; this job reads a raw "
+            f"{' / '.join(sorted(raw_kinds))} source"
+        )
+    if isinstance(src, IdxSource):
+        missing = [
+            f"{name}[.gz]"
+            for name in fashion_mnist.FILES.values()
+            if not any(src.storage.exists(join(src.uri, name + gz)) for gz in (".gz", ""))
+        ]
+        if missing:
+            raise FileNotFoundError(f"missing {', '.join(missing)}")
+    elif isinstance(src, (FolderSource, ManifestSource)) and not src.records():
+        dropped = {**Counter(r["reason"] for r in src.rejected), **src.skipped}
+        raise ValueError(f"no labelled images (left out: {dropped or 'nothing'})")
 
 
 def prepare(
@@ -282,8 +538,11 @@ def prepare(
     log(f"[prepare] listing {source.kind} source {source_cfg.uri}")
     records = sorted(source.records(), key=lambda r: r.id)
     fp = fingerprint(source, source_cfg, cfg, seed)
-    existing = load_card(storage, cfg.output)
-    if existing and existing.get("fingerprint") == fp and not cfg.overwrite:
+    existing = load_card(storage, cfg.output, strict=False)  # a damaged card is rewritten
+    same_split = existing and (
+        existing.get("split_over") == SPLIT_OVER or not existing.get("rejected")
+    )
+    if existing and existing.get("fingerprint") == fp and same_split and not cfg.overwrite:
         log(
             f"[prepare] {cfg.output} is up to date with the source (fingerprint {fp[:12]}); nothing to do"
         )
@@ -295,25 +554,35 @@ def prepare(
         # describes a mix of old and new shards.
         storage.delete(join(cfg.output, CARD))
 
+    # The classes come from the whole listing: a class whose every file is bad stays in the
+    # label space (with zero images and a warning), so class indices don't depend on it.
     classes, multi = label_space(source, records)
-    if cfg.mosaic_grid:
-        if multi:
+    for key, what in (("mosaic_grid", "mosaics need"), ("clutter_canvas", "clutter needs")):
+        if getattr(cfg, key) and multi:
             raise ValueError(
-                "config key 'prepare.mosaic_grid': mosaics need a single-label source; "
+                f"config key 'prepare.{key}': {what} a single-label source; "
                 f"{source_cfg.uri!r} is multi-label"
             )
-        base = splits_for(records, cfg, seed)
-        records = build_mosaics(records, base, classes, cfg, seed)
+    rejected = list(source.rejected)
+    _log_repeats(source, log)
+
+    # [1] validate every input, [2] split what passed, [3] write it.
+    checks = validate(records, storage, cfg, progress=progress)
+    for rec in records:
+        if checks[rec.id].reason:
+            rejected.append(_rejection(checks[rec.id], storage))
+    records = [r for r in records if not checks[r.id].reason]
+    promised = promised_splits(records, cfg)
+    drawn = not any(r.split for r in records)
+    if cfg.mosaic_grid:
+        records = build_mosaics(records, splits_for(records, cfg, seed), classes, cfg, seed)
         multi = True
         log(f"[prepare] {len(records)} {cfg.mosaic_grid}x{cfg.mosaic_grid} mosaics")
     elif cfg.clutter_canvas:
-        if multi:
-            raise ValueError(
-                "config key 'prepare.clutter_canvas': clutter needs a single-label source; "
-                f"{source_cfg.uri!r} is multi-label"
-            )
         records = build_clutter(records, splits_for(records, cfg, seed), cfg, seed)
         log(f"[prepare] {len(records)} cluttered {cfg.clutter_canvas}px canvases")
+    if cfg.mosaic_grid or cfg.clutter_canvas:
+        checks = {}  # composites are composed and checked as they are written
     index = {c: i for i, c in enumerate(classes)}
     splits = splits_for(records, cfg, seed)
     meta_schema = infer_meta_schema(source, records)
@@ -322,7 +591,6 @@ def prepare(
         s: ShardWriter(storage, cfg.output, s, schema, cfg.shard_rows, cfg.shard_bytes)
         for s in SPLITS
     }
-    rejected = list(source.rejected)
     converted: list[dict[str, Any]] = []
     counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
     modes: Counter = Counter()
@@ -332,7 +600,7 @@ def prepare(
     ordered = sorted(records, key=lambda r: (SPLITS.index(splits[r.id]), _order_key(seed, r.id)))
     bar = tqdm(
         total=len(ordered),
-        desc="prepare",
+        desc="write",
         unit="img",
         disable=not progress,
         mininterval=2.0,
@@ -340,19 +608,15 @@ def prepare(
     )
     with ThreadPoolExecutor(max_workers=cfg.num_threads) as pool:
         for checked in _ordered_map(
-            pool, lambda r: check_record(r, storage, cfg), ordered, window=cfg.num_threads * 64
+            pool,
+            lambda r: reload(r, checks.get(r.id), storage, cfg),
+            ordered,
+            window=cfg.num_threads * 64,
         ):
             bar.update(1)
             rec = checked.record
-            if checked.reason:
-                rejected.append(
-                    {
-                        "source": rec.uri,
-                        "id": rec.id,
-                        "reason": checked.reason,
-                        "detail": storage.scrub(checked.detail),
-                    }
-                )
+            if checked.reason:  # a composite that fails, or a file changed since validation
+                rejected.append(_rejection(checked, storage))
                 continue
             split = splits[rec.id]
             modes[checked.mode] += 1
@@ -389,6 +653,11 @@ def prepare(
     files = {s: w.files for s, w in writers.items()}
     _delete_stale(storage, cfg.output, {f for fs in files.values() for f in fs})
     reasons = Counter(r["reason"] for r in rejected)
+    warnings = split_warnings(counts, classes, promised, drawn=drawn)
+    for w in warnings[:20]:
+        log(f"[prepare] warning: {w['message']}")
+    if len(warnings) > 20:
+        log(f"[prepare] warning: {len(warnings) - 20} more classes missing from a split ({CARD})")
     card = {
         "format": FORMAT,
         "task": "multi_label" if multi else "single_label",
@@ -428,6 +697,9 @@ def prepare(
         "rejected_by_reason": dict(reasons),
         "converted": converted,
         "skipped": dict(source.skipped),
+        "duplicates": source.duplicates,
+        "warnings": warnings,
+        "split_over": SPLIT_OVER,
         "columns": [f.name for f in schema],
         "meta_columns": [f.name for f in meta_schema],
         "seed": seed,
@@ -446,6 +718,35 @@ def prepare(
         f"({len(rejected)} rejected)"
     )
     return card
+
+
+def _rejection(checked: Checked, storage: Storage) -> dict[str, str]:
+    rec = checked.record
+    return {
+        "source": rec.uri,
+        "id": rec.id,
+        "reason": checked.reason or "",
+        "detail": storage.scrub(checked.detail),
+    }
+
+
+def _log_repeats(source: Source, log: Callable[[str], None]) -> None:
+    """Console lines for manifest rows repeating an id: dropped, or rejected as conflicting."""
+    conflicts = [r for r in source.rejected if r["reason"] == "conflicting_duplicate"]
+    for entries, what in (
+        (source.duplicates, "dropped {} exact repeat(s) of a manifest row"),
+        (conflicts, "rejected {} manifest row(s) repeating an id with other values"),
+    ):
+        if entries:
+            more = " ..." if len(entries) > 10 else ""
+            places = ", ".join(_position(e) for e in entries[:10])
+            log(f"[prepare] {what.format(len(entries))}: {places}{more}")
+
+
+def _position(entry: dict[str, Any]) -> str:
+    """``'img/a.png' (line 7)``: a manifest row's id and 1-based position."""
+    kind = "line" if "line" in entry else "row"
+    return f"{entry['id']!r} ({kind} {entry.get(kind, '?')})"
 
 
 def _ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int):
@@ -503,4 +804,12 @@ def format_card(card: dict[str, Any]) -> str:
         )
     if card["skipped"]:
         lines.append(f"skipped: {card['skipped']}")
+    duplicates = card.get("duplicates") or []  # cards prepared before have none of these
+    if duplicates:
+        lines.append(f"exact repeats of manifest rows dropped: {len(duplicates)}")
+        lines += [f"  - {_position(d)} same as {d['same_as']}" for d in duplicates[:10]]
+    warnings = card.get("warnings") or []
+    if warnings:
+        lines.append(f"warnings: {len(warnings)} classes missing from a split")
+        lines += [f"  - {w['message']}" for w in warnings[:20]]
     return "\n".join(lines)

@@ -2,12 +2,15 @@
 
 A source lists :class:`Record` s cheaply (no image bytes read, except IDX where the
 pixels live inside the IDX file); :mod:`raylens.data.prepare` reads, validates and shards
-them. Records that cannot be used before reading (no label, unknown class id) land in
-``source.rejected`` with their reason; tiles without labels are counted in ``skipped``.
+them. Records that cannot be used before reading (no label, unknown class id, manifest
+rows repeating an id with other values) land in ``source.rejected`` with their reason;
+tiles without labels and exact repeats of a manifest row are counted in ``skipped``, the
+repeats also listed in ``duplicates``.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -24,7 +27,7 @@ import yaml
 from raylens.data import fashion_mnist
 from raylens.data.images import encode_png
 from raylens.schema import SourceConfig
-from raylens.storage import FileEntry, Storage, join, parent, split_uri
+from raylens.storage import FileEntry, Storage, is_uri, join, parent, split_uri
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {
@@ -94,6 +97,8 @@ class Source:
         self.uri = cfg.uri
         self.rejected: list[dict[str, str]] = []
         self.skipped: dict[str, int] = {}
+        # exact repeats of a manifest row, dropped: {id, source, line|row, same_as}
+        self.duplicates: list[dict[str, Any]] = []
         self.class_order: list[str] | None = None  # fixed by the source (IDX, YOLO)
         self.meta_schema: pa.Schema = pa.schema([])
         self._listing: list[FileEntry] | None = None
@@ -211,14 +216,53 @@ class ManifestSource(Source):
         raise ValueError(f"manifest {self.uri!r}: expected a .csv, .tsv or .parquet file")
 
     def _resolve_path(self, path: str) -> str:
-        if "://" in path:
+        """A manifest's path as a URI or an absolute local path: a URI as written, an
+        absolute path as it is, anything else relative to the manifest's folder, with
+        ``.`` and ``..`` resolved (on object stores too: a key is read as written, so
+        ``./img/a.png`` would name no object). Nothing is URL-decoded: ``#``, ``?``, ``%``,
+        ``+`` and spaces are characters of the file name or key."""
+        if is_uri(path):
             return path
         if os.path.isabs(path):
             return os.path.normpath(path)
         resolved = join(parent(self.uri), path)
-        return resolved if "://" in resolved else os.path.normpath(resolved)
+        if not is_uri(resolved):
+            return os.path.normpath(resolved)
+        scheme, rest = resolved.split("://", 1)
+        bucket, _, key = rest.partition("/")
+        return f"{scheme}://{bucket}/{posixpath.normpath(key)}"
+
+    def _where(self, i: int) -> tuple[str, int]:
+        """Where data row ``i`` (0-based) is in the manifest file: ``("line", n)`` for CSV/TSV,
+        the 1-based physical line on which the row starts, the header being line 1 (so the
+        first data row is line 2, as an editor shows it); ``("row", n)`` for Parquet (and a
+        CSV whose rows cannot be told apart line by line): the 1-based data row, header not
+        counted.
+        """
+        if not hasattr(self, "_lines"):  # parsed only when a position is to be shown
+            suffix = posixpath.splitext(self.uri.lower())[1]
+            lines = None
+            if suffix != ".parquet":
+                lines = _csv_row_lines(self._manifest_bytes(), "\t" if suffix == ".tsv" else ",")
+            # a CSV that Python's csv module splits otherwise than pyarrow: data row numbers
+            self._lines = lines if lines is not None and len(lines) == self._num_rows else None
+        if self._lines is None:
+            return "row", i + 1
+        return "line", self._lines[i]
+
+    def _at(self, i: int) -> str:
+        kind, n = self._where(i)
+        return f"{kind} {n}"
 
     def records(self) -> list[Record]:
+        """The manifest's records, one per distinct id (the ``id`` column, else ``path``).
+
+        Rows repeating an id are judged together: identical rows (same path, label(s), split
+        and metadata) keep the first and drop the rest, each listed in ``duplicates`` with
+        its position and counted in ``skipped["duplicate_row"]``; rows that disagree are all
+        rejected (``conflicting_duplicate``), each with its position, since none can be
+        trusted over the others. Positions are 1-based (:meth:`_where`).
+        """
         if hasattr(self, "_records"):
             return self._records
         table = self._read_table()
@@ -238,33 +282,114 @@ class ManifestSource(Source):
         meta_cols = [c for c in table.column_names if c not in self.RESERVED]
         self.meta_schema = pa.schema([table.schema.field(c) for c in meta_cols])
         rows = table.to_pylist()
-        out, seen = [], set()
+        self._num_rows = len(rows)
+        parsed: list[dict[str, Any] | None] = []
+        by_id: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             path = row["path"]
             if not path:
-                self.rejected.append(_reject(f"{self.uri}#row{i}", "undecodable", "empty path"))
+                kind, n = self._where(i)
+                self.rejected.append(_reject(f"{self.uri}#{kind}{n}", "undecodable", "empty path"))
+                parsed.append(None)
                 continue
-            uri = self._resolve_path(str(path))
             rid = str(row.get("id") or path)
-            if rid in seen:
-                raise ValueError(f"manifest {self.uri!r}: duplicate id {rid!r} (row {i})")
-            seen.add(rid)
-            meta = {c: row[c] for c in meta_cols}
-            split = normalize_split(row.get("split"), f"manifest {self.uri!r} row {i}")
+            value = row["labels"] if multi else row["label"]
+            fields = {
+                "path": self._resolve_path(str(path)),
+                "labels" if multi else "label": (
+                    sorted(set(_parse_labels(value))) if multi else _text_or_none(value)
+                ),
+                "split": normalize_split(row.get("split"), f"manifest {self.uri!r} {self._at(i)}"),
+                "meta": {c: row[c] for c in meta_cols},
+            }
+            parsed.append({"id": rid, **fields})
+            by_id.setdefault(rid, []).append(i)
+        dropped = self._judge_duplicates(parsed, by_id)
+        out = []
+        for i, item in enumerate(parsed):
+            if item is None or i in dropped:
+                continue
+            rid, uri, split, meta = item["id"], item["path"], item["split"], item["meta"]
             if multi:
-                labels = _parse_labels(row["labels"])
-                if not labels:
+                if not item["labels"]:
                     self.rejected.append(_reject(uri, "missing_label", "empty 'labels'", rid))
                     continue
-                out.append(Record(rid, uri, labels=sorted(set(labels)), split=split, meta=meta))
+                out.append(Record(rid, uri, labels=item["labels"], split=split, meta=meta))
             else:
-                label = row["label"]
-                if label is None or str(label).strip() == "":
+                if item["label"] is None:
                     self.rejected.append(_reject(uri, "missing_label", "empty 'label'", rid))
                     continue
-                out.append(Record(rid, uri, label=str(label), split=split, meta=meta))
+                out.append(Record(rid, uri, label=item["label"], split=split, meta=meta))
         self._records = out
         return out
+
+    def _judge_duplicates(
+        self, parsed: list[dict[str, Any] | None], by_id: dict[str, list[int]]
+    ) -> set[int]:
+        """Drops exact repeats and rejects conflicting ones (see :meth:`records`); returns
+        the indices of every row not to be used."""
+        dropped: set[int] = set()
+        for rid, rows in by_id.items():
+            if len(rows) < 2:
+                continue
+            first = parsed[rows[0]]
+            # json with default=str: NaN equals NaN, dates and decimals compare by value
+            signature = [json.dumps(parsed[i], sort_keys=True, default=str) for i in rows]
+            if len(set(signature)) == 1:
+                kind, n0 = self._where(rows[0])
+                for i in rows[1:]:
+                    _, n = self._where(i)
+                    self.duplicates.append(
+                        {"id": rid, "source": first["path"], kind: n, "same_as": n0}
+                    )
+                    dropped.add(i)
+                self.skipped["duplicate_row"] = self.skipped.get("duplicate_row", 0) + len(rows) - 1
+                continue
+            differ = sorted(
+                k for k in first if len({json.dumps(parsed[i][k], default=str) for i in rows}) > 1
+            )
+            kind = self._where(rows[0])[0]
+            places = f"{kind}s " + ", ".join(str(self._where(i)[1]) for i in rows)
+            for i in rows:
+                kind, n = self._where(i)
+                values = ", ".join(f"{k}={parsed[i][k]!r}" for k in differ)
+                self.rejected.append(
+                    {
+                        **_reject(
+                            parsed[i]["path"],
+                            "conflicting_duplicate",
+                            f"id {rid!r} is on {places} with different {', '.join(differ)}; "
+                            f"this {kind} has {values}",
+                            rid,
+                        ),
+                        kind: n,
+                    }
+                )
+                dropped.add(i)
+        return dropped
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None or str(value).strip() == "" else str(value)
+
+
+def _csv_row_lines(data: bytes, delimiter: str) -> list[int] | None:
+    """The 1-based line on which each data row of a CSV starts (the header is line 1).
+
+    pyarrow's reader, which parses the manifest, does not report positions; Python's
+    ``csv`` module does (``line_num``), and splits rows the same way: quoted newlines stay
+    inside a row, blank lines are skipped. None when the text cannot be parsed that way.
+    """
+    try:
+        reader = csv.reader(io.StringIO(data.decode("utf-8-sig"), newline=""), delimiter=delimiter)
+        starts, end = [], 0
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if row:
+                starts.append(start)
+    except (csv.Error, UnicodeDecodeError):
+        return None
+    return starts[1:]
 
 
 class YoloSource(Source):

@@ -46,11 +46,12 @@ import pyarrow.parquet as pq
 import ray
 
 from raylens.config import ConfigError
-from raylens.data.prepare import CARD, fingerprint, infer_meta_schema, splits_for
+from raylens.data.prepare import CARD, fingerprint, infer_meta_schema, load_card, splits_for
 from raylens.data.sources import SPLITS, label_space, open_source
 from raylens.data.transforms import ImageTransform, decode_and_transform
 from raylens.predict import ModelSource, Predictor, resolve_model
 from raylens.rundir import RunDir, local_path
+from raylens.runtime.ingest import EXACT_FILES
 from raylens.schema import EmbedConfig, RunConfig, SourceConfig, StorageConfig
 from raylens.storage import Storage, join, split_uri
 
@@ -136,8 +137,8 @@ def plan_embed(cfg: RunConfig, storage: Storage | None = None) -> EmbedPlan:
     _check_output(output, dataset, model, storage)
     wanted = list(e.splits) or list(SPLITS)
     plan = EmbedPlan(cfg, model, dataset, output, wanted, [], False, "", 0)
-    if storage.exists(join(dataset, CARD)):
-        card = json.loads(storage.read_text(join(dataset, CARD)))
+    card = load_card(storage, dataset)  # a damaged card is named
+    if card is not None:
         plan.splits = [s for s in wanted if card["splits"][s]["count"]]
         plan.shards = [join(dataset, f) for s in plan.splits for f in card["splits"][s]["files"]]
         plan.classes, plan.multi_label = card["classes"], card["task"] == "multi_label"
@@ -304,7 +305,9 @@ def build_dataset(plan: EmbedPlan, storage: Storage) -> ray.data.Dataset:
         ctx = ray.data.DataContext.get_current()
         use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
         try:
-            ds = ray.data.read_parquet([split_uri(f)[1] for f in plan.shards], filesystem=fs)
+            ds = ray.data.read_parquet(
+                [split_uri(f)[1] for f in plan.shards], filesystem=fs, **EXACT_FILES
+            )
         finally:
             ctx.use_datasource_v2 = use_v2
     else:

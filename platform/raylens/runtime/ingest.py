@@ -19,7 +19,6 @@ add ``mix_partner``, ``mix_lam`` and ``mix_label``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raylens.config import ConfigError
 from raylens.data.mix import Unit, decode_time_mixing, decode_unit, list_units, read_unit
-from raylens.data.prepare import CARD
+from raylens.data.prepare import CARD, load_card
 from raylens.data.sources import SPLITS, label_space, open_source
 from raylens.data.transforms import (
     ImageTransform,
@@ -49,6 +48,11 @@ from raylens.schema import (
 from raylens.storage import Storage, join, split_uri
 
 FAILURES_ACTOR = "raylens_ingest_failures"
+# read_parquet of the exact files a card lists, whatever their keys hold. Ray Data's
+# defaults would drop a file whose key has '?' before its suffix (its extension filter
+# cuts paths at '?': "list index out of range") and add a column per 'k=v' folder of the
+# path (hive partitioning); prepared datasets are neither filtered nor partitioned.
+EXACT_FILES: dict[str, Any] = {"file_extensions": None, "partitioning": None}
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,9 @@ def read_prepared(
     """The rows of one split of a prepared dataset (only the shards its card lists)."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
-    card = json.loads(storage.read_text(join(dataset, CARD)))
+    card = load_card(storage, dataset)  # a damaged card is named
+    if card is None:
+        raise FileNotFoundError(f"no prepared dataset ({CARD}) at {dataset!r}")
     files = [join(dataset, f) for f in card["splits"][split]["files"]]
     info = DatasetInfo.from_card(card)
     if not info.classes:
@@ -207,7 +213,10 @@ def read_prepared(
     use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
         ds = ray.data.read_parquet(
-            [split_uri(f)[1] for f in files], filesystem=fs, columns=["id", "image", label_col]
+            [split_uri(f)[1] for f in files],
+            filesystem=fs,
+            columns=["id", "image", label_col],
+            **EXACT_FILES,
         )
     finally:
         ctx.use_datasource_v2 = use_v2
@@ -528,7 +537,7 @@ def _unit_split(
             f"config key 'data.dataset': {data.dataset!r} is not a prepared dataset; mixing "
             "for stored distillation mixes the row groups of a prepared one (run jobs.prepare)"
         )
-    card = json.loads(storage.read_text(join(data.dataset, CARD)))
+    card = load_card(storage, data.dataset)
     info = DatasetInfo.from_card(card)
     if info.multi_label:
         raise ValueError(

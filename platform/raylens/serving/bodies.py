@@ -61,6 +61,10 @@ class BodyReader:
         raw = await self.raw(request)
         try:
             data = json.loads(raw)
+        except json.JSONDecodeError as err:  # its str says "line 1 column 15": frame-like
+            raise RequestError(
+                400, "malformed_json", f"request body is not JSON: {err.msg} at byte {err.pos}"
+            ) from None
         except (ValueError, UnicodeDecodeError) as err:
             raise RequestError(400, "malformed_json", f"request body is not JSON: {err}") from None
         if not isinstance(data, dict):

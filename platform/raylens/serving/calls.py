@@ -3,8 +3,13 @@
 - the model queue is full (Serve's backpressure): 503 ``overloaded`` with Retry-After;
 - slower than ``request_timeout_s``: 504 ``timeout``;
 - no such model (:class:`~raylens.serving.errors.ModelNotFound` raised by the replica): 404;
-- a model that does not load (:class:`~raylens.serving.errors.ModelLoadError`): 503;
+- a configured model whose run is missing or does not load
+  (:class:`~raylens.serving.errors.ModelLoadError`): 503;
 - the replica died during the call: retried once (inference is idempotent), then 503.
+
+The replica's own exceptions arrive wrapped by Ray (``RayTaskError(ModelLoadError)``,
+whose text is the remote traceback); an answer says only the replica's message, in one
+line without paths (:func:`~raylens.serving.errors.remote_message`).
 
 A model's description (kind, run, dim, classes) is asked once per model and kept; an
 image the replica could not decode answers 413/415 naming it. Pure: the caller passes a
@@ -24,6 +29,8 @@ from raylens.serving.errors import (
     ModelLoadError,
     ModelNotFound,
     RequestError,
+    remote_cause,
+    remote_message,
     retry_after,
     undecodable_image,
 )
@@ -64,11 +71,16 @@ async def call_model(
             raise RequestError(
                 504, "timeout", f"model {model_id!r} took over {timeout_s}s"
             ) from None
-        except ModelNotFound as err:
-            raise RequestError(404, "unknown_model", str(err)) from None
-        except ModelLoadError as err:
-            raise RequestError(503, "model_unavailable", str(err), retry) from None
-        except replica_lost:
+        except Exception as err:
+            # Ray's wrapper is usually also an instance of the replica's class; its cause
+            # is matched too, for when Ray could not build that dual class.
+            cause = remote_cause(err)
+            if isinstance(cause, ModelNotFound):
+                raise RequestError(404, "unknown_model", remote_message(err)) from None
+            if isinstance(cause, ModelLoadError):
+                raise RequestError(503, "model_unavailable", remote_message(err), retry) from None
+            if not isinstance(err, replica_lost):
+                raise  # the route's 500: its traceback goes to the log only
             if attempt:
                 raise RequestError(
                     503, "model_unavailable", "model replica unavailable; retry", retry
@@ -79,14 +91,16 @@ async def call_model(
 
 async def failure(call: Awaitable[Any]) -> str | None:
     """Awaits ``call``: ``None`` when it succeeds, else why it failed (a
-    :class:`RequestError`'s detail, or only the exception's type: no internals)."""
+    :class:`RequestError`'s detail, or only the type of what the replica raised: no
+    internals; the server's log has the rest)."""
     try:
         await call
         return None
     except RequestError as err:
         return err.detail
     except Exception as err:
-        return type(err).__name__
+        log.warning("readiness check failed", exc_info=True)
+        return f"the model replica failed ({type(remote_cause(err)).__name__}); see the server log"
 
 
 class ModelCalls:

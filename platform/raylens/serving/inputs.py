@@ -94,8 +94,8 @@ def check_uri(uri: object, what: str, prefixes: list[str]) -> str:
     for p in prefixes:
         if norm.startswith(p if p.endswith("/") else p + "/") or norm == p.rstrip("/"):
             return norm
-    raise RequestError(
-        403, "uri_not_allowed", f"{what}: {uri!r} is outside the allowed prefixes {prefixes}"
+    raise RequestError(  # neither the URI nor the prefixes: a detail shows no locations
+        403, "uri_not_allowed", f"{what}: outside the prefixes this server may fetch from"
     )
 
 
@@ -109,7 +109,7 @@ def fetch_uri(storage: Storage, uri: str, what: str, *, max_bytes: int) -> bytes
             raise RequestError(413, "request_too_large", f"{what}: {info.size} bytes > {max_bytes}")
         return storage.read_bytes(uri)
     except FileNotFoundError:
-        raise RequestError(404, "uri_not_found", f"{what}: no object at {uri!r}") from None
+        raise RequestError(404, "uri_not_found", f"{what}: no object at that URI") from None
     except RequestError:
         raise
     except Exception as err:  # credentials or network: say which, never the secret

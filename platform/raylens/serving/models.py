@@ -34,7 +34,7 @@ from raylens.models.backbones import parse_backbone_spec
 from raylens.models.fusion import l2_concat
 from raylens.predict import Predictor, is_run_dir_spec, resolve_model
 from raylens.rundir import METRIC, RunDir
-from raylens.serving.settings import ModelEntry
+from raylens.serving.settings import ModelEntry, run_name
 from raylens.storage import Storage
 from raylens.tasks.metric import build_fusion
 
@@ -65,9 +65,22 @@ class ServedModel:
     predictors: list[Predictor] = field(default_factory=list)
     fusion: torch.nn.Module | None = None
 
+    @property
+    def model_id(self) -> str:
+        """What produced this model's outputs, as ``/v1/embed`` names it: ``<id>@<name>``,
+        the served model id and the checkpoint dir's name for a run (``fm@epoch=7``),
+        or the backbone's name for a bare backbone (``bb@vgg_s8``). An id, never a path:
+        it is stable while the model serves the same checkpoint."""
+        if self.checkpoint:
+            return f"{self.id}@{run_name(self.checkpoint)}"
+        return f"{self.id}@{run_name(parse_backbone_spec(self.uri)[0])}"
+
     def describe(self) -> dict:
+        """What the ingress needs of the model. ``run`` and ``checkpoint`` are locations
+        (for the Prototypes deployment), never put in a response."""
         return {
             "id": self.id,
+            "model_id": self.model_id,
             "kind": self.kind,
             "run": self.uri,
             "checkpoint": self.checkpoint,
@@ -145,8 +158,11 @@ def load_served_model(
             predictors=[pred],
         )
     if not is_run_dir_spec(entry.run):
-        raise ValueError(f"model {entry.id!r}: run {entry.run!r} is not a run dir path or URI")
-    rd = RunDir(entry.run, storage, what=f"model {entry.id!r}: run {entry.run!r}")
+        raise ValueError(
+            f"run {run_name(entry.run)!r} is not a run dir path or URI (expected a path with a "
+            "'/', or an s3:// or gs:// URI)"
+        )
+    rd = RunDir(entry.run, storage, what=f"run {run_name(entry.run)!r}")
     run = rd.uri
     labels = rd.labels()  # FileNotFoundError: no run there (not trained yet)
     if labels["kind"] == METRIC:

@@ -147,6 +147,14 @@ class PrototypeStore:
 
     # ------------------------------------------------------------------ queries
 
+    @property
+    def origin(self) -> str | None:
+        """Which table the prototypes come from, as a response says it (never its path):
+        ``"serving"`` (enrolled since training), ``"trained"``, or None (none yet)."""
+        if not self.source:
+            return None
+        return "serving" if self.source.endswith(SERVING) else "trained"
+
     def list(self) -> list[dict]:
         return [
             {"class": n, "count": c, "seen_in_training": s, "enrolled": e}

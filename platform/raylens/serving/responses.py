@@ -11,17 +11,19 @@ from collections.abc import Sequence
 import numpy as np
 
 from raylens.rundir import METRIC
-from raylens.serving.settings import ServeConfig
+from raylens.serving.settings import ServeConfig, run_name
 
 
 def models_body(cfg: ServeConfig) -> dict:
-    """``/v1/models``: the configured models, the default, and the on-demand runs root."""
+    """``/v1/models``: the configured models (each run by its name, never its location),
+    the default, and whether other runs are served on demand (``runs_root``)."""
     return {
         "models": [
-            {"id": m.id, "run": m.run or None, "backbone": m.backbone or None} for m in cfg.models
+            {"id": m.id, "run": run_name(m.run) if m.run else None, "backbone": m.backbone or None}
+            for m in cfg.models
         ],
         "default": cfg.default_id,
-        "runs_root": cfg.runs_root,
+        "on_demand": bool(cfg.runs_root),
     }
 
 
@@ -35,13 +37,15 @@ def readiness(results: Sequence[tuple[str, str | None]]) -> tuple[dict, int]:
 
 def embed_body(model_id: str, desc: dict, embedding: np.ndarray, normalize: bool) -> dict:
     """``/v1/embed``: the embedding (``[D]``, L2-normalized when asked; a metric run's
-    always is), and where it came from (``desc``: the model's ``describe()``)."""
+    always is), and what produced it: ``model_id``, an id such as ``fm@epoch=7``
+    (:attr:`raylens.serving.models.ServedModel.model_id`; ``desc`` is the model's
+    ``describe()``), never a path."""
     e = embedding
     if normalize:
         e = e / max(float(np.linalg.norm(e)), 1e-12)
     return {
         "model": model_id,
-        "model_id": desc["checkpoint"] or desc["run"],
+        "model_id": desc["model_id"],
         "dim": int(e.shape[0]),
         "normalized": normalize or desc["kind"] == METRIC,
         "embedding": e.astype(np.float32).tolist(),

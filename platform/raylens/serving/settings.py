@@ -150,6 +150,12 @@ class ServeConfig:
         raise ModelNotFound(model_id)
 
 
+def run_name(location: str) -> str:
+    """A run dir's or checkpoint's name (its last part: ``runs/fm`` -> ``fm``), for a
+    message or an id that must not show where it lies."""
+    return location.rstrip("/").rsplit("/", 1)[-1] or location
+
+
 def load_settings(args: Mapping[str, Any] | None) -> ServeConfig:
     """``serve/config.yaml``'s application ``args`` → a validated :class:`ServeConfig`."""
     cfg = C.merge(ServeConfig(), dict(args or {}))

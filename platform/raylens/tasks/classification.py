@@ -3,6 +3,12 @@
 Metrics are computed from summable statistics (the confusion matrix and top-k hit
 counts), so N data-parallel workers all-reduce one tensor (:meth:`ClassificationMeter.state`)
 and report exactly what a single worker would have.
+
+Macro averages cover the classes present in the evaluated split (true support > 0), as
+sklearn's ``precision_recall_fscore_support(labels=present)``: a class with no sample
+there has no recall to measure, and scoring it 0 would pull the macro F1 of a perfect
+model below 1. Such classes are listed in ``absent_classes`` (class indices) instead.
+Support-weighted averages give them weight 0 either way.
 """
 
 from __future__ import annotations
@@ -43,11 +49,18 @@ def prf_from_counts(
 
 
 def averaged(values: np.ndarray, support: np.ndarray) -> tuple[float, float]:
-    """``(macro, weighted)`` averages of per-class values (weights: true support)."""
-    macro = float(values.mean()) if values.size else 0.0
+    """``(macro, weighted)`` averages of per-class values over the classes with true
+    support > 0 (weights of the weighted average: that support); 0.0 when none has any."""
+    present = support > 0
+    macro = float(values[present].mean()) if present.any() else 0.0
     total = support.sum()
     weighted = float((values * support).sum() / total) if total > 0 else 0.0
     return macro, weighted
+
+
+def absent_classes(support: np.ndarray) -> list[int]:
+    """Indices of the classes with no true sample: left out of macro averages."""
+    return [int(i) for i in np.flatnonzero(support == 0)]
 
 
 class SumMeter:
@@ -115,7 +128,8 @@ class ClassificationMeter(SumMeter):
         self._add_batch(b, loss)
 
     def compute(self) -> dict:
-        """Scalars (``top1``, ``top5``, ``loss``, macro/weighted P/R/F1) plus per-class arrays."""
+        """Scalars (``top1``, ``top5``, ``loss``, macro/weighted P/R/F1) plus per-class arrays
+        (``per_class_f1``: 0.0 for an absent class) and ``absent_classes``."""
         cm = self.confusion
         tp = np.diag(cm).astype(np.float64)
         support = cm.sum(axis=1).astype(np.float64)
@@ -131,6 +145,7 @@ class ClassificationMeter(SumMeter):
             out["loss"] = self.loss_sum / max(self.count, 1)
         out["count"] = self.count
         out["per_class_f1"] = f1.tolist()
+        out["absent_classes"] = absent_classes(support)
         out["confusion"] = cm.tolist()
         return out
 

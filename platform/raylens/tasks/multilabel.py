@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from raylens.rundir import MULTILABEL
 from raylens.schema import RunConfig
 from raylens.tasks.base import Task, TaskSpec, register_task
-from raylens.tasks.classification import SumMeter, averaged, prf_from_counts
+from raylens.tasks.classification import SumMeter, absent_classes, averaged, prf_from_counts
 
 
 def focal_loss(
@@ -83,8 +83,9 @@ class MultiLabelMeter(SumMeter):
         self._add_batch(true.shape[0], loss)
 
     def compute(self, class_names: list[str] | None = None) -> dict:
-        """Macro/weighted P/R/F1 (weights: true support), subset accuracy, per-class F1,
-        and the 5 best and 5 worst classes by F1 (among classes present in the targets)."""
+        """Macro/weighted P/R/F1 (macro over the classes present in the targets, weights:
+        true support), subset accuracy, per-class F1, ``absent_classes`` (indices of classes
+        no target has), and the 5 best and 5 worst classes by F1 (among present classes)."""
         tp, fp, fn = (x.astype(np.float64) for x in (self.tp, self.fp, self.fn))
         support = tp + fn
         precision, recall, f1 = prf_from_counts(tp, fp, fn)
@@ -95,6 +96,7 @@ class MultiLabelMeter(SumMeter):
         if self.loss_sum or self.count:
             out["loss"] = self.loss_sum / max(self.count, 1)
         out["count"] = self.count
+        out["absent_classes"] = absent_classes(support)
         names = class_names or [str(i) for i in range(self.num_classes)]
         out["per_class"] = {
             names[i]: {
