@@ -66,11 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
 def _sweep(cfg: RunConfig, flags: argparse.Namespace) -> dict:
     distill = cfg.task.name == "classify" and (flags.distill or cfg.distill.teacher)
     trials = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, name="distill"))
-    check_data(trials if distill else cfg)  # before Ray is imported or started
-    from raylens.tune.space import load_space
-    from raylens.tune.sweep import cluster_resources, plan_sweep, retrain_best, run_sweep
+    from raylens.tune.space import load_space  # no Ray: the job's own argument first
 
     space = load_space(Storage(cfg.storage).read_text(flags.space), cfg, flags.space)
+    check_data(trials if distill else cfg)  # before Ray is imported or started
+    from raylens.tune.sweep import cluster_resources, plan_sweep, retrain_best, run_sweep
+
     init_ray(cfg.ray, dashboard=True)  # Tune + Train: stopped trials' CPUs get released
     if distill:
         cfg = trials
