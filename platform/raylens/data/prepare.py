@@ -230,20 +230,20 @@ def _inspect(record: Record, data: bytes, cfg: PrepareConfig) -> Checked:
     )
 
 
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    """A progress bar on stderr (images), at most one redraw every 2 s."""
+    return tqdm(
+        total=total, desc=desc, unit="img", disable=not progress, mininterval=2.0, file=sys.stderr
+    )
+
+
 def validate(
     records: list[Record], storage: Storage, cfg: PrepareConfig, *, progress: bool
 ) -> dict[str, Checked]:
     """:func:`check_record` of every record, in parallel: ``{id: Checked}`` without the
     image bytes (memory stays bounded: :func:`reload` reads them again to write them)."""
     out: dict[str, Checked] = {}
-    bar = tqdm(
-        total=len(records),
-        desc="check",
-        unit="img",
-        disable=not progress,
-        mininterval=2.0,
-        file=sys.stderr,
-    )
+    bar = _bar(len(records), "check", progress)
 
     def check(r: Record) -> Checked:
         return dataclasses.replace(check_record(r, storage, cfg), data=None)
@@ -598,14 +598,7 @@ def prepare(
     # Rows go out in a seeded pseudo-random order, so every shard (and every Ray Data
     # block read from it) mixes classes, even for sources listed class by class.
     ordered = sorted(records, key=lambda r: (SPLITS.index(splits[r.id]), _order_key(seed, r.id)))
-    bar = tqdm(
-        total=len(ordered),
-        desc="write",
-        unit="img",
-        disable=not progress,
-        mininterval=2.0,
-        file=sys.stderr,
-    )
+    bar = _bar(len(ordered), "write", progress)
     with ThreadPoolExecutor(max_workers=cfg.num_threads) as pool:
         for checked in _ordered_map(
             pool,
