@@ -47,13 +47,17 @@ def _fails_before_ray(job: str, dataset: str, monkeypatch, capsys, *extra: str) 
     started = []
     runner = importlib.import_module("jobs.finetune" if job == "distill" else f"jobs.{job}")
     monkeypatch.setattr(runner, "init_ray", lambda *a, **k: started.append(1))
+    # An earlier test in the same pytest process may have left Ray up: compare, and catch any
+    # direct ray.init as well as the job's own init_ray.
+    monkeypatch.setattr(ray, "init", lambda *a, **k: started.append("ray.init"))
+    was_up = ray.is_initialized()
     t0 = time.monotonic()
     with pytest.raises(SystemExit) as exit_:
         module.main([*JOBS[job], f"data.dataset={dataset}", *extra])
     seconds = time.monotonic() - t0
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2, err
-    assert not started and not ray.is_initialized()
+    assert not started and ray.is_initialized() == was_up
     assert seconds < 3, f"{job} took {seconds:.1f} s to refuse {dataset!r}"
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"python -m jobs.{job}: error: "), err
@@ -187,9 +191,10 @@ def test_readers_of_a_card_name_a_damaged_one(prepared, tmp_path):
     ds = tmp_path / "ds"
     shutil.copytree(prepared, ds)
     (ds / CARD).write_text('{"format": ')
+    was_up = ray.is_initialized()
     with pytest.raises(ValueError, match=r"dataset card '.*/ds/dataset.json' is not valid JSON"):
         read_prepared(str(ds), "train", Storage())
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == was_up
 
 
 def test_prepare_rewrites_a_damaged_card(tmp_path):
