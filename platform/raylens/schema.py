@@ -705,12 +705,22 @@ class RayConfig:
     max_failures: int = opt(
         1, "Times a dead worker group is restarted from the last checkpoint (-1: unlimited)."
     )
+    stall_timeout_s: float | None = opt(
+        600.0,
+        "Stop a run with an error naming what holds the resources when, this many seconds on "
+        "end, it reports nothing while tasks, actors or placement groups wait for resources "
+        "(more than the time between two validations); null: wait for ever.",
+    )
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("config key 'ray.num_workers': expected >= 1")
         if self.max_failures < -1:
             raise ConfigError("config key 'ray.max_failures': expected -1 (unlimited) or >= 0")
+        if self.stall_timeout_s is not None and not self.stall_timeout_s > 0:
+            raise ConfigError(
+                "config key 'ray.stall_timeout_s': expected seconds > 0, or null (no limit)"
+            )
 
 
 @dataclass
