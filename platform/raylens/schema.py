@@ -90,7 +90,9 @@ def _control_char(text: str) -> str | None:
 
 def check_run_name(key: str, name: str) -> None:
     """Refuses a run (or experiment) name that cannot be one folder of a run dir on every
-    backend: any other character (``#``, ``?``, ``%``, ``+``, spaces, unicode) works.
+    backend, or that Ray Train cannot run under: any other printable ASCII character
+    (``#``, ``?``, ``%``, ``+``, ``=``, spaces) works. (Unicode works in output dirs, datasets
+    and every other key; Ray Train 2.60 fails on it in a run name, see below.)
 
     Raises:
         ConfigError: naming ``key``, the character and why it cannot work.
@@ -109,6 +111,11 @@ def check_run_name(key: str, name: str) -> None:
             f"control character {c!r}: Ray Train names a local directory after the run, and "
             "S3 listings (XML) cannot return control characters (SeaweedFS lists \\x01 as "
             "U+FFFD)"
+        )
+    elif (c := next((c for c in name if not c.isascii()), None)) is not None:
+        why = (
+            f"non-ASCII character {c!r}: Ray Train 2.60 tags its metrics with the run name and "
+            "Ray's metrics take ASCII only (its controller fails: 'ascii' codec can't encode)"
         )
     elif len(name.encode()) > MAX_NAME_BYTES:
         why = (
