@@ -310,8 +310,14 @@ def test_a_state_api_miss_neither_ends_nor_disturbs_the_run(ray_session, tmp_pat
     assert len(events) == 1 and events[0]["event"] == "restart", ray_rows
     assert events[0]["kind"] == "placement_group_removed", events
     assert "placement group was removed" in events[0]["cause"]
-    assert events[0]["epoch"] == 2 and ray_rows.index(events[0]) == 2  # after epoch 2's row
-    assert [r["resumes"] for r in ray_rows if "event" not in r] == [0, 0, 1, 1]
+    # the event names the last epoch reported before the loss; the run resumed from the
+    # last checkpoint its controller had registered (epoch 2's, or epoch 1's when the loss
+    # came first), and the event sits right before the first resumed row
+    assert events[0]["epoch"] == 2 and events[0]["restarts"] == 1, events
+    at = ray_rows.index(events[0])
+    resumes = [r.get("resumes") for r in ray_rows]
+    assert resumes[:at] == [0] * at and resumes[at + 1 :] == [1] * (len(ray_rows) - at - 1)
+    assert at in (1, 2), ray_rows
     assert len(set(outcome["ray-check"]["pids"])) == 2  # the worker was lost and replaced
 
     safe = outcome["safe"]
@@ -398,11 +404,8 @@ def _second_ray() -> subprocess.Popen:
 def _stop(proc: subprocess.Popen) -> None:
     import signal
 
-    os.killpg(proc.pid, signal.SIGTERM)  # the process and the Ray it started
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the process and the Ray it started
+    proc.wait(timeout=30)
 
 
 @pytest.mark.ray
@@ -479,7 +482,7 @@ def test_the_safe_cleaner_works_beside_another_local_ray(no_ray_here):
 
 SWEEP_SPACE = (
     "space:\n"
-    "  train.lr: {type: loguniform, low: 1.0e-5, high: 3.0e-2}\n"
+    "  train.lr: {type: loguniform, low: 1.0e-4, high: 3.0e-2}\n"
     "fixed:\n"
     "  train.warmup_epochs: 0.0\n"
 )
@@ -498,14 +501,14 @@ def test_a_sweep_releases_stopped_trials_groups_without_rays_cleaner(no_ray_here
     from tests.sourcegen import prepare_quiet, write_folder
 
     storage = Storage()
-    write_folder(storage, str(tmp_path / "raw"), per_class=16)
+    write_folder(storage, str(tmp_path / "raw"), per_class=24)
     prepare_quiet(storage, str(tmp_path / "raw"), str(tmp_path / "ds"))
     (tmp_path / "base.yaml").write_text(
         f"run: {{name: rel, output_dir: {tmp_path / 'runs'}, seed: 0}}\n"
         f"data: {{dataset: {tmp_path / 'ds'}, image_size: 16, batch_size: 16, "
         "eval_crop_pct: 1.0}\n"
         "model: {backbone: vgg_s8}\n"
-        "train: {epochs: 2, lr: 0.003}\n"
+        "train: {epochs: 3, lr: 0.003}\n"
         "ray: {local_num_cpus: 2, stall_timeout_s: 90}\n"
         "tune: {num_samples: 4, n_startup_trials: 4, seed: 3, reduction_factor: 4, "
         "retrain: false}\n"
@@ -530,8 +533,10 @@ def test_a_sweep_releases_stopped_trials_groups_without_rays_cleaner(no_ray_here
     print(f"sweep {took:.0f} s: {summary['status']}")
     print("\n".join(x for x in log.splitlines() if "[tune]" in x))
     assert summary["trials"] == 4 and summary["status"]["error"] == 0, summary
-    # the scenario happened: ASHA stopped a trial mid-run, and it was stopped here
-    assert summary["status"]["stopped"] >= 1, summary
-    assert "was still running when it ended: aborted" in log
+    # the scenario happened: ASHA stopped trials mid-run, their controllers died with them
+    # and (no cleaner) their groups stayed: released here, each one
+    stopped = summary["status"]["stopped"]
+    assert stopped >= 1, summary
+    assert log.count("(Ray Train's cleaner had not removed them): released") >= stopped, log[-3000:]
     assert "[tune] trials' placement groups still holding resources: none" in log
     assert "Found multiple active Ray instances" not in log

@@ -360,11 +360,17 @@ def _worker_failure(exc: BaseException) -> tuple[str, str]:
 def record_event(cfg: RunConfig, event: str, **fields) -> dict:
     """Appends an event row (``{"event": ..., "epoch", "step", **fields, "time"}``) to the
     run's ``metrics.jsonl``; ``epoch``/``step`` are those of the last report before it, so
-    the row sorts where it happened. Returns the row."""
+    the row sorts where it happened. Returns the row.
+
+    Storage retries are cut to 10 s: the caller may be Ray Train's controller, whose
+    restart would wait on an object store that is down (an event is not worth that)."""
+    import dataclasses
+
     from raylens.rundir import RunDir
     from raylens.storage import Storage
 
-    run = RunDir.of(cfg, Storage(cfg.storage))
+    quick = dataclasses.replace(cfg.storage, retry_seconds=min(cfg.storage.retry_seconds, 10.0))
+    run = RunDir.of(cfg, Storage(quick))
     rows = run.history()
     last = next((r for r in reversed(rows) if "event" not in r), {})
     row = {
@@ -446,34 +452,55 @@ class Trainer(TorchTrainer):
         finally:
             if dog:
                 dog.stop()
-            release_run(watch.ledger, watch.run, abort=False, note=log.warning)
+            release_run(watch.ledger, watch.run, running="skip", note=log.warning)
             if own:
                 ray.kill(watch.ledger)
                 watch.ledger = None
 
 
-def release_run(ledger, run: str, *, abort: bool, note: Callable[[str], None] = print) -> list[str]:
+def release_run(
+    ledger, run: str, *, running: str = "skip", note: Callable[[str], None] = print
+) -> bool:
     """Ends ``run`` in ``ledger`` and removes every placement group it got that still holds
-    resources; ``abort``: first stop its controller if it still runs (a Tune trial stopped
-    by ASHA: Ray's graceful abort, so no restart makes a new group). Never raises: returns
-    the groups released (see :func:`release_placement_groups`), told to ``note``."""
+    resources (:func:`release_placement_groups`), logging through ``note``.
+
+    ``running``: what to do while the run's controller still runs: ``"skip"`` (the caller
+    is the run's own finished ``fit``: release now), ``"wait"`` (release nothing and return
+    False, to be called again: a Tune trial's controller lives on for a moment after Tune
+    stops the trial, and may still restart its workers in a new group) or ``"abort"`` (stop
+    it with Ray's graceful abort first). Returns True once released. Never raises: an error
+    is logged and returns False.
+    """
     try:
         status = ray.get(ledger.status.remote(run), timeout=60)
+        controller = status["controller"]
+        if running != "skip" and controller is not None and _alive(controller):
+            if running == "wait":
+                return False
+            with contextlib.suppress(Exception):  # it exits inside abort
+                ray.get(controller.abort.remote(), timeout=60)
+            note(f"run {run!r} was still running: aborted")
         ledger.end.remote(run)
-        if abort and status["controller"] is not None:
-            with contextlib.suppress(Exception):  # it exits inside abort, or had ended
-                ray.get(status["controller"].abort.remote(), timeout=60)
-            note(f"run {run!r} was still running when it ended: aborted")
         released = release_placement_groups(status["groups"])
     except Exception as err:  # never mask the run's own outcome
         note(f"run {run!r}: its placement groups were not released: {_first_line(err)}")
-        return []
+        return False
     if released:
         note(
             f"run {run!r} ended holding {len(released)} placement group(s) (Ray Train's "
             f"cleaner had not removed them): released {', '.join(released)}"
         )
-    return released
+    return True
+
+
+def _alive(actor) -> bool:
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=10)
+    except ray.exceptions.RayActorError:
+        return False
+    except ray.exceptions.GetTimeoutError:  # busy, not dead
+        return True
+    return True
 
 
 class Watchdog(threading.Thread):

@@ -207,43 +207,64 @@ def run_trial(config: dict[str, Any], plan: SweepPlan, ledger=None) -> None:
 
 
 class ReleaseEndedTrials(tune.Callback):
-    """A Tune callback (in the sweep's driver): when a trial ends, its Train run is aborted
-    if it still runs and its placement groups are removed
-    (:func:`~raylens.runtime.launch.release_run`).
+    """A Tune callback (in the sweep's driver): once an ended trial's Train controller is
+    gone, every placement group the trial's run got is removed
+    (:func:`~raylens.runtime.launch.release_run`), whether or not Ray Train's cleaner did.
 
-    Ray Train's own cleaner (a detached actor per run) is meant to do this when a stopped
-    trial's controller dies, and may not: it stops cleaning when another local Ray runs on
-    the machine, and may be turned off (``RAYLENS_PG_CLEANER=off``). Tune calls
-    ``on_trial_complete`` before it stops the trial's actor, so a trial ASHA stops is
-    aborted here (no restart then makes a new group); every trial is released once more
-    when the sweep ends.
+    Ray Train's cleaner (a detached actor per run) is meant to free a stopped trial's group
+    when its controller dies with the trial, and may not: it stops cleaning when another
+    local Ray runs on the machine, and may be turned off (``RAYLENS_PG_CLEANER=off``). A
+    trial's controller still runs when Tune reports the trial ended (Tune then stops the
+    trial, and the controller with it): each loop step checks the ended trials again, a
+    controller still running :attr:`grace_s` later is aborted, and at the sweep's end every
+    trial is released.
     """
 
     #: sweep name -> (ledger, log) of the sweep this driver runs. Tune saves its callbacks
     #: with the experiment and a resumed sweep gets them back: they find the resumed
     #: driver's ledger here, never a handle saved by a driver that died.
     active: dict[str, tuple[Any, Any]] = {}
+    grace_s = 120.0
+    every_s = 2.0
 
     def __init__(self, sweep: str):
         self.sweep = sweep
+        self.ended: dict[str, float] = {}  # trial id -> when it ended
+        self.checked = 0.0
 
-    def _release(self, trial) -> None:
+    def __getstate__(self):
+        return {"sweep": self.sweep}  # a resumed sweep starts with nothing pending
+
+    def __setstate__(self, state):
+        self.__init__(state["sweep"])
+
+    def _release(self, run: str, running: str) -> bool:
         from raylens.runtime.launch import release_run
 
         if self.sweep not in self.active:
-            return
+            return True
         ledger, log = self.active[self.sweep]
-        release_run(ledger, trial.trial_id, abort=True, note=lambda m: log(f"[tune] {m}"))
+        return release_run(ledger, run, running=running, note=lambda m: log(f"[tune] {m}"))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._release(trial)
+        self.ended.setdefault(trial.trial_id, time.monotonic())
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._release(trial)
+        self.ended.setdefault(trial.trial_id, time.monotonic())
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self.checked < self.every_s:
+            return
+        self.checked = now
+        for run, since in list(self.ended.items()):
+            if self._release(run, "abort" if now - since > self.grace_s else "wait"):
+                del self.ended[run]
 
     def on_experiment_end(self, trials, **info):
         for trial in trials:
-            self._release(trial)
+            self._release(trial.trial_id, "abort")
+        self.ended.clear()
 
 
 def held_placement_groups(ledger) -> list[str]:
