@@ -34,8 +34,13 @@ from tests.stores import s3_storage
 pytestmark = [pytest.mark.ray, pytest.mark.faults]
 
 
-def _epochs(storage: Storage, run: str) -> list[dict]:
+def _log(storage: Storage, run: str) -> list[dict]:
     return [json.loads(x) for x in storage.read_text(join(run, "metrics.jsonl")).splitlines()]
+
+
+def _epochs(storage: Storage, run: str) -> list[dict]:
+    """The run's metric rows (its restarts and failures are ``event`` rows: left out)."""
+    return [row for row in _log(storage, run) if "event" not in row]
 
 
 @pytest.mark.timeout(600)
@@ -118,6 +123,11 @@ def test_s3_server_stopped_and_restarted_during_ingest_the_run_completes(ray_ses
         metrics = _epochs(storage, run)
         assert [m["epoch"] for m in metrics] == [1, 2, 3], metrics
         print("resumes per epoch:", [m["resumes"] for m in metrics])
+        # a restart the outage caused is an event row with its cause (recorded while the
+        # store may still be down: best effort, so not counted here)
+        events = [row for row in _log(storage, run) if "event" in row]
+        print("events:", [(e["event"], e["kind"], e["cause"][:120]) for e in events])
+        assert all(e["event"] == "restart" and e["kind"] and e["cause"] for e in events), events
         val, test = card["splits"]["val"]["count"], card["splits"]["test"]["count"]
         assert all(m["val/count"] == val for m in metrics), [m["val/count"] for m in metrics]
         assert out["test"]["count"] == test

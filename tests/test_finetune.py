@@ -214,8 +214,13 @@ def test_a_sigkilled_worker_is_replaced_and_the_run_resumes_from_its_checkpoint(
     )
     thread.join(timeout=5)
     assert killed and killed["rows_before"] < 4, killed  # killed before the run ended
-    metrics = [json.loads(x) for x in metrics_path.read_text().splitlines()]
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines()]
+    metrics = [m for m in rows if "event" not in m]
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]  # continues, no epoch run twice
+    # the restart is an event row with its cause, right before the first resumed row
+    events = [m for m in rows if "event" in m]
+    assert [(e["event"], e["kind"]) for e in events] == [("restart", "worker_lost")], events
+    assert rows[rows.index(events[0]) + 1]["resumes"] == 1, rows
     # rows before the kill come from the first worker (resumes 0), the rest from its
     # replacement, which resumed from a checkpoint written before the kill
     resumes = [m["resumes"] for m in metrics]

@@ -90,7 +90,9 @@ def _control_char(text: str) -> str | None:
 
 def check_run_name(key: str, name: str) -> None:
     """Refuses a run (or experiment) name that cannot be one folder of a run dir on every
-    backend: any other character (``#``, ``?``, ``%``, ``+``, spaces, unicode) works.
+    backend, or that Ray Train cannot run under: any other printable ASCII character
+    (``#``, ``?``, ``%``, ``+``, ``=``, spaces) works. (Unicode works in output dirs, datasets
+    and every other key; Ray Train 2.60 fails on it in a run name, see below.)
 
     Raises:
         ConfigError: naming ``key``, the character and why it cannot work.
@@ -109,6 +111,11 @@ def check_run_name(key: str, name: str) -> None:
             f"control character {c!r}: Ray Train names a local directory after the run, and "
             "S3 listings (XML) cannot return control characters (SeaweedFS lists \\x01 as "
             "U+FFFD)"
+        )
+    elif (c := next((c for c in name if not c.isascii()), None)) is not None:
+        why = (
+            f"non-ASCII character {c!r}: Ray Train 2.60 tags its metrics with the run name and "
+            "Ray's metrics take ASCII only (its controller fails: 'ascii' codec can't encode)"
         )
     elif len(name.encode()) > MAX_NAME_BYTES:
         why = (
@@ -705,12 +712,22 @@ class RayConfig:
     max_failures: int = opt(
         1, "Times a dead worker group is restarted from the last checkpoint (-1: unlimited)."
     )
+    stall_timeout_s: float | None = opt(
+        600.0,
+        "Stop a run with an error naming what holds the resources when, this many seconds on "
+        "end, it reports nothing while tasks, actors or placement groups wait for resources "
+        "(more than the time between two validations); null: wait for ever.",
+    )
 
     def validate(self) -> None:
         if self.num_workers < 1:
             raise ConfigError("config key 'ray.num_workers': expected >= 1")
         if self.max_failures < -1:
             raise ConfigError("config key 'ray.max_failures': expected -1 (unlimited) or >= 0")
+        if self.stall_timeout_s is not None and not self.stall_timeout_s > 0:
+            raise ConfigError(
+                "config key 'ray.stall_timeout_s': expected seconds > 0, or null (no limit)"
+            )
 
 
 @dataclass

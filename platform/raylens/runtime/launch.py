@@ -1,14 +1,27 @@
-"""Ray wiring: build a ``TorchTrainer`` on a budgeted cluster.
+"""Ray wiring: build a ``TorchTrainer`` on a budgeted cluster, and watch it run.
 
 The budget (:mod:`raylens.runtime.resources`) guarantees Ray Data keeps CPUs while the
 train workers run, so ingest can't starve (no deadlock on a 2-CPU machine).
+
+:class:`Trainer` (what :func:`build_trainer` returns) adds to Ray's ``TorchTrainer``:
+
+- on Ray 2.60, a placement-group cleaner that never takes a live run for dead and works
+  beside another local Ray (:class:`SafePlacementGroupCleaner`);
+- :class:`RunWatch`, a Train callback that records infrastructure failures and restarts
+  with their cause in the run's ``metrics.jsonl`` (rows with an ``event`` key) and tells a
+  :class:`RunLedger` which placement groups the run holds and when it last reported;
+- a stall watchdog (``ray.stall_timeout_s``) that stops a run waiting for resources
+  something else holds, with an error naming them, instead of hanging;
+- the run's placement groups released when ``fit`` ends, however it ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,7 +31,34 @@ from ray.train import CheckpointConfig, DataConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
-from raylens.runtime.resources import ResourcePlan, plan_resources
+# Ray Train 2.60 internals (Ray is pinned in pyproject.toml): the callback interfaces a
+# Train run's controller calls, and the placement-group cleaner that SafePlacementGroupCleaner
+# fixes. A Ray upgrade that moves them fails here, at import, not silently in a run.
+from ray.train.v2._internal.callbacks.placement_group_callback import (
+    PlacementGroupCleanerCallback,
+)
+from ray.train.v2._internal.execution.callback import (
+    ControllerCallback,
+    ReportCallback,
+    WorkerGroupCallback,
+)
+from ray.train.v2._internal.execution.controller.placement_group_cleaner import (
+    PlacementGroupCleaner,
+)
+from ray.train.v2._internal.execution.controller.state import (
+    ErroredState,
+    ReschedulingState,
+    RestartingState,
+)
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+from raylens.runtime.resources import (
+    ResourcePlan,
+    StallClock,
+    format_resources,
+    plan_resources,
+    stall_message,
+)
 from raylens.schema import RayConfig, RunConfig
 
 log = logging.getLogger("raylens")
@@ -58,7 +98,7 @@ def build_trainer(
     run_config: RayRunConfig | None = None,
     split: list[str] | None = None,
 ) -> tuple[TorchTrainer, ResourcePlan]:
-    """A ``TorchTrainer`` whose workers and Ray Data share the cluster without starving.
+    """A :class:`Trainer` whose workers and Ray Data share the cluster without starving.
 
     Args:
         split: dataset names sharded across workers (default: all).
@@ -74,7 +114,7 @@ def build_trainer(
     options.resource_limits = options.resource_limits.copy(cpu=plan.data_cpus)
     options.preserve_order = options.preserve_order or cfg.data.preserve_order
     data_config = DataConfig(datasets_to_split=split or "all", execution_options=options)
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=scaling,
@@ -86,15 +126,549 @@ def build_trainer(
     return trainer, plan
 
 
+# ----------------------------------------------------------------------------- the trainer
+
+#: The Ray version whose placement-group cleaner :class:`Trainer` replaces (the pinned one).
+#: On any other version Ray's own cleaner runs untouched, so an upgrade gets upstream's.
+PATCHED_RAY = "2.60.0"
+#: Which cleaner a Train run gets on :data:`PATCHED_RAY`: ``safe`` (the default,
+#: :class:`SafePlacementGroupCleaner`), ``ray`` (Ray's own) or ``off`` (none: the placement
+#: groups of a controller that dies are then freed by :meth:`Trainer.fit`'s release, a
+#: sweep's release, or with the job). Read where ``fit`` is called.
+CLEANER_ENV = "RAYLENS_PG_CLEANER"
+CLEANERS = ("safe", "ray", "off")
+
+
+class ResourceStallError(RuntimeError):
+    """A run stopped by ``ray.stall_timeout_s``: no progress while resources stayed pending.
+    Its message names what waited and which placement groups held the CPUs."""
+
+
+class SafePlacementGroupCleaner(PlacementGroupCleaner):
+    """Ray Train's detached placement-group cleaner, with a liveness check that only acts on
+    a DEAD record of the run's controller.
+
+    Ray 2.60's check (``ray.train.v2._internal.state.util.is_actor_alive``) asks the
+    dashboard's state API for the controller and takes "no record" for dead: when the API
+    misses the record under load, the cleaner removes the live run's placement group and
+    its workers die (``make demo`` lost its worker after epoch 9 this way; it went on only
+    because ``ray.max_failures`` restarted it). Its query also finds the cluster by address
+    auto-detection, which raises "Found multiple active Ray instances" as soon as another
+    local Ray runs on the machine (``serve run``, a second job): the exception ends the
+    cleaner's monitor thread, and every cleanup with it. Here the query names the cluster
+    this actor runs in, and no record or no answer counts as alive (logged); a controller
+    that really died has a DEAD record (Ray keeps dead actors' records).
+
+    Upstream discusses the check on https://github.com/ray-project/ray/pull/65447 (review:
+    "Live PGs cleaned after false death"); remove this class, :class:`SafeCleanerCallback`
+    and :data:`PATCHED_RAY` once the pinned Ray has the fix.
+    """
+
+    warn_every_s = 60.0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+        # Ray's monitor loop calls this module's is_actor_alive. A detached actor has a
+        # process of its own: the replacement reaches no other code.
+        placement_group_cleaner.is_actor_alive = self.controller_alive
+        self._warned_at: float | None = None
+
+    def actor_state(self, actor_id: str, timeout: float) -> str | None:
+        """The state API's record of ``actor_id`` in this actor's own cluster (ALIVE, DEAD,
+        ...), None without one. Raises when the API does not answer."""
+        from ray.util.state import get_actor
+
+        address = ray.get_runtime_context().gcs_address  # never auto-detected
+        record = get_actor(actor_id, address=address, timeout=int(timeout))
+        return None if record is None else record.state
+
+    def controller_alive(self, actor_id: str, timeout: float) -> bool:
+        """False only on a DEAD record; a missing record or no answer is unknown: alive."""
+        try:
+            state = self.actor_state(actor_id, timeout)
+            why = "no record"
+        except Exception as err:  # any failure to ask: unknown, never a death
+            state, why = None, f"no answer ({type(err).__name__}: {_first_line(err)})"
+        if state is not None:
+            self._warned_at = None
+            return state != "DEAD"
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at >= self.warn_every_s:
+            self._warned_at = now
+            log.warning(
+                "placement-group cleaner: the state API gave %s for the Train controller %s; "
+                "taking it as alive (its placement group is kept)",
+                why,
+                actor_id,
+            )
+        return True
+
+
+class SafeCleanerCallback(PlacementGroupCleanerCallback):
+    """Ray Train's cleaner callback, launching ``cleaner`` (a class) instead of Ray's."""
+
+    def __init__(self, cleaner: type = SafePlacementGroupCleaner):
+        super().__init__()
+        self.cleaner = cleaner
+
+    def after_controller_start(self, train_run_context) -> None:
+        from ray.train.v2._internal.callbacks import placement_group_callback
+
+        # Ray's hook launches the class its module names; the controller has a process of
+        # its own, so this reaches only this run's cleaner.
+        placement_group_callback.PlacementGroupCleaner = self.cleaner
+        super().after_controller_start(train_run_context)
+
+
+@ray.remote(num_cpus=0)
+class RunLedger:
+    """What the driver knows of its Train runs (by run name): the controller, the placement
+    groups its worker groups got, when it last reported, whether it ended.
+
+    One per :meth:`Trainer.fit`, or one per sweep (each trial a run), owned by the driver:
+    it outlives a Tune trial that is stopped, so the sweep can still release what the
+    trial held. :class:`RunWatch` writes to it from the run's controller.
+    """
+
+    def __init__(self):
+        self.runs: dict[str, dict] = {}
+
+    def _run(self, run: str) -> dict:
+        if run not in self.runs:
+            self.runs[run] = {"controller": None, "groups": [], "reports": 0, "ended": False}
+        return self.runs[run]
+
+    def controller(self, run: str, handle) -> None:
+        self._run(run)["controller"] = handle
+
+    def add(self, run: str, group: PlacementGroup) -> None:
+        self._run(run)["groups"].append(group)
+
+    def progress(self, run: str) -> None:
+        self._run(run)["reports"] += 1
+
+    def end(self, run: str) -> None:
+        """Marks ``run`` ended and drops its controller's handle (a handle held here would
+        keep a finished controller alive)."""
+        r = self._run(run)
+        r["ended"], r["controller"] = True, None
+
+    def status(self, run: str) -> dict:
+        return dict(self._run(run))
+
+    def owners(self) -> dict[str, tuple[str, bool]]:
+        """Placement group id (hex) -> (run, ended), over every run."""
+        return {g.id.hex(): (run, r["ended"]) for run, r in self.runs.items() for g in r["groups"]}
+
+
+class RunWatch(ControllerCallback, WorkerGroupCallback, ReportCallback):
+    """A Ray Train callback (it runs in the run's controller): tells ``ledger`` about the
+    controller, each worker group's placement group and each report; records a restart
+    (``FailureConfig``) or a final failure with its cause as an ``event`` row of the run's
+    ``metrics.jsonl`` (:func:`record_event`). ``ledger``: a sweep's :class:`RunLedger`;
+    None: :meth:`Trainer.fit` starts one for the run.
+    """
+
+    def __init__(self, cfg: RunConfig, ledger=None):
+        self.cfg, self.ledger = cfg, ledger
+        self.run = cfg.run.name
+        self.restarts = 0
+
+    def _tell(self, method: str, *args) -> None:
+        if self.ledger is not None:
+            getattr(self.ledger, method).remote(self.run, *args)
+
+    def after_controller_start(self, train_run_context) -> None:
+        self._tell("controller", ray.get_runtime_context().current_actor)
+
+    def after_worker_group_start(self, worker_group) -> None:
+        state = worker_group.get_worker_group_state()
+        self._tell("add", state.placement_group_handle.placement_group)
+
+    def after_report(self, training_report, metrics) -> None:
+        self._tell("progress")
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        # a raise here would count as a controller failure: recording is best effort
+        try:
+            if isinstance(current_state, (RestartingState, ReschedulingState)):
+                self.restarts += 1
+                event = "restart"
+            elif isinstance(current_state, ErroredState):
+                event = "failed"
+            else:
+                return
+            kind, cause = failure_cause(current_state.training_failed_error)
+            limit = self.cfg.ray.max_failures
+            record_event(
+                self.cfg,
+                event,
+                kind=kind,
+                cause=cause,
+                restarts=self.restarts,
+                max_failures=limit,
+            )
+        except Exception as err:
+            log.warning("could not record a failure of run %r: %s", self.run, _first_line(err))
+
+
+def _first_line(err: BaseException | str, limit: int = 300) -> str:
+    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+def failure_cause(error: BaseException) -> tuple[str, str]:
+    """``(kind, cause)`` of a Ray Train failure: one line, without ids, paths or tracebacks.
+
+    kind: ``placement_group_removed``, ``node_lost``, ``worker_lost`` (its process died),
+    ``worker_error`` (the training code raised), ``startup`` (the worker group could not
+    start) or ``controller``.
+    """
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        found = [(rank, *_worker_failure(exc)) for rank, exc in sorted(failures.items())]
+        order = ("placement_group_removed", "node_lost", "worker_lost", "worker_error")
+        kind = min((k for _, k, _ in found), key=order.index)
+        return kind, "; ".join(f"rank {rank}: {text}" for rank, _, text in found)
+    inner = getattr(error, "controller_failure", None) or error
+    name = type(inner).__name__
+    if name.startswith("WorkerGroupStartup") or name == "InsufficientClusterResourcesError":
+        return "startup", f"{name}: {_first_line(inner)}"
+    return "controller", f"{name}: {_first_line(inner)}"
+
+
+def _worker_failure(exc: BaseException) -> tuple[str, str]:
+    text = str(exc)
+    low = text.lower()
+    if "placement group was removed" in low:
+        return "placement_group_removed", "worker destroyed: its placement group was removed"
+    if "node has died" in low or "nodedied" in low or type(exc).__name__ == "NodeDiedError":
+        return "node_lost", "worker lost with its node"
+    lost = ("actor died", "worker process has died", "health check", "actor is dead")
+    if any(s in low for s in lost) or "ActorDied" in type(exc).__name__:
+        detail = text.split("Worker exit detail:", 1)[1] if "Worker exit detail:" in text else ""
+        detail = _first_line(detail.split(". ")[0], 160) if detail.strip() else ""
+        return "worker_lost", "worker process lost" + (f" ({detail})" if detail else "")
+    # the training code raised: Ray's text is the worker's traceback, whose last line is
+    # "ExceptionType: message"
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return "worker_error", (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def record_event(cfg: RunConfig, event: str, **fields) -> dict:
+    """Appends an event row (``{"event": ..., "epoch", "step", **fields, "time"}``) to the
+    run's ``metrics.jsonl``; ``epoch``/``step`` are those of the last report before it, so
+    the row sorts where it happened. Returns the row.
+
+    Storage retries are cut to 10 s: the caller may be Ray Train's controller, whose
+    restart would wait on an object store that is down (an event is not worth that)."""
+    import dataclasses
+
+    from raylens.rundir import RunDir
+    from raylens.storage import Storage
+
+    quick = dataclasses.replace(cfg.storage, retry_seconds=min(cfg.storage.retry_seconds, 10.0))
+    run = RunDir.of(cfg, Storage(quick))
+    rows = run.history()
+    last = next((r for r in reversed(rows) if "event" not in r), {})
+    row = {
+        "event": event,
+        "epoch": last.get("epoch", 0),
+        "step": last.get("step", 0),
+        **fields,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    run.write_history([*rows, row])
+    return row
+
+
+def with_events(rows: list[dict], events: list[dict]) -> list[dict]:
+    """``rows`` (metric rows, by step) with ``events`` (event rows) placed after the last
+    row of their step: a resumed worker's history from its checkpoint, plus the events the
+    run dir recorded since (restarts happen between checkpoints)."""
+    out = list(rows)
+    for ev in events:
+        if ev in out:
+            continue
+        i = len(out)
+        while i > 0 and "event" not in out[i - 1] and out[i - 1].get("step", 0) > ev.get("step", 0):
+            i -= 1
+        out.insert(i, ev)
+    return out
+
+
+class Trainer(TorchTrainer):
+    """Ray's ``TorchTrainer`` with raylens's run watch (see the module docstring).
+
+    ``fit`` runs the run's :class:`RunWatch` (given in ``run_config.callbacks``; without
+    one, ``fit`` is Ray's) with a :class:`RunLedger`, the stall watchdog over
+    ``ray.stall_timeout_s``, and releases the run's placement groups when it ends.
+    """
+
+    #: the cleaner class a run launches on PATCHED_RAY (tests substitute one)
+    cleaner: type = SafePlacementGroupCleaner
+
+    @property
+    def watch(self) -> RunWatch | None:
+        return next((c for c in self.run_config.callbacks or [] if isinstance(c, RunWatch)), None)
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        mode = os.environ.get(CLEANER_ENV, "safe")
+        if mode not in CLEANERS:
+            raise ValueError(
+                f"environment variable {CLEANER_ENV}={mode!r}: expected one of {CLEANERS}"
+            )
+        if ray.__version__ != PATCHED_RAY or mode == "ray":
+            return callbacks
+        swapped = []
+        for c in callbacks:
+            if type(c) is PlacementGroupCleanerCallback:
+                if mode == "off":
+                    continue
+                c = SafeCleanerCallback(self.cleaner)
+            swapped.append(c)
+        return swapped
+
+    def fit(self):
+        watch = self.watch
+        if watch is None:
+            return super().fit()
+        own = watch.ledger is None
+        if own:
+            watch.ledger = RunLedger.remote()
+        timeout = watch.cfg.ray.stall_timeout_s
+        dog = Watchdog(watch, timeout) if timeout else None
+        try:
+            if dog:
+                dog.start()
+            return super().fit()
+        except Exception:
+            if dog and dog.error:
+                raise ResourceStallError(dog.error) from None
+            raise
+        finally:
+            if dog:
+                dog.stop()
+            release_run(watch.ledger, watch.run, running="skip", note=log.warning)
+            if own:
+                ray.kill(watch.ledger)
+                watch.ledger = None
+
+
+def release_run(
+    ledger, run: str, *, running: str = "skip", note: Callable[[str], None] = print
+) -> bool:
+    """Ends ``run`` in ``ledger`` and removes every placement group it got that still holds
+    resources (:func:`release_placement_groups`), logging through ``note``.
+
+    ``running``: what to do while the run's controller still runs: ``"skip"`` (the caller
+    is the run's own finished ``fit``: release now), ``"wait"`` (release nothing and return
+    False, to be called again: a Tune trial's controller lives on for a moment after Tune
+    stops the trial, and may still restart its workers in a new group) or ``"abort"`` (stop
+    it with Ray's graceful abort first). Returns True once released. Never raises: an error
+    is logged and returns False.
+    """
+    try:
+        status = ray.get(ledger.status.remote(run), timeout=60)
+        controller = status["controller"]
+        if running != "skip" and controller is not None and _alive(controller):
+            if running == "wait":
+                return False
+            with contextlib.suppress(Exception):  # it exits inside abort
+                ray.get(controller.abort.remote(), timeout=60)
+            note(f"run {run!r} was still running: aborted")
+        ledger.end.remote(run)
+        released = release_placement_groups(status["groups"])
+    except Exception as err:  # never mask the run's own outcome
+        note(f"run {run!r}: its placement groups were not released: {_first_line(err)}")
+        return False
+    if released:
+        note(
+            f"run {run!r} ended holding {len(released)} placement group(s) (Ray Train's "
+            f"cleaner had not removed them): released {', '.join(released)}"
+        )
+    return True
+
+
+def _alive(actor) -> bool:
+    try:
+        ray.get(actor.__ray_ready__.remote(), timeout=10)
+    except ray.exceptions.RayActorError:
+        return False
+    except ray.exceptions.GetTimeoutError:  # busy, not dead
+        return True
+    return True
+
+
+class Watchdog(threading.Thread):
+    """Stops a run that made no progress (no report) for ``timeout_s`` seconds while
+    resources stayed pending (:class:`~raylens.runtime.resources.StallClock`): records a
+    ``stalled`` event, aborts the run's controller (its workers and placement group go) and
+    leaves the error in :attr:`error` for :meth:`Trainer.fit` to raise."""
+
+    def __init__(self, watch: RunWatch, timeout_s: float):
+        super().__init__(name=f"raylens-watchdog-{watch.run}", daemon=True)
+        self.watch, self.timeout_s = watch, timeout_s
+        self.poll_s = max(1.0, min(10.0, timeout_s / 10))
+        self.error: str | None = None
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        clock = StallClock(self.timeout_s)
+        ledger = self.watch.ledger
+        while not self._stop_event.wait(self.poll_s):
+            try:
+                status = ray.get(ledger.status.remote(self.watch.run), timeout=30)
+                pending = pending_demand()
+            except Exception as err:  # unknown this time: no evidence of a stall
+                log.debug("watchdog: %s", _first_line(err))
+                continue
+            now = time.monotonic()
+            if not clock.update(now, pending=bool(pending), reports=status["reports"]):
+                continue
+            self.error = stall_message(
+                self.watch.run,
+                timeout_s=self.timeout_s,
+                stalled_s=clock.stalled_for(now),
+                pending=describe_pending(pending),
+                holders=describe_holders(ledger, self.watch.run),
+                free=ray.available_resources(),
+                total=ray.cluster_resources(),
+            )
+            log.error("%s", self.error)
+            try:
+                record_event(self.watch.cfg, "stalled", kind="stall", cause=self.error)
+            except Exception as err:
+                log.warning("could not record the stall: %s", _first_line(err))
+            if status["controller"] is not None:
+                # Ray's graceful abort (its Ctrl-C): workers stop, the placement group goes;
+                # the controller exits inside it, so the call itself ends in an error
+                with contextlib.suppress(Exception):
+                    ray.get(status["controller"].abort.remote(), timeout=60)
+            return
+
+
+def pending_demand() -> list[tuple[str, dict[str, float], int]]:
+    """Resource demand waiting in the cluster now: ``(what, resources, count)`` for tasks
+    and actors (``"task"``) and placement groups (``"placement group <id>"``), as Ray's
+    autoscaler sees it (the GCS: no dashboard needed, unlike the state API)."""
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=10)
+    out = []
+    for demand in status.resource_demands.ray_task_actor_demand:
+        for b in demand.bundles_by_count:
+            out.append(("task", dict(b.bundle), int(b.count)))
+    for demand in status.resource_demands.placement_group_demand:
+        for b in demand.bundles_by_count:
+            out.append(
+                (f"placement group {(demand.pg_id or '?')[:8]}", dict(b.bundle), int(b.count))
+            )
+    return out
+
+
+def describe_pending(pending: list[tuple[str, dict[str, float], int]]) -> list[str]:
+    """One line per waiting demand; tasks and actors are named when the state API (the
+    dashboard) answers, by their shape otherwise."""
+    names = _pending_names()
+    lines = []
+    for what, resources, count in pending:
+        if what == "task":
+            shown = f" ({names})" if names else ""
+            lines.append(
+                f"{count} task(s)/actor(s) wanting {format_resources(resources)} each{shown}"
+            )
+        else:
+            lines.append(f"{what} wanting {count} x {format_resources(resources)}")
+    return lines
+
+
+def _pending_names() -> str:
+    try:
+        from ray.util.state import list_actors, list_tasks
+
+        address = ray.get_runtime_context().gcs_address
+        tasks = list_tasks(
+            address=address, filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], timeout=5
+        )
+        actors = list_actors(
+            address=address, filters=[("state", "=", "PENDING_CREATION")], timeout=5
+        )
+    except Exception:  # no dashboard, or it does not answer: shapes only
+        return ""
+    counts: dict[str, int] = {}
+    for name in [t.name for t in tasks] + [a.class_name for a in actors]:
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{n} x{c}" if c > 1 else n for n, c in sorted(counts.items()))
+
+
+def describe_holders(ledger, run: str) -> list[str]:
+    """The placement groups holding CPUs or GPUs now, named by their run when ``ledger``
+    knows it (``this run``, ``run 't_0001', ended``)."""
+    try:
+        owners = ray.get(ledger.owners.remote(), timeout=30)
+    except Exception:
+        owners = {}
+    lines = []
+    for pg_id, info in ray.util.placement_group_table().items():
+        if info["state"] in ("REMOVED", "PENDING"):
+            continue
+        held: dict[str, float] = {}
+        for bundle in info["bundles"].values():
+            for k, v in bundle.items():
+                if k in ("CPU", "GPU"):
+                    held[k] = held.get(k, 0.0) + float(v)
+        if not held:
+            continue
+        owner, ended = owners.get(pg_id, (None, False))
+        label = (
+            "this run"
+            if owner == run
+            else f"run {owner!r}{', ended' if ended else ''}"
+            if owner
+            else "not a run of this driver"
+        )
+        lines.append(f"{pg_id[:8]} ({label}): {format_resources(held)}")
+    return lines
+
+
+def release_placement_groups(groups: list[PlacementGroup]) -> list[str]:
+    """Removes those of ``groups`` that still hold resources (not REMOVED); returns one
+    line per group removed (id and resources)."""
+    table = ray.util.placement_group_table()
+    out = []
+    for group in groups:
+        info = table.get(group.id.hex())
+        if not info or info["state"] == "REMOVED":
+            continue
+        remove_placement_group(group)
+        held: dict[str, float] = {}
+        for bundle in info["bundles"].values():
+            for k, v in bundle.items():
+                held[k] = held.get(k, 0.0) + float(v)
+        out.append(f"{group.id.hex()[:8]} ({info['state']}, {format_resources(held)})")
+    return out
+
+
 # ----------------------------------------------------------------------------- Train workers
 
 
 def ray_run_config(cfg: RunConfig, storage, callbacks: list | None = None) -> RayRunConfig:
     """Ray Train's run state in the run dir (so re-running resumes), with the restart budget
     and checkpoint retention (:class:`BestAndLast`). ``callbacks``: Ray Train callbacks (a
-    Tune trial passes ``TuneReportCallback``)."""
+    Tune trial passes ``TuneReportCallback`` and its sweep's :class:`RunWatch`); a
+    :class:`RunWatch` of the run's own is added when none is given."""
     from raylens.storage import split_uri
 
+    callbacks = list(callbacks or [])
+    if not any(isinstance(c, RunWatch) for c in callbacks):
+        callbacks.append(RunWatch(cfg))
     scheme, path = split_uri(cfg.run.output_dir)
     return RayRunConfig(
         name=cfg.run.name,
@@ -264,6 +838,8 @@ def make_reporter(cfg: RunConfig, storage, rank: int, resume: dict | None):
 
     run = RunDir.of(cfg, storage)
     history: list[dict] = list((resume or {}).get("extra", {}).get("history", []))
+    if rank == 0 and resume:  # the events the run dir recorded (restarts...) stay in order
+        history = with_events(history, [row for row in run.history() if "event" in row])
     events = EventLog(storage, run.tensorboard) if rank == 0 else None
     keeper = None
     if rank == 0:

@@ -59,3 +59,84 @@ def plan_resources(cluster_cpus: float, cfg: RayConfig) -> ResourcePlan:
         per = (cluster_cpus - data) / workers
         per = max(0.01, (int(per * 100)) / 100) if per < 1 else float(int(per))
     return ResourcePlan(workers, per, 1.0 if cfg.use_gpu else 0.0, data, cluster_cpus)
+
+
+# ----------------------------------------------------------------------------- stalls
+
+
+class StallClock:
+    """When a run counts as stalled (``ray.stall_timeout_s``): for ``timeout_s`` seconds on
+    end, resources stayed pending and the run reported nothing.
+
+    Either alone is normal: an epoch longer than the timeout reports nothing while its
+    tasks run, and a busy cluster queues tasks for a moment while the run keeps reporting.
+    Both together, that long, is a pipeline waiting for CPUs (or GPUs) that something else
+    holds: ``make demo``'s sweep waited for ever on a decode task while finished trials'
+    placement groups held the cluster's CPUs.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.since: float | None = None  # start of the current pending, silent stretch
+        self.reports = -1
+
+    def update(self, now: float, *, pending: bool, reports: int) -> bool:
+        """Feeds one observation (``now`` in seconds, any monotonic clock; ``reports``: the
+        run's reports so far). True once stalled."""
+        if not pending or reports != self.reports:
+            self.since = None if not pending else now
+            self.reports = reports
+            return False
+        if self.since is None:
+            self.since = now
+        return now - self.since >= self.timeout_s
+
+    def stalled_for(self, now: float) -> float:
+        return 0.0 if self.since is None else now - self.since
+
+
+def format_resources(resources: dict[str, float]) -> str:
+    """``{"CPU": 1.0, "memory": 5e8}`` -> ``"1 CPU"``: the schedulable units people read
+    (CPU, GPU, custom resources; ``CPU_group_<id>`` is a CPU of placement group ``<id>``);
+    memory and Ray's internal resources are left out."""
+    parts = []
+    for key, value in sorted(resources.items()):
+        if not value or key in ("memory", "object_store_memory") or key.startswith("node:"):
+            continue
+        name, _, group = key.partition("_group_")
+        if name == "bundle":
+            continue
+        group = group.rsplit("_", 1)[-1]  # CPU_group_<index>_<id> or CPU_group_<id>
+        parts.append(f"{value:g} {name}" + (f" of placement group {group[:8]}" if group else ""))
+    return " + ".join(parts) or "no CPU/GPU"
+
+
+def stall_message(
+    run: str,
+    *,
+    timeout_s: float,
+    stalled_s: float,
+    pending: list[str],
+    holders: list[str],
+    free: dict[str, float],
+    total: dict[str, float],
+) -> str:
+    """The error of a stalled run: what waits, what holds the resources, what is free.
+
+    Args:
+        pending: one entry per kind of waiting demand, e.g. ``"2 task(s) wanting 1 CPU
+            (MapBatches(_DecodeBatch))"``.
+        holders: one entry per placement group holding CPUs/GPUs, e.g. ``"3f2a9c01 (run
+            't_0001', ended): 1 CPU"``.
+    """
+    cpu = f"CPU {free.get('CPU', 0.0):g} of {total.get('CPU', 0.0):g} free"
+    gpu = f", GPU {free.get('GPU', 0.0):g} of {total['GPU']:g} free" if total.get("GPU") else ""
+    return (
+        f"run {run!r} made no progress for {stalled_s:.0f} s while resources stayed pending "
+        f"(ray.stall_timeout_s={timeout_s:g}); waiting: "
+        + ("; ".join(pending) or "unknown demand")
+        + "; held by placement groups: "
+        + ("; ".join(holders) or "none")
+        + f"; {cpu}{gpu}. Free what holds them (a finished run's placement group: "
+        "ray.util.remove_placement_group) or raise ray.stall_timeout_s (null: no limit)"
+    )

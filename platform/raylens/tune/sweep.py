@@ -27,6 +27,12 @@ last epoch checkpoint.
 ASHA's rungs are not restored by Ray (it stops trials, never pauses them), so after a
 resume trials may run more epochs than ASHA would have allowed, never fewer, and no trial
 is counted twice: each Tune trial is one Optuna trial and one row of the results.
+
+When a trial ends (finished, stopped by ASHA, failed), :class:`ReleaseEndedTrials` stops
+its Train run if it still runs and removes every placement group the run got, whether or
+not Ray Train's placement-group cleaner does: a stopped trial's group that nobody removes
+keeps its CPUs reserved, and the next trial's Ray Data tasks wait for them for ever (seen:
+a 4-trial sweep hung after 2 trials while another local Ray broke Ray's cleaner).
 """
 
 from __future__ import annotations
@@ -41,10 +47,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from raylens import config as C
 from raylens.rundir import RunDir, absolute_paths
+from raylens.runtime.launch import RunLedger
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join, split_uri
 from raylens.tasks import get_task
@@ -176,10 +184,13 @@ class BestSoFarReport(TuneReportCallback):
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
-def run_trial(config: dict[str, Any], plan: SweepPlan) -> None:
-    """The Tune function trainable: one ``TorchTrainer`` fit with the trial's overrides."""
+def run_trial(config: dict[str, Any], plan: SweepPlan, ledger=None) -> None:
+    """The Tune function trainable: one ``TorchTrainer`` fit with the trial's overrides.
+    ``ledger``: the sweep's :class:`~raylens.runtime.launch.RunLedger`, told the trial's
+    controller and placement groups (:class:`ReleaseEndedTrials` releases them)."""
     from ray import tune
 
+    from raylens.runtime.launch import RunWatch
     from raylens.train import finetune
 
     trial_id = tune.get_context().get_trial_id()
@@ -191,8 +202,80 @@ def run_trial(config: dict[str, Any], plan: SweepPlan) -> None:
     if history and history[-1].get("final"):  # finished before the driver died: never retrain
         tune.report(with_best(history[-1], plan, best))
         return
-    callback = BestSoFarReport(plan, best)
-    finetune(cfg, callbacks=[callback], evaluate=False)
+    callbacks = [BestSoFarReport(plan, best), RunWatch(cfg, ledger)]
+    finetune(cfg, callbacks=callbacks, evaluate=False)
+
+
+class ReleaseEndedTrials(tune.Callback):
+    """A Tune callback (in the sweep's driver): once an ended trial's Train controller is
+    gone, every placement group the trial's run got is removed
+    (:func:`~raylens.runtime.launch.release_run`), whether or not Ray Train's cleaner did.
+
+    Ray Train's cleaner (a detached actor per run) is meant to free a stopped trial's group
+    when its controller dies with the trial, and may not: it stops cleaning when another
+    local Ray runs on the machine, and may be turned off (``RAYLENS_PG_CLEANER=off``). A
+    trial's controller still runs when Tune reports the trial ended (Tune then stops the
+    trial, and the controller with it): each loop step checks the ended trials again, a
+    controller still running :attr:`grace_s` later is aborted, and at the sweep's end every
+    trial is released.
+    """
+
+    #: sweep name -> (ledger, log) of the sweep this driver runs. Tune saves its callbacks
+    #: with the experiment and a resumed sweep gets them back: they find the resumed
+    #: driver's ledger here, never a handle saved by a driver that died.
+    active: dict[str, tuple[Any, Any]] = {}
+    grace_s = 120.0
+    every_s = 2.0
+
+    def __init__(self, sweep: str):
+        self.sweep = sweep
+        self.ended: dict[str, float] = {}  # trial id -> when it ended
+        self.checked = 0.0
+
+    def __getstate__(self):
+        return {"sweep": self.sweep}  # a resumed sweep starts with nothing pending
+
+    def __setstate__(self, state):
+        self.__init__(state["sweep"])
+
+    def _release(self, run: str, running: str) -> bool:
+        from raylens.runtime.launch import release_run
+
+        if self.sweep not in self.active:
+            return True
+        ledger, log = self.active[self.sweep]
+        return release_run(ledger, run, running=running, note=lambda m: log(f"[tune] {m}"))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ended.setdefault(trial.trial_id, time.monotonic())
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended.setdefault(trial.trial_id, time.monotonic())
+
+    def on_step_end(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self.checked < self.every_s:
+            return
+        self.checked = now
+        for run, since in list(self.ended.items()):
+            if self._release(run, "abort" if now - since > self.grace_s else "wait"):
+                del self.ended[run]
+
+    def on_experiment_end(self, trials, **info):
+        for trial in trials:
+            self._release(trial.trial_id, "abort")
+        self.ended.clear()
+
+
+def held_placement_groups(ledger) -> list[str]:
+    """The trials' placement groups not removed yet (``<id> (<trial>)``)."""
+    owners = ray.get(ledger.owners.remote(), timeout=60)
+    table = ray.util.placement_group_table()
+    return [
+        f"{pg[:8]} ({run})"
+        for pg, (run, _) in owners.items()
+        if table.get(pg, {}).get("state", "REMOVED") != "REMOVED"
+    ]
 
 
 def _searcher(plan: SweepPlan):
@@ -226,7 +309,7 @@ def _scheduler(plan: SweepPlan):
     )
 
 
-def _trainable(plan: SweepPlan):
+def _trainable(plan: SweepPlan, ledger):
     from ray import tune
 
     # The trial's driver holds no CPU (Tune refuses an empty request, hence 1 byte of
@@ -234,7 +317,8 @@ def _trainable(plan: SweepPlan):
     # holds 1, and Ray Data's 1-CPU decode tasks never start. Its TorchTrainer's workers
     # and Ray Data get their own resources; concurrency (max_concurrent_trials) keeps the
     # trials within the cluster: each plans over plan.cpus_per_trial.
-    return tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0, "memory": 1})
+    trainable = tune.with_parameters(run_trial, plan=plan, ledger=ledger)
+    return tune.with_resources(trainable, {"cpu": 0, "memory": 1})
 
 
 def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, Any]:
@@ -263,9 +347,10 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
         exp_uri = f"{storage_path}/{name}" if scheme == "file" else plan.exp_dir
         if not tune.Tuner.can_restore(exp_uri, storage_filesystem=fs):
             raise FileNotFoundError(f"--resume: no Tune experiment state at {plan.exp_dir!r}")
+        ledger = RunLedger.remote()  # the trials' controllers and placement groups
         tuner = tune.Tuner.restore(
             exp_uri,
-            trainable=_trainable(plan),
+            trainable=_trainable(plan, ledger),
             resume_unfinished=True,
             resume_errored=True,
             storage_filesystem=fs,
@@ -293,8 +378,9 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
                 indent=1,
             ),
         )
+        ledger = RunLedger.remote()
         tuner = tune.Tuner(
-            _trainable(plan),
+            _trainable(plan, ledger),
             tune_config=tune.TuneConfig(
                 search_alg=_searcher(plan),
                 scheduler=_scheduler(plan),
@@ -309,10 +395,18 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
                 storage_filesystem=fs,
                 verbose=1,
                 failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=[ReleaseEndedTrials(plan.name)],
             ),
         )
     t0 = time.time()
-    grid = tuner.fit()
+    ReleaseEndedTrials.active[plan.name] = (ledger, log)
+    try:
+        grid = tuner.fit()
+        held = held_placement_groups(ledger)
+        log(f"[tune] trials' placement groups still holding resources: {held or 'none'}")
+    finally:
+        ReleaseEndedTrials.active.pop(plan.name, None)
+        ray.kill(ledger)
     log(f"[tune] {len(grid)} trials in {time.time() - t0:.0f} s")
     orphans = close_orphans(plan)
     if orphans:
