@@ -51,7 +51,7 @@ from raylens.data.sources import SPLITS, label_space, open_source
 from raylens.data.transforms import ImageTransform, decode_and_transform
 from raylens.predict import ModelSource, Predictor, resolve_model
 from raylens.rundir import RunDir, local_path
-from raylens.runtime.ingest import EXACT_FILES
+from raylens.runtime.ingest import read_shards, reading_context
 from raylens.schema import EmbedConfig, RunConfig, SourceConfig, StorageConfig
 from raylens.storage import Storage, join, split_uri
 
@@ -300,21 +300,13 @@ def build_dataset(plan: EmbedPlan, storage: Storage) -> ray.data.Dataset:
     e = plan.cfg.embed
     rows_per_batch = plan.model.data.decode_rows()
     if plan.shards is not None:
-        fs, _ = storage.resolve(plan.shards[0])
-        # The V1 Parquet read splits shards by row group (see raylens.runtime.ingest.read_prepared).
-        ctx = ray.data.DataContext.get_current()
-        use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-        try:
-            ds = ray.data.read_parquet(
-                [split_uri(f)[1] for f in plan.shards], filesystem=fs, **EXACT_FILES
-            )
-        finally:
-            ctx.use_datasource_v2 = use_v2
+        ds = read_shards(plan.shards, storage)
     else:
         table = plan.raw
-        ds = ray.data.from_arrow(
-            [table.slice(i, rows_per_batch) for i in range(0, table.num_rows, rows_per_batch)]
-        )
+        with reading_context():
+            ds = ray.data.from_arrow(
+                [table.slice(i, rows_per_batch) for i in range(0, table.num_rows, rows_per_batch)]
+            )
     # Without a GPU the decode asks for the actors' CPUs, so Ray Data fuses it into them:
     # each actor decodes its own batches (no pixel hop through the object store, no extra
     # process competing for the cores). With GPUs it stays a CPU task stage of its own,

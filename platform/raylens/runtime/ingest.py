@@ -19,6 +19,7 @@ add ``mix_partner``, ``mix_lam`` and ``mix_label``.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,47 @@ FAILURES_ACTOR = "raylens_ingest_failures"
 # cuts paths at '?': "list index out of range") and add a column per 'k=v' folder of the
 # path (hive partitioning); prepared datasets are neither filtered nor partitioned.
 EXACT_FILES: dict[str, Any] = {"file_extensions": None, "partitioning": None}
+# Below this much object store (Ray's default is 30 % of RAM; a deliberately small store,
+# or a tiny machine), Ray 2.60 Data's per-operator reservation deadlocks raylens's
+# pipelines: jobs.embed over a dataset 4x an 80 MB store stalled with the read holding
+# ~95 MB of blocks and the model stage never starting a task (budget 3.3 MB), until Ray
+# Data's 30-min no-progress timeout (tests/test_pressure.py). Neither smaller blocks
+# (target_max_block_size 8 MB) nor Ray's liveness allowance
+# (object_store_memory_pressure_fraction 0.8) moved it; without the reservation
+# (DataContext.op_resource_reservation_enabled, which Ray calls a kill-switch it may
+# remove) the same job spilled and finished in 35 s. The test fails if that goes.
+SMALL_OBJECT_STORE = 1 << 30
+
+
+@contextlib.contextmanager
+def reading_context():
+    """The DataContext raylens builds its datasets under (each Dataset keeps a copy of the
+    context it was created with); restored afterwards."""
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.use_datasource_v2, ctx.op_resource_reservation_enabled
+    # Ray 2.60's default (V2) Parquet reader starts 32 footer-reader actors per execution
+    # and packs a whole shard into one block, so decode runs as one task on one CPU: 0.43x
+    # the in-memory decode limit on 2 CPUs vs 0.71x with the V1 reader, which splits shards
+    # by row group (benchmarks/RESULTS.md). If V1 is removed, read row groups ourselves
+    # (dataset.json lists the shards).
+    ctx.use_datasource_v2 = False
+    if 0 < ray.cluster_resources().get("object_store_memory", 0) < SMALL_OBJECT_STORE:
+        ctx.op_resource_reservation_enabled = False
+    try:
+        yield ctx
+    finally:
+        ctx.use_datasource_v2, ctx.op_resource_reservation_enabled = saved
+
+
+def read_shards(
+    files: list[str], storage: Storage, columns: list[str] | None = None
+) -> ray.data.Dataset:
+    """A Ray Dataset over exactly these Parquet shard URIs (one filesystem)."""
+    fs, _ = storage.resolve(files[0])
+    with reading_context():
+        return ray.data.read_parquet(
+            [split_uri(f)[1] for f in files], filesystem=fs, columns=columns, **EXACT_FILES
+        )
 
 
 @dataclass(frozen=True)
@@ -202,24 +244,8 @@ def read_prepared(
         )
     if not files:
         raise ValueError(f"dataset {dataset!r} has no rows in split {split!r}")
-    fs, _ = storage.resolve(files[0])
     label_col = "labels" if info.multi_label else "label"
-    # Ray 2.60's default (V2) Parquet reader starts 32 footer-reader actors per execution
-    # and packs a whole shard into one block, so decode runs as one task on one CPU: 0.43x
-    # the in-memory decode limit on 2 CPUs vs 0.71x with the V1 reader, which splits shards
-    # by row group (benchmarks/RESULTS.md). If V1 is removed, read row groups ourselves
-    # (dataset.json lists the shards).
-    ctx = ray.data.DataContext.get_current()
-    use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        ds = ray.data.read_parquet(
-            [split_uri(f)[1] for f in files],
-            filesystem=fs,
-            columns=["id", "image", label_col],
-            **EXACT_FILES,
-        )
-    finally:
-        ctx.use_datasource_v2 = use_v2
+    ds = read_shards(files, storage, columns=["id", "image", label_col])
     return ds, info
 
 
@@ -274,7 +300,8 @@ def read_raw(
         out["image"] = np.array(images, dtype=object)
         return out
 
-    ds = ray.data.from_items(items).map_batches(fetch, batch_size=64)
+    with reading_context():
+        ds = ray.data.from_items(items).map_batches(fetch, batch_size=64)
     return ds, info
 
 
@@ -556,7 +583,8 @@ def _unit_split(
         len(units)
     )
     items = [{"file": units[i].file, "row_group": units[i].row_group} for i in order]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    with reading_context():
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
     if epoch is None:
         ds = ds.randomize_block_order(
             seed=RandomSeedConfig(seed=cfg.run.seed, reseed_after_execution=True)
