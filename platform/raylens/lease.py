@@ -22,7 +22,8 @@ writes):
   exists); renewing, taking over and releasing happen under ``flock`` on the lease file,
   re-checked to still be the file at the path (POSIX: local disks and NFS);
 * S3: ``PutObject`` with ``If-None-Match: *`` (create) or ``If-Match: <ETag>``, and
-  ``DeleteObject`` with ``If-Match`` (AWS since 2024/2025, SeaweedFS, MinIO). A server
+  ``DeleteObject`` with ``If-Match`` (AWS S3 honours them, writes since 2024, deletes
+  since 2025; so does the SeaweedFS the tests run). A server
   that ignores these headers would let two creators both write; each then reads the
   lease back and only the one whose write stayed goes on, which narrows that race to the
   moments between one's read-back and the other's write;
@@ -56,7 +57,7 @@ import psutil
 
 from raylens.storage import TMP_PREFIX, Storage, StorageError, join, split_uri
 
-LEASE = ".lease.json"  # hidden: Parquet readers and raylens listings skip "."-names
+LEASE = ".lease.json"  # hidden: Parquet readers (pyarrow, pandas) skip "."-names
 FORMAT = "raylens.lease/1"
 TTL_S = 60.0  # a holder gone without a trace is taken over after this long
 _ATTEMPTS = 8  # compare-and-swap rounds lost to other contenders before giving up
@@ -585,7 +586,10 @@ class Lease:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        try:
+            self.release()
+        except StorageError as err:  # never hides the job's own error, nor fails its result
+            self.log(f"[lease] {err}; it lapses {self.ttl_s:g} s after its last renewal")
 
 
 def hold(
