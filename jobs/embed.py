@@ -58,6 +58,7 @@ def _embed(cfg: RunConfig, _flags) -> dict:
         job="jobs.embed",
         what=f"embeddings output {plan.output!r}",
         key="embed.output",
+        run=cfg.run.name,
     ):
         init_ray(cfg.ray)
         manifest = run_metric_embed(plan, storage) if metric else run_embed(plan, storage)

@@ -29,7 +29,12 @@ def _prepare(cfg: RunConfig, _flags) -> dict:
     storage = Storage(cfg.storage)
     out = cfg.prepare.output
     with hold(
-        out, storage, job="jobs.prepare", what=f"dataset output {out!r}", key="prepare.output"
+        out,
+        storage,
+        job="jobs.prepare",
+        what=f"dataset output {out!r}",
+        key="prepare.output",
+        run=cfg.run.name,
     ):
         card = prepare(cfg.source, cfg.prepare, storage, seed=cfg.run.seed)
         storage.write_text(join(out, "config.yaml"), C.to_yaml(cfg))

@@ -63,6 +63,7 @@ def _teacher(cfg: RunConfig, flags: argparse.Namespace) -> dict:
         job="jobs.teacher_logits",
         what=f"teacher store {store!r}",
         key="distill.store",
+        run=cfg.run.name,
     ):
         init_ray(cfg.ray)
         card = teacher_pass(cfg, storage)
