@@ -9,13 +9,15 @@ backbone name (model.pretrained / model.weights apply). A metric-learning run di
 through its frozen backbones' feature cache, then its fusion model. The eval transform comes from the
 model (the run's data section or the backbone's preprocessing); of data.*, data.dataset
 is read: a prepared dataset, or a raw folder / manifest (source.*, prepare.*_fraction).
-Re-running replaces the output: one row per image, never duplicates. Exit status 1 also
-when a later run took the output over (nothing of this run is committed).
+Re-running replaces the output: one row per image, never duplicates. A second job on an
+output being written is refused (exit 2), naming the first; exit status 1 when a later
+run took the output over after this one's lease lapsed (nothing of this run is committed).
 """
 
 from __future__ import annotations
 
 from raylens.cli import init_ray, run_job
+from raylens.lease import hold
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
 
@@ -50,8 +52,16 @@ def _embed(cfg: RunConfig, _flags) -> dict:
     metric = is_metric_run(cfg.embed.model, storage)
     # model, dataset and output are checked before Ray starts
     plan = plan_metric_embed(cfg, storage) if metric else plan_embed(cfg, storage)
-    init_ray(cfg.ray)
-    manifest = run_metric_embed(plan, storage) if metric else run_embed(plan, storage)
+    with hold(
+        plan.output,
+        storage,
+        job="jobs.embed",
+        what=f"embeddings output {plan.output!r}",
+        key="embed.output",
+        run=cfg.run.name,
+    ):
+        init_ray(cfg.ray)
+        manifest = run_metric_embed(plan, storage) if metric else run_embed(plan, storage)
     print(
         f"\nembeddings: {plan.output}  ({manifest['rows']:,} rows, dim {manifest['dim']}, "
         f"{len(manifest['files'])} file(s); manifest: {join(plan.output, MANIFEST)})"

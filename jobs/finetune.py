@@ -5,7 +5,8 @@
     python -m jobs.finetune --config jobs/configs/distill_fashion_mnist.yaml # task.name=distill
     ray job submit --working-dir . -- python -m jobs.finetune --config jobs/configs/<x>.yaml
 
-Re-running with the same run.name resumes from the run's last checkpoint.
+Re-running with the same run.name resumes from the run's last checkpoint. While one job
+trains a run, a second on the same run dir is refused (exit 2), naming the first.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ def run(argv: list[str] | None, *, prog: str, description: str, distill: bool) -
         prog=prog,
         description=description,
         sections=SECTIONS,
-        main=functools.partial(_train, distill=distill),
+        main=functools.partial(_train, distill=distill, job=prog.split()[-1]),
         report=_report,
     )
 
 
-def _train(cfg: RunConfig, _flags, *, distill: bool) -> dict:
+def _train(cfg: RunConfig, _flags, *, distill: bool, job: str) -> dict:
+    from raylens.rundir import RunDir
     from raylens.tasks import get_task
 
     if distill:  # jobs.distill: an alias of task.name=distill
@@ -46,8 +48,9 @@ def _train(cfg: RunConfig, _flags, *, distill: bool) -> dict:
     check_data(cfg)
     from raylens.train import finetune
 
-    init_ray(cfg.ray)
-    return {**finetune(cfg), "metric": spec.default_metric(cfg)}
+    with RunDir.of(cfg).lease(job):  # before Ray starts: a second job fails in seconds
+        init_ray(cfg.ray)
+        return {**finetune(cfg), "metric": spec.default_metric(cfg)}
 
 
 def check_data(cfg: RunConfig) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from raylens import config as C
 from raylens.cli import run_job
+from raylens.lease import hold
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join
 
@@ -26,8 +27,17 @@ def _prepare(cfg: RunConfig, _flags) -> dict:
     from raylens.data.prepare import format_card, prepare
 
     storage = Storage(cfg.storage)
-    card = prepare(cfg.source, cfg.prepare, storage, seed=cfg.run.seed)
-    storage.write_text(join(cfg.prepare.output, "config.yaml"), C.to_yaml(cfg))
+    out = cfg.prepare.output
+    with hold(
+        out,
+        storage,
+        job="jobs.prepare",
+        what=f"dataset output {out!r}",
+        key="prepare.output",
+        run=cfg.run.name,
+    ):
+        card = prepare(cfg.source, cfg.prepare, storage, seed=cfg.run.seed)
+        storage.write_text(join(out, "config.yaml"), C.to_yaml(cfg))
     print(format_card(card))
     print(f"\ndataset: {cfg.prepare.output}  (card: {join(cfg.prepare.output, 'dataset.json')})")
     return card

@@ -14,6 +14,7 @@ import argparse
 import json
 
 from raylens.cli import init_ray, run_job
+from raylens.lease import hold
 from raylens.schema import RunConfig
 from raylens.storage import Storage
 
@@ -55,8 +56,17 @@ def _teacher(cfg: RunConfig, flags: argparse.Namespace) -> dict:
         out = check_store(cfg, storage)
         print(json.dumps(out, indent=1))
         return out
-    init_ray(cfg.ray)
-    card = teacher_pass(cfg, storage)
+    store = cfg.distill.store
+    with hold(
+        store,
+        storage,
+        job="jobs.teacher_logits",
+        what=f"teacher store {store!r}",
+        key="distill.store",
+        run=cfg.run.name,
+    ):
+        init_ray(cfg.ray)
+        card = teacher_pass(cfg, storage)
     b = card["bytes_per_sample_epoch"]
     print(
         f"\nstore: {card['store']}  ({card['rows_per_epoch']} samples x {card['epochs']} epochs, "

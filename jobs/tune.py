@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 
 from raylens.cli import init_ray, run_job
+from raylens.lease import hold
 from raylens.schema import RunConfig
 from raylens.storage import Storage
 
@@ -81,9 +82,20 @@ def _sweep(cfg: RunConfig, flags: argparse.Namespace) -> dict:
         f"{cfg.tune.scheduler} on {plan.metric} ({plan.mode}), {plan.concurrency} at once "
         f"x {plan.cpus_per_trial:g} CPUs; experiment {plan.exp_dir}"
     )
-    summary = run_sweep(plan, resume=flags.resume)
-    if cfg.tune.retrain:
-        summary["retrained"] = retrain_best(plan, summary)
+    # The sweep's lease covers its experiment dir, the trials' run dirs in it included:
+    # trials take none of their own (Tune retries a failed trial while its lease would
+    # still look live); the retrain runs under it too.
+    with hold(
+        plan.exp_dir,
+        Storage(cfg.storage),
+        job="jobs.tune",
+        what=f"sweep {plan.exp_dir!r}",
+        key="tune.name",
+        run=plan.name,
+    ):
+        summary = run_sweep(plan, resume=flags.resume)
+        if cfg.tune.retrain:
+            summary["retrained"] = retrain_best(plan, summary)
     return summary
 
 

@@ -14,6 +14,7 @@ A run dir is ``<run.output_dir>/<run.name>`` (a local path, ``s3://`` or ``gs://
     tensorboard/         TensorBoard event files
     report/              report.md + PNGs
     prototypes.parquet   metric runs: each class's mean train embedding
+    .lease.json          the lease of the job writing the run now (raylens.lease)
 
 Ray Train keeps its own run state in the same directory, so re-running the same command
 with the same run name resumes. Every other module asks this one for names, kinds and
@@ -30,6 +31,7 @@ import yaml
 
 from raylens import config as C
 from raylens.checkpoint import STATE
+from raylens.lease import Lease, hold
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join, split_uri
 
@@ -130,6 +132,12 @@ class RunDir:
 
     def path(self, *parts: str) -> str:
         return join(self.uri, *parts)
+
+    def lease(self, job: str) -> Lease:
+        """The run dir's lease, for ``with``: one job trains a run at a time; a second
+        (``job`` names the holder) is refused, naming the first (:mod:`raylens.lease`)."""
+        name = self.uri.rstrip("/").rsplit("/", 1)[-1]
+        return hold(self.uri, self.storage, job=job, what=self.what, key="run.name", run=name)
 
     @property
     def tensorboard(self) -> str:
