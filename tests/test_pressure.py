@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import threading
 import time
 
@@ -73,6 +74,7 @@ class PeakMemory:
             try:
                 cmd = p.cmdline()
                 name = cmd[0].split()[0] if cmd and cmd[0].startswith("ray::") else p.name()
+                name = re.sub(r"\)?\.[A-Za-z_]+$", lambda m: m.group(0)[:1].strip("."), name)
                 self._keep(name, self._private(p))
             except (self.psutil.NoSuchProcess, self.psutil.AccessDenied, IndexError):
                 continue
