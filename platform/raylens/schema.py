@@ -65,7 +65,8 @@ class RunSection:
     name: str = opt(
         "",
         "Run name; a run dir is <output_dir>/<name>. Required by jobs.finetune and "
-        "jobs.distill; jobs.tune names its sweep '<run.name or sweep>-tune' (tune.name wins).",
+        "jobs.distill; jobs.tune names its sweep '<run.name or sweep>-tune' (tune.name wins). "
+        "Printable ASCII, no '/' or '\\', not '.' or '..'.",
     )
     output_dir: str = opt("runs", "Where run dirs go: a local path, s3://bucket/prefix or gs://...")
     seed: int = opt(0, "Global seed (splits, augmentation, init).")
@@ -732,7 +733,11 @@ class RayConfig:
 
 @dataclass
 class TuneConfig:
-    name: str = opt("", "Experiment name; its dir is <output_dir>/<name>. Empty: <run.name>-tune.")
+    name: str = opt(
+        "",
+        "Experiment name; its dir is <output_dir>/<name>. Empty: <run.name>-tune. Printable "
+        "ASCII, like run.name.",
+    )
     output_dir: str = opt(
         "", "Where experiment dirs go (local, s3://, gs://). Empty: run.output_dir."
     )

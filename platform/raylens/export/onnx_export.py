@@ -202,16 +202,16 @@ def sample_images(
     Raises:
         FileNotFoundError: the run's ``data.dataset`` is missing. ValueError: no test/val rows.
     """
-    from raylens.data.prepare import CARD
+    from raylens.data.prepare import load_card
 
     dataset = cfg.data.dataset
     if not dataset:
         raise ValueError(f"{what}: its config has no data.dataset to take verification images from")
     out: list[tuple[str, str, bytes]] = []
-    if storage.exists(join(dataset, CARD)):
+    card = load_card(storage, dataset)  # a damaged card is named
+    if card is not None:
         import pyarrow.parquet as pq
 
-        card = json.loads(storage.read_text(join(dataset, CARD)))
         for split in ("test", "val"):
             for f in card["splits"][split]["files"]:
                 fs, path = storage.resolve(join(dataset, f))
