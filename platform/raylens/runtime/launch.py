@@ -104,7 +104,7 @@ def build_trainer(
         split: dataset names sharded across workers (default: all).
     """
     plan = budget(cfg.ray)
-    resources = {"CPU": plan.cpus_per_worker}
+    resources = {**cfg.ray.worker_resources, "CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
     scaling = ScalingConfig(
@@ -346,6 +346,12 @@ def _worker_failure(exc: BaseException) -> tuple[str, str]:
         return "placement_group_removed", "worker destroyed: its placement group was removed"
     if "node has died" in low or "nodedied" in low or type(exc).__name__ == "NodeDiedError":
         return "node_lost", "worker lost with its node"
+    if "actor is unavailable" in low or "ActorUnavailable" in type(exc).__name__:
+        # seen when a worker's node dies: its calls fail before Ray marks the node dead
+        return "worker_lost", "worker unreachable (its process or its node stopped answering)"
+    if "closed by peer" in low or "remote worker crashing" in low or "reset by peer" in low:
+        # gloo/NCCL on a rank whose peer went: Ray's text is the C++ error (a build path)
+        return "worker_lost", "collective call failed: a peer worker was lost"
     lost = ("actor died", "worker process has died", "health check", "actor is dead")
     if any(s in low for s in lost) or "ActorDied" in type(exc).__name__:
         detail = text.split("Worker exit detail:", 1)[1] if "Worker exit detail:" in text else ""
@@ -838,7 +844,9 @@ def make_reporter(cfg: RunConfig, storage, rank: int, resume: dict | None):
 
     run = RunDir.of(cfg, storage)
     history: list[dict] = list((resume or {}).get("extra", {}).get("history", []))
-    if rank == 0 and resume:  # the events the run dir recorded (restarts...) stay in order
+    if rank == 0:  # the events the run dir recorded (restarts...) stay in order, also when
+        # a restart starts over: a worker group lost before Ray Train registered any
+        # checkpoint (a node gone right after the first report) resumes from none
         history = with_events(history, [row for row in run.history() if "event" in row])
     events = EventLog(storage, run.tensorboard) if rank == 0 else None
     keeper = None
