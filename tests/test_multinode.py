@@ -514,7 +514,7 @@ def test_serve_under_load_recovers_from_losing_a_replicas_node(nodes, tmp_path, 
     assert all(c == 200 for _, c in before), before
     assert len(during) > 10 and after and all(c == 200 for c in after)
     assert info["recovered_s"] < 60, info
-    assert rate <= 0.10, f"{errors}/{len(during)} failed during recovery"
+    assert rate <= 0.05, f"{errors}/{len(during)} failed during recovery"
 
 
 # ----------------------------------------------------------------------------- Tune
@@ -531,7 +531,7 @@ SPACE = (
 @pytest.mark.faults
 @pytest.mark.timeout(400)
 def test_a_sweep_that_loses_a_node_finishes_with_every_trial_once(nodes, dataset, tmp_path, capsys):
-    """3 trials (FIFO, 3 epochs; 2 at a time: a trial plans over 2 of the 5 CPUs), each
+    """3 trials (FIFO, 2 epochs; 2 at a time: a trial plans over 2 of the 5 CPUs), each
     trial's worker on a worker node. Once a trial's first checkpoint is registered, the
     node of a running trial's worker dies: that trial's run restarts; the sweep finishes
     with 3 trials, none lost, none counted twice, each trial's epochs once."""
@@ -545,8 +545,8 @@ def test_a_sweep_that_loses_a_node_finishes_with_every_trial_once(nodes, dataset
         dataset,
         tmp_path / "runs",
         "sw",
-        "data.batch_size=8",
-        "train.epochs=3",
+        "data.batch_size=16",
+        "train.epochs=2",
         "tune.num_samples=3",
         "tune.n_startup_trials=3",
         "tune.scheduler=fifo",
@@ -585,8 +585,8 @@ def test_a_sweep_that_loses_a_node_finishes_with_every_trial_once(nodes, dataset
     )
     assert summary["trials"] == 3 and summary["status"]["error"] == 0, (summary, lines)
     assert len(trials) == 3 and trials["trial_id"].is_unique, trials  # none lost, none twice
-    for tid, rows in logs.items():  # every trial ran its 3 epochs, each once
-        assert [r["epoch"] for r in rows if "event" not in r] == [1, 2, 3], (tid, rows)
+    for tid, rows in logs.items():  # every trial ran its 2 epochs, each once
+        assert [r["epoch"] for r in rows if "event" not in r] == [1, 2], (tid, rows)
     # the trial whose worker was on the lost node restarted (its worker only: one "pool"
     # per node), and says so
     assert len(hit) == 1, events

@@ -263,6 +263,19 @@ class RunLedger:
         return {g.id.hex(): (run, r["ended"]) for run, r in self.runs.items() for g in r["groups"]}
 
 
+def start_ledger():
+    """A new :class:`RunLedger` on this driver's node: it lives and dies with its driver, as
+    Ray Train places a run's controller. Left to Ray's default it may land on any node and
+    die with that node while the driver runs on (seen: a sweep that lost a worker node
+    failed at its end, its ledger gone)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return RunLedger.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+    ).remote()
+
+
 class RunWatch(ControllerCallback, WorkerGroupCallback, ReportCallback):
     """A Ray Train callback (it runs in the run's controller): tells ``ledger`` about the
     controller, each worker group's placement group and each report; records a restart
@@ -444,7 +457,7 @@ class Trainer(TorchTrainer):
             return super().fit()
         own = watch.ledger is None
         if own:
-            watch.ledger = RunLedger.remote()
+            watch.ledger = start_ledger()
         timeout = watch.cfg.ray.stall_timeout_s
         dog = Watchdog(watch, timeout) if timeout else None
         try:
