@@ -60,7 +60,6 @@ class Nodes:
 
     def __init__(self, cluster):
         self.cluster = cluster
-        self.removed = 0
 
     @property
     def workers(self) -> list:
@@ -84,8 +83,8 @@ class Nodes:
         return found
 
     def kill_and_replace(self, node) -> dict[str, float]:
-        """Kills ``node`` at once, then adds a replacement worker node; returns when each
-        happened (``time.time()``)."""
+        """Kills ``node`` at once, then adds a replacement worker node. Returns ``{"at":
+        time.time() of the kill, "kill_s", "replaced_s": seconds after it}``."""
         import psutil
 
         workers = psutil.Process(node.all_processes["raylet"][0].process.pid).children(True)
@@ -95,7 +94,6 @@ class Nodes:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         killed = time.time()
-        self.removed += 1
         self.cluster.add_node(**WORKER)
         return {"at": t0, "kill_s": killed - t0, "replaced_s": time.time() - t0}
 
@@ -286,7 +284,7 @@ def test_a_train_run_that_loses_a_worker_node_completes_from_its_last_checkpoint
     first = next(r for r in metric_rows if r["resumes"])
     assert first["epoch"] in (info["state"] + 1, info["state"] + 2), (first, info)
     assert out["best"] is not None and out["test"]["count"] == 9
-    assert info["recovered_s"] < 90, info
+    assert info.get("recovered_s", float("inf")) < 90, info
 
 
 def _registered(run: Path) -> int:
@@ -440,8 +438,8 @@ def _replicas() -> set[str]:
 @pytest.mark.faults
 @pytest.mark.timeout(300)
 def test_serve_under_load_recovers_from_losing_a_replicas_node(nodes, tmp_path, capsys):
-    """2 model replicas (1 CPU each: on 2 different nodes), the ingress and the one HTTP
-    proxy on the head; 4 clients classify in a loop. After 40 answers the worker node of a
+    """2 model replicas, one on each worker node (one "pool" each), the ingress and the one
+    HTTP proxy on the head; 4 clients classify in a loop. After 40 answers the worker node of a
     replica dies; Serve replaces the replica. Requests that failed while it did, and the
     time until 2 replicas run again, are printed and bounded."""
     from ray import serve
@@ -560,7 +558,7 @@ def test_a_sweep_that_loses_a_node_finishes_with_every_trial_once(nodes, dataset
     def first_checkpoint() -> str | None:
         for trial in exp.glob("trials/*"):
             rows = _metric_rows(trial / "metrics.jsonl")
-            if _registered(trial) and not rows[-1].get("final"):
+            if _registered(trial) and rows and not rows[-1].get("final"):
                 return trial.name
         return None
 
