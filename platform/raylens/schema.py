@@ -702,6 +702,11 @@ class RayConfig:
     data_cpus: float | None = opt(
         None, "CPUs reserved for Ray Data ingest; null: max(1, 25% of the cluster's CPUs)."
     )
+    worker_resources: dict[str, float] = opt(
+        {},
+        "Custom Ray resources each train worker also asks for, e.g. {train_pool: 1}: the "
+        "workers go only to nodes started with them (ray start --resources); {}: any node.",
+    )
     local_num_cpus: int | None = opt(
         None, "Logical CPUs for a local ray.init; null: the machine's cores."
     )
@@ -725,6 +730,13 @@ class RayConfig:
             raise ConfigError("config key 'ray.num_workers': expected >= 1")
         if self.max_failures < -1:
             raise ConfigError("config key 'ray.max_failures': expected -1 (unlimited) or >= 0")
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or not amount > 0:
+                raise ConfigError(
+                    f"config key 'ray.worker_resources.{name}': expected a custom resource "
+                    "name with an amount > 0 (CPUs and GPUs have keys of their own: "
+                    "ray.cpus_per_worker, ray.use_gpu)"
+                )
         if self.stall_timeout_s is not None and not self.stall_timeout_s > 0:
             raise ConfigError(
                 "config key 'ray.stall_timeout_s': expected seconds > 0, or null (no limit)"

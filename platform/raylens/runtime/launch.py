@@ -104,7 +104,7 @@ def build_trainer(
         split: dataset names sharded across workers (default: all).
     """
     plan = budget(cfg.ray)
-    resources = {"CPU": plan.cpus_per_worker}
+    resources = {**cfg.ray.worker_resources, "CPU": plan.cpus_per_worker}
     if plan.gpus_per_worker:
         resources["GPU"] = plan.gpus_per_worker
     scaling = ScalingConfig(
@@ -263,6 +263,19 @@ class RunLedger:
         return {g.id.hex(): (run, r["ended"]) for run, r in self.runs.items() for g in r["groups"]}
 
 
+def start_ledger():
+    """A new :class:`RunLedger` on this driver's node: it lives and dies with its driver, as
+    Ray Train places a run's controller. Left to Ray's default it may land on any node and
+    die with that node while the driver runs on (seen: a sweep that lost a worker node
+    failed at its end, its ledger gone)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return RunLedger.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+    ).remote()
+
+
 class RunWatch(ControllerCallback, WorkerGroupCallback, ReportCallback):
     """A Ray Train callback (it runs in the run's controller): tells ``ledger`` about the
     controller, each worker group's placement group and each report; records a restart
@@ -346,6 +359,12 @@ def _worker_failure(exc: BaseException) -> tuple[str, str]:
         return "placement_group_removed", "worker destroyed: its placement group was removed"
     if "node has died" in low or "nodedied" in low or type(exc).__name__ == "NodeDiedError":
         return "node_lost", "worker lost with its node"
+    if "actor is unavailable" in low or "ActorUnavailable" in type(exc).__name__:
+        # seen when a worker's node dies: its calls fail before Ray marks the node dead
+        return "worker_lost", "worker unreachable (its process or its node stopped answering)"
+    if "closed by peer" in low or "remote worker crashing" in low or "reset by peer" in low:
+        # gloo/NCCL on a rank whose peer went: Ray's text is the C++ error (a build path)
+        return "worker_lost", "collective call failed: a peer worker was lost"
     lost = ("actor died", "worker process has died", "health check", "actor is dead")
     if any(s in low for s in lost) or "ActorDied" in type(exc).__name__:
         detail = text.split("Worker exit detail:", 1)[1] if "Worker exit detail:" in text else ""
@@ -438,7 +457,7 @@ class Trainer(TorchTrainer):
             return super().fit()
         own = watch.ledger is None
         if own:
-            watch.ledger = RunLedger.remote()
+            watch.ledger = start_ledger()
         timeout = watch.cfg.ray.stall_timeout_s
         dog = Watchdog(watch, timeout) if timeout else None
         try:
@@ -838,7 +857,9 @@ def make_reporter(cfg: RunConfig, storage, rank: int, resume: dict | None):
 
     run = RunDir.of(cfg, storage)
     history: list[dict] = list((resume or {}).get("extra", {}).get("history", []))
-    if rank == 0 and resume:  # the events the run dir recorded (restarts...) stay in order
+    if rank == 0:  # the events the run dir recorded (restarts...) stay in order, also when
+        # a restart starts over: a worker group lost before Ray Train registered any
+        # checkpoint (a node gone right after the first report) resumes from none
         history = with_events(history, [row for row in run.history() if "event" in row])
     events = EventLog(storage, run.tensorboard) if rank == 0 else None
     keeper = None

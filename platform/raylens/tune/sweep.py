@@ -52,7 +52,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from raylens import config as C
 from raylens.rundir import RunDir, absolute_paths
-from raylens.runtime.launch import RunLedger
+from raylens.runtime.launch import start_ledger
 from raylens.schema import RunConfig
 from raylens.storage import Storage, join, split_uri
 from raylens.tasks import get_task
@@ -347,7 +347,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
         exp_uri = f"{storage_path}/{name}" if scheme == "file" else plan.exp_dir
         if not tune.Tuner.can_restore(exp_uri, storage_filesystem=fs):
             raise FileNotFoundError(f"--resume: no Tune experiment state at {plan.exp_dir!r}")
-        ledger = RunLedger.remote()  # the trials' controllers and placement groups
+        ledger = start_ledger()  # the trials' controllers and placement groups
         tuner = tune.Tuner.restore(
             exp_uri,
             trainable=_trainable(plan, ledger),
@@ -378,7 +378,7 @@ def run_sweep(plan: SweepPlan, *, resume: bool = False, log=print) -> dict[str, 
                 indent=1,
             ),
         )
-        ledger = RunLedger.remote()
+        ledger = start_ledger()
         tuner = tune.Tuner(
             _trainable(plan, ledger),
             tune_config=tune.TuneConfig(
