@@ -181,7 +181,9 @@ def test_a_dataset_four_times_the_object_store_trains_and_embeds_with_bounded_me
             f"{peaks}; driver growth {driver_growth:.0f} MB"
         )
         print("[pressure] " + " | ".join(x.strip() for x in spill.splitlines() if "pill" in x))
-    # bounded: no process holds the dataset (each stays under its own baseline plus a
-    # fraction of the data), whatever the data size
+    # bounded: the driver (a test process that holds whatever earlier tests loaded) grows
+    # by less than half the data; no Ray process comes near the whole dataset on top of
+    # its torch baseline (~0.5 GB)
     assert driver_growth < 0.5 * shards / 2**20, peaks
-    assert max(peaks.values()) < 1500, peaks
+    workers = {k: v for k, v in peaks.items() if k != "driver"}
+    assert max(workers.values()) < 1500, workers
