@@ -42,6 +42,7 @@ from raylens.storage import Storage
 from tests.conftest import start_test_ray
 from tests.imagegen import class_image
 from tests.sourcegen import prepare_quiet, write_folder, write_idx
+from tests.test_ray_faults import _WorkerGroupError
 
 HEAD = {"num_cpus": 1, "object_store_memory": 150 * 2**20}
 WORKER = {"num_cpus": 2, "object_store_memory": 150 * 2**20, "resources": {"pool": 1}}
@@ -602,12 +603,6 @@ def test_a_sweep_that_loses_a_node_finishes_with_every_trial_once(nodes, dataset
 
 
 # ----------------------------------------------------------------------------- unit
-
-
-class _WorkerGroupError(Exception):  # the shape of ray.train.WorkerGroupError
-    def __init__(self, failures):
-        super().__init__("Training failed due to worker errors")
-        self.worker_failures = failures
 
 
 class ActorUnavailableError(Exception):
