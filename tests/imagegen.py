@@ -33,6 +33,33 @@ def class_image(cls: int, i: int, size: int = 24, fmt: str = "PNG") -> bytes:
     return encode(Image.fromarray(arr), fmt, **({"quality": 90} if fmt == "JPEG" else {}))
 
 
+def photo(width: int, height: int, seed: int = 0, noise: float = 4.0) -> Image.Image:
+    """A photo-like RGB image: smooth colour gradients and blobs plus Gaussian noise (so it
+    compresses like a photo, not like a flat drawing)."""
+    rng = np.random.default_rng(seed)
+    # Content drawn at 1/8 size and upscaled: cheap at 12 MP, still smooth like a photo.
+    sw, sh = max(1, width // 8), max(1, height // 8)
+    y, x = np.mgrid[0:sh, 0:sw].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, size=3)
+    small = np.stack(
+        [
+            128 + 90 * np.sin(x / sw * np.pi * rng.uniform(1, 4) + phase[0]),
+            110 + 80 * np.sin(y / sh * np.pi * rng.uniform(1, 4) + phase[1]),
+            100 + 70 * np.cos((x + y) / (sw + sh) * np.pi * 3 + phase[2]),
+        ],
+        axis=-1,
+    )
+    for _ in range(12):
+        cy, cx, r = rng.uniform(0, sh), rng.uniform(0, sw), rng.uniform(2, sw / 6 + 2)
+        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r * r))[..., None]
+        small += blob * rng.uniform(-90, 90, size=3)
+    img = Image.fromarray(np.clip(small, 0, 255).astype(np.uint8)).resize(
+        (width, height), Image.BICUBIC
+    )
+    grain = rng.standard_normal(size=(height, width, 3), dtype=np.float32) * np.float32(noise)
+    return Image.fromarray(np.clip(np.asarray(img) + grain, 0, 255).astype(np.uint8))
+
+
 def huge_png(width: int = 20000, height: int = 20000) -> bytes:
     """A valid 1-bit PNG of ``width x height`` (400 M pixels at the default), a few KB on disk."""
     row = b"\x00" + b"\x00" * ((width + 7) // 8)

@@ -56,6 +56,18 @@ def check_auto_augment(spec: str) -> str:
     )
 
 
+# data.decode_reduce_gap's default: see benchmarks/RESULTS.md "Reduced-scale JPEG decoding".
+DECODE_REDUCE_GAP = 2.0
+
+
+def check_reduce_gap(gap: float) -> None:
+    """Raises ConfigError unless ``gap`` is a finite number >= 1 (``data.decode_reduce_gap``)."""
+    if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not 1.0 <= gap < math.inf:
+        raise ConfigError(
+            f"config key 'data.decode_reduce_gap': expected a finite number >= 1, got {gap!r}"
+        )
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -348,6 +360,19 @@ class DataConfig:
     interpolation: Literal["bilinear", "bicubic", "nearest"] | None = opt(
         None, "Resize interpolation (train crops and eval); null: the backbone's pretrained one."
     )
+    decode_reduce: bool = opt(
+        True,
+        "Decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling) when the region resized "
+        "to image_size (the seeded train crop, the eval center box) keeps >= decode_reduce_gap "
+        "x image_size pixels a side at that scale: far less CPU on large photos, pixels close "
+        "to a full decode. The scale is a function of the header size, the crop and these keys, "
+        "so every replay picks the same. false: full decode (the pixels raylens made before).",
+    )
+    decode_reduce_gap: float = opt(
+        DECODE_REDUCE_GAP,
+        "decode_reduce: how many times image_size the reduced region must keep (>= 1, like "
+        "Pillow's reducing_gap): 1 is fastest, larger is closer to a full decode.",
+    )
     rrc_scale: tuple[float, float] = opt((0.08, 1.0), "Train random-resized-crop area range.")
     rrc_ratio: tuple[float, float] = opt((0.75, 1.3333333), "Train crop aspect-ratio range.")
     hflip: float = opt(0.5, "Train horizontal-flip probability.")
@@ -406,6 +431,7 @@ class DataConfig:
             raise ConfigError(f"config key 'data.recount': expected >= 1, got {self.recount}")
         if self.auto_augment is not None:
             check_auto_augment(self.auto_augment)
+        check_reduce_gap(self.decode_reduce_gap)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, features
 
 # Pillow's own bomb check fires at 2x this; we check pixel counts ourselves first.
 Image.MAX_IMAGE_PIXELS = None
@@ -106,6 +106,57 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     return img
 
 
+# Formats whose decoder can scale by 1/2, 1/4 or 1/8 while decoding (libjpeg's DCT scaling,
+# through Pillow's Image.draft); MPO is Pillow's JPEG with extra frames.
+REDUCIBLE_FORMATS = frozenset({"JPEG", "MPO"})
+REDUCTIONS = (8, 4, 2)  # the scales Pillow's JPEG draft offers, largest first
+
+
+def reduction_for(
+    fmt: str | None, box_w: float, box_h: float, out_w: int, out_h: int, gap: float
+) -> int:
+    """The DCT scale (1, 2, 4 or 8) at which to decode an image of format ``fmt`` when only
+    its ``box_w`` x ``box_h`` region (full-resolution pixels) is resized to ``out_w`` x
+    ``out_h``: the largest ``s`` in 8, 4, 2 that leaves the region at least ``gap`` times
+    the output in both directions (``box_w / s >= gap * out_w``, same for h), else 1; always
+    1 for formats other than JPEG/MPO.
+
+    A pure function of its arguments (header size, the seeded crop box, the settings), so
+    every process that replays a sample picks the same scale. ``gap`` works like Pillow's
+    ``reducing_gap``: about 1 is fastest, larger keeps closer to a full decode.
+    """
+    if fmt not in REDUCIBLE_FORMATS:
+        return 1
+    for s in REDUCTIONS:
+        if box_w / s >= gap * out_w and box_h / s >= gap * out_h:
+            return s
+    return 1
+
+
+def apply_draft(img: Image.Image, scale: int) -> int:
+    """Makes the not-yet-loaded ``img`` decode at ``1 / scale`` (libjpeg DCT scaling); returns
+    the scale in effect: ``scale``, or 1 when it is 1, the format cannot scale, the image is
+    already loaded or smaller than ``scale``.
+
+    Read the full size first: after a reduction ``img.size`` is the reduced one,
+    ``ceil(W / scale)`` x ``ceil(H / scale)``, and full-resolution coordinate ``x`` is
+    ``x / scale`` in it (keep it float: flooring shifts the crop by up to a reduced pixel).
+    """
+    w, h = img.size
+    if scale == 1 or img.format not in REDUCIBLE_FORMATS or w < scale or h < scale:
+        return 1
+    # Asking for (W // s, H // s) makes Pillow pick exactly s: W // (W // s) lies in [s, 2s).
+    if img.draft(None, (w // scale, h // scale)) is None:  # already loaded or drafted
+        return 1
+    return scale
+
+
+def decoder_version() -> str | None:
+    """The libjpeg-turbo version Pillow decodes JPEGs with (None when it is plain libjpeg).
+    Scaled decoding's pixels may differ between builds, so replayable records keep it."""
+    return features.version("libjpeg_turbo")
+
+
 def _load(img: Image.Image) -> None:
     try:
         img.load()
@@ -152,15 +203,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def load_rgb(img: Image.Image) -> Image.Image:
+    """Decodes an opened image (:func:`open_image`, after any :func:`apply_draft`) into an
+    8-bit RGB PIL image.
+
+    Raises:
+        ImageRejected: when its pixel data cannot be decoded (e.g. a truncated file).
+    """
+    _load(img)
+    return to_rgb(img)
+
+
 def decode_rgb(data: bytes, *, max_pixels: int = 64_000_000) -> Image.Image:
-    """Decodes image bytes into an 8-bit RGB PIL image.
+    """Decodes image bytes into an 8-bit RGB PIL image, at full resolution.
 
     Raises:
         ImageRejected: when the bytes are not a usable image.
     """
-    img = open_image(data, max_pixels)
-    _load(img)
-    return to_rgb(img)
+    return load_rgb(open_image(data, max_pixels))
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -19,12 +19,18 @@ and ``lam`` (float32: the weight of its own image, 1 when unmixed); the targets 
 teacher's on the mixed image. A store made without mixing has neither column (it is a
 format-1 table), and stores of format 1 are still read, as unmixed. The card records the
 ``mix.*`` settings (null: not mixed).
+
+The card's ``augmentation`` also records ``data.decode_reduce`` and ``data.decode_reduce_gap``
+(reduced-scale JPEG decoding changes pixels, so the student must decode as the teacher did;
+a card without them was made decoding in full), and ``decoder`` the libjpeg-turbo version
+that decoded (scaled decoding's pixels may differ between builds: flagged, not refused).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from raylens.data.images import decoder_version
 from raylens.storage import Storage, join
 
 FORMAT = "raylens.teacher_topk/2"
@@ -186,6 +193,8 @@ AUG_KEYS = (
     "recount",
     "mean",
     "std",
+    "decode_reduce",
+    "decode_reduce_gap",
 )
 # mean/std shape pixels only through RandAugment's fill colour and random erasing's fills
 # (ImageTransform normalizes with them there); elsewhere normalization is the consumer's.
@@ -201,6 +210,11 @@ _AUG_BEFORE_KEYS = {
 }
 
 
+# What a store made before reduced-scale decoding existed did (any format): full decodes.
+_DECODE_BEFORE_KEYS = {"decode_reduce": False, "decode_reduce_gap": None}
+_DECODE_KEYS = tuple(_DECODE_BEFORE_KEYS)
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple)) else value
 
@@ -208,7 +222,34 @@ def _plain(value: Any) -> Any:
 def _same_augmentation(key: str, mine: Any, stored: Any) -> bool:
     if key == "interpolation":  # null resizes bilinearly (ImageTransform's default)
         mine, stored = mine or "bilinear", stored or "bilinear"
+    if key == "decode_reduce":  # absent: the full decode raylens did before
+        mine, stored = bool(mine), bool(stored)
     return _plain(mine) == _plain(stored)
+
+
+def check_decode(card: dict[str, Any], data: dict[str, Any], decoder: str | None) -> str | None:
+    """Raises ValueError when ``data`` (a run's ``data.*`` settings) decodes images otherwise
+    than the store's teacher pass did (``data.decode_reduce`` and, when both reduce,
+    ``data.decode_reduce_gap``); returns a note when this process's libjpeg-turbo
+    (``decoder``, :func:`raylens.data.images.decoder_version`) differs from the store's
+    while reducing (its pixels may then differ slightly; rerun the check to see), else None.
+    """
+    store = card.get("store", "the teacher store")
+    stored = {**_DECODE_BEFORE_KEYS, **card.get("augmentation", {})}
+    reduce = bool(stored["decode_reduce"])
+    for key in _DECODE_KEYS if reduce or data.get("decode_reduce") else ():
+        if not _same_augmentation(key, data.get(key), stored[key]):
+            raise ValueError(
+                f"config key 'data.{key}': {data.get(key)!r}, but {store} was made with "
+                f"{stored[key]!r} (the student must decode images as the teacher pass did)"
+            )
+    if reduce and card.get("decoder") != decoder:
+        return (
+            f"{store} was decoded with libjpeg-turbo {card.get('decoder')}, this process has "
+            f"{decoder}: reduced-scale decodes may differ slightly (jobs.teacher_logits "
+            "--check measures it)"
+        )
+    return None
 
 
 def check_compatible(
@@ -225,7 +266,8 @@ def check_compatible(
     """Raises ValueError naming the first way a store does not fit a student's run.
 
     ``mix``: the student's ``mix.*`` settings (:func:`raylens.data.mix.mix_settings`; None:
-    not mixing), which must be the store's.
+    not mixing), which must be the store's. A libjpeg-turbo other than the store's is only
+    warned about (:func:`check_decode`).
     """
     store = card.get("store", "the teacher store")
     if card.get("format") not in READABLE:
@@ -257,13 +299,16 @@ def check_compatible(
     uses_stats = bool(augmentation.get("auto_augment")) or (augmentation.get("reprob") or 0) > 0
     for key in AUG_KEYS:
         stored, mine = augmentation.get(key), data.get(key)
-        if key in _PIXEL_STATS and not uses_stats:
-            continue
+        if (key in _PIXEL_STATS and not uses_stats) or key in _DECODE_KEYS:
+            continue  # decoding: check_decode below
         if not _same_augmentation(key, mine, stored):
             raise ValueError(
                 f"config key 'data.{key}': {mine!r}, but {store} was made with {stored!r} "
                 "(the student must see the teacher's augmentation)"
             )
+    note = check_decode(card, data, decoder_version())
+    if note:
+        warnings.warn(note, stacklevel=2)
     check_mix(card, mix)
 
 

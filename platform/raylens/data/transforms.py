@@ -10,6 +10,14 @@ reproduces the same pixels exactly, in any process (distillation replays the tea
 augmentation). The train pipeline is timm's order: random-resized-crop, flip, then
 auto-augment or colour jitter, then random erasing (:mod:`raylens.data.augment`); with
 those three off it draws and outputs exactly what it did before they existed.
+
+Decoding only the pixels needed (``data.decode_reduce``): a transform resizes one region of
+the image (the train crop, the eval center box) to ``size``; :func:`decode_transform` reads
+the header, fixes that region from the size and the seed, and lets libjpeg decode a JPEG at
+1/2, 1/4 or 1/8 scale when the region still has ``decode_reduce_gap`` x ``size`` pixels a
+side at that scale (:func:`raylens.data.images.reduction_for`). The scale depends only on
+the header, the seed and the settings, so the teacher pass, the student and any check
+replay the same pixels; with no reduction the pixels are exactly the full decode's.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,10 +41,19 @@ from raylens.data.augment import (
     random_erasing,
     seeded,
 )
-from raylens.data.images import ImageRejected, decode_rgb
-from raylens.schema import DataConfig
+from raylens.data.images import (
+    ImageRejected,
+    apply_draft,
+    load_rgb,
+    open_image,
+    reduction_for,
+)
+from raylens.schema import DECODE_REDUCE_GAP, DataConfig, check_reduce_gap
 
 SEED_BITS = 32  # 4 bytes a sample in a distillation store; plenty for augmentation draws
+
+# (left, top, right, bottom) of the region a transform resizes, in full-resolution pixels
+Box = tuple[float, float, float, float]
 
 
 def sample_seed(base_seed: int, sample_id: str, epoch: int) -> int:
@@ -102,8 +120,11 @@ class ImageTransform:
     recount: int = 1
     mean: tuple[float, float, float] | None = None  # 0-1 scale: AA fill, erasing
     std: tuple[float, float, float] | None = None
+    decode_reduce: bool = True  # data.decode_reduce: see decode_transform
+    decode_reduce_gap: float = DECODE_REDUCE_GAP
 
     def __post_init__(self):
+        check_reduce_gap(self.decode_reduce_gap)
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"config key 'data.interpolation': expected one of {sorted(INTERPOLATIONS)}, "
@@ -133,7 +154,12 @@ class ImageTransform:
                 "config key 'data.eval_crop_pct' is null: resolve preprocessing from the "
                 "backbone first (raylens.preprocess), or set it"
             )
-        common = {"size": cfg.image_size, "train": train}
+        common = {
+            "size": cfg.image_size,
+            "train": train,
+            "decode_reduce": cfg.decode_reduce,
+            "decode_reduce_gap": cfg.decode_reduce_gap,
+        }
         if cfg.interpolation is not None:
             common["interpolation"] = cfg.interpolation
         if not train:
@@ -153,37 +179,87 @@ class ImageTransform:
         )
 
     def __call__(self, img: Image.Image, seed: int | None = None) -> np.ndarray:
-        """``uint8 [3, size, size]``; train mode needs the sample's ``seed``."""
-        resample = INTERPOLATIONS[self.interpolation]
+        """``uint8 [3, size, size]`` of a decoded image; train mode needs the sample's ``seed``."""
+        box, rng = self.crop_box(img.width, img.height, seed)
+        return self.apply(img, box, rng, seed)
+
+    def crop_box(
+        self, width: int, height: int, seed: int | None = None
+    ) -> tuple[Box, np.random.Generator | None]:
+        """The region of a ``width`` x ``height`` image (full resolution, as its header says)
+        that this transform resizes to ``size``, and for train the sample's generator, past
+        the crop's draws (:meth:`apply` draws the flip from it).
+
+        Train: the seeded random-resized crop (integer bounds). Eval: the center box that
+        resizing the short side to ``floor(size / crop_pct)`` and cropping ``size`` keeps.
+        """
         if self.train:
             if seed is None:
                 raise ValueError("train transform needs a per-sample seed")
             # The crop and flip keep their own generator (not augment.seeded), so runs and
             # stores made before the other ops existed replay unchanged.
             rng = np.random.default_rng(seed)
-            left, top, w, h = rrc_box(rng, img.width, img.height, self.scale, self.ratio)
-            out = img.resize((self.size, self.size), resample, box=(left, top, left + w, top + h))
-            if rng.random() < self.hflip:
-                out = out.transpose(Image.FLIP_LEFT_RIGHT)
-            if not (self.auto_augment or self.color_jitter or self.reprob > 0):
-                return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
-            ops = train_ops(self)
-            with seeded(seed) as use:
-                for name, op in ops.pil:
-                    use(name)
-                    out = op(out)
-                pixels = np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
-                if ops.erasing is not None:
-                    use("random_erasing")
-                    pixels = erase_uint8(pixels, ops.erasing, self.mean, self.std)
-            return pixels
+            left, top, w, h = rrc_box(rng, width, height, self.scale, self.ratio)
+            return (left, top, left + w, top + h), rng
+        nw, nh = self._eval_resized(width, height)
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        sx, sy = width / nw, height / nh
+        return (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy), None
+
+    def reduction(self, fmt: str | None, box: Box) -> int:
+        """The DCT scale (1, 2, 4, 8) to decode a ``fmt`` image at when only ``box`` is used
+        (:func:`raylens.data.images.reduction_for`; 1 with ``decode_reduce`` off)."""
+        if not self.decode_reduce:
+            return 1
+        w, h = box[2] - box[0], box[3] - box[1]
+        return reduction_for(fmt, w, h, self.size, self.size, self.decode_reduce_gap)
+
+    def apply(
+        self,
+        img: Image.Image,
+        box: Box,
+        rng: np.random.Generator | None = None,
+        seed: int | None = None,
+        scale: int = 1,
+    ) -> np.ndarray:
+        """``uint8 [3, size, size]`` from ``img`` decoded at ``1 / scale`` of the size
+        :meth:`crop_box` was given, with that call's ``box`` and ``rng`` (train: and the
+        sample's ``seed``, for the auto-augment and erasing sub-seeds)."""
+        resample = INTERPOLATIONS[self.interpolation]
+        if not self.train and scale == 1:
+            return self._eval_full(img, resample)
+        # A reduced image's pixel j covers full-resolution [j * s, (j + 1) * s): the box
+        # divides by s, kept fractional (Pillow resamples from fractional boxes).
+        region = box if scale == 1 else tuple(v / scale for v in box)
+        out = img.resize((self.size, self.size), resample, box=region)
+        if not self.train:
+            return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
+        if rng.random() < self.hflip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        if not (self.auto_augment or self.color_jitter or self.reprob > 0):
+            return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
+        ops = train_ops(self)
+        with seeded(seed) as use:
+            for name, op in ops.pil:
+                use(name)
+                out = op(out)
+            pixels = np.asarray(out, dtype=np.uint8).transpose(2, 0, 1)
+            if ops.erasing is not None:
+                use("random_erasing")
+                pixels = erase_uint8(pixels, ops.erasing, self.mean, self.std)
+        return pixels
+
+    def _eval_resized(self, w: int, h: int) -> tuple[int, int]:
         short = int(math.floor(self.size / self.crop_pct))
-        w, h = img.size
         if w <= h:
-            nw, nh = short, max(short, int(round(h * short / w)))
-        else:
-            nw, nh = max(short, int(round(w * short / h))), short
-        if (nw, nh) != (w, h):
+            return short, max(short, int(round(h * short / w)))
+        return max(short, int(round(w * short / h))), short
+
+    def _eval_full(self, img: Image.Image, resample) -> np.ndarray:
+        """Eval of a full decode: resize the whole image, then crop (the pixels raylens has
+        always made: resizing only the box would differ by a level here and there)."""
+        nw, nh = self._eval_resized(*img.size)
+        if (nw, nh) != img.size:
             img = img.resize((nw, nh), resample)
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
         out = img.crop((left, top, left + self.size, top + self.size))
@@ -215,13 +291,41 @@ def train_ops(tf: ImageTransform) -> TrainOps:
     return TrainOps(tuple(pil), erasing)
 
 
+def decode_transform(
+    data: bytes,
+    transforms: Sequence[ImageTransform],
+    seed: int | None = None,
+    *,
+    max_pixels: int = 64_000_000,
+) -> list[np.ndarray]:
+    """Decodes one image once and applies each of ``transforms`` to it (train ones with the
+    sample's ``seed``): ``uint8 [3, size, size]`` per transform.
+
+    The header gives the full size; each transform fixes its region from it (and the seed);
+    a JPEG then decodes at the smallest reduction any transform asks for (:meth:`reduction`),
+    so with one transform, or several that agree, each gets exactly the pixels it gets in any
+    other process. The public entry for decoding outside a batch (e.g. one served request
+    for the eval transforms of several models).
+
+    Raises:
+        ImageRejected: when the bytes are not a usable image.
+    """
+    img = open_image(data, max_pixels)
+    width, height = img.size  # before any draft: it changes img.size
+    plans = [(t, *t.crop_box(width, height, seed)) for t in transforms]
+    scale = apply_draft(img, min((t.reduction(img.format, box) for t, box, _ in plans), default=1))
+    img = load_rgb(img)
+    return [t.apply(img, box, rng, seed, scale) for t, box, rng in plans]
+
+
 def decode_and_transform(
     images: list[bytes],
     transform: ImageTransform,
     seeds: np.ndarray | None,
     max_pixels: int = 64_000_000,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """Decodes and transforms a batch.
+    """Decodes and transforms a batch (each image as :func:`decode_transform` does: large
+    JPEGs at a reduced scale when ``transform.decode_reduce``).
 
     Returns:
         ``(pixels uint8 [n_ok, 3, s, s], kept row indices [n_ok], failures [(row, reason)])``.
@@ -230,12 +334,12 @@ def decode_and_transform(
     out = np.empty((len(images), 3, transform.size, transform.size), dtype=np.uint8)
     kept, failures = [], []
     for i, data in enumerate(images):
+        seed = None if seeds is None else int(seeds[i])
         try:
-            img = decode_rgb(data, max_pixels=max_pixels)
+            (out[len(kept)],) = decode_transform(data, [transform], seed, max_pixels=max_pixels)
         except ImageRejected as rej:
             failures.append((i, f"{rej.reason}: {rej.detail}"))
             continue
-        out[len(kept)] = transform(img, None if seeds is None else int(seeds[i]))
         kept.append(i)
     return out[: len(kept)], np.asarray(kept, dtype=np.int64), failures
 

@@ -13,7 +13,9 @@ sample's partner and lambda, which the student re-derives and checks.
 
 ``check_store`` replays the augmentation (and mixing) of a sample subset from the seeds,
 reruns the teacher and compares: index mismatch rate and mean absolute probability error,
-and the partners and lambdas re-derived against the stored ones.
+and the partners and lambdas re-derived against the stored ones. It refuses a run whose
+``data.decode_reduce*`` differ from the store's (the pixels would), and reports a
+libjpeg-turbo other than the store's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raylens.data import teacher_store as TS
+from raylens.data.images import decoder_version
 from raylens.data.mix import decode_unit, list_units, mix_settings, read_unit
 from raylens.data.prepare import load_card
 from raylens.data.transforms import (
@@ -152,6 +155,7 @@ def teacher_pass(cfg: RunConfig, storage: Storage, log=print) -> dict[str, Any]:
         "epochs": d.aug_epochs,
         "seed": cfg.run.seed,
         "augmentation": {k: _plain(getattr(cfg.data, k)) for k in TS.AUG_KEYS},
+        "decoder": decoder_version(),  # libjpeg-turbo: reduced-scale pixels depend on it
         "mix": mix,
         "rows_per_epoch": rows // d.aug_epochs,
         "bytes": total_bytes,
@@ -196,6 +200,9 @@ def check_store(cfg: RunConfig, storage: Storage, log=print) -> dict[str, Any]:
     card = TS.load_card(storage, d.store)
     if card.get("mix") is not None or cfg.mix.enabled:
         TS.check_mix(card, mix_settings(cfg.mix))
+    decoder_note = TS.check_decode(card, vars(cfg.data), decoder_version())
+    if decoder_note:
+        log(f"[check] {decoder_note}")
     model, teacher_cfg, _ = load_teacher(d.teacher or card["teacher"], storage)
     require_preprocess(teacher_cfg.data, what=f"teacher run {d.teacher or card['teacher']!r}")
     to_input = TeacherInput(teacher_cfg)
@@ -241,6 +248,7 @@ def check_store(cfg: RunConfig, storage: Storage, log=print) -> dict[str, Any]:
         "mixed": card.get("mix") is not None,
         "partner_mismatches": stats["partners"],
         "lam_mismatches": stats["lams"],
+        "decoder_note": decoder_note,
     }
     log(
         f"[check] {len(ids)} samples x {card['epochs']} epochs: index mismatch rate "
