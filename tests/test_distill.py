@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from raylens.data import teacher_store as TS
+from raylens.data.images import decoder_version
 from raylens.storage import Storage
 from raylens.tasks.distill import dense_from_topk, kd_kl, soft_target_ce, temper, topk_sparse
 
@@ -110,6 +111,103 @@ def test_a_store_that_does_not_fit_the_student_is_named(card, kw, message):
         TS.check_compatible(card, **args)
     TS.check_compatible(_card(), **{**args, "data": {**args["data"], "image_size": 28}})
     TS.check_compatible(_card(k=8), **{**args, "data": {**args["data"], "image_size": 28}})
+
+
+def test_check_replays_reduced_jpeg_decodes_without_a_mismatch(tmp_path):
+    """jobs.teacher_logits --check (check_store, no Ray) on a store whose teacher saw JPEGs
+    decoded at reduced scale (1600x1200 photos, 64 px crops): the replay decodes at the same
+    scales, so the targets match exactly; a check that decodes otherwise is refused."""
+    import json
+
+    import pyarrow.parquet as pq
+    from raylens import config as C
+    from raylens.checkpoint import save_checkpoint
+    from raylens.data.images import open_image
+    from raylens.data.transforms import ImageTransform, decode_and_transform, sample_seed
+    from raylens.infer.teacher import TeacherTopK, check_store
+    from raylens.models.classifier import build_model
+    from raylens.schema import RunConfig
+    from raylens.storage import join
+    from raylens.tasks.distill import TeacherInput
+
+    from tests.imagegen import encode, photo
+    from tests.sourcegen import prepare_quiet
+
+    storage, classes, jpegs = Storage(), ["cat", "dog", "eel"], []
+    for c, name in enumerate(classes):
+        for i in range(4):
+            size = (1600, 1200) if i % 2 else (1200, 1600)
+            jpegs.append(encode(photo(*size, seed=10 * c + i), "JPEG", quality=90))
+            storage.write_bytes(str(tmp_path / "raw" / name / f"{i}.jpg"), jpegs[-1])
+    card = prepare_quiet(storage, str(tmp_path / "raw"), str(tmp_path / "ds"))
+    teacher, store = str(tmp_path / "teacher"), str(tmp_path / "store")
+    stats = ["data.mean=[0.5,0.45,0.4]", "data.std=[0.25,0.25,0.25]", "data.eval_crop_pct=0.875"]
+    tcfg = C.load(RunConfig, None, ["model.backbone=vgg_s16", "data.image_size=64", *stats])
+    torch.manual_seed(0)
+    model = build_model(tcfg.model, len(classes))
+    # A teacher whose outputs follow its input (a fresh one's barely do): BatchNorm statistics
+    # of these photos, a sharper head.
+    pixels, _, _ = decode_and_transform(jpegs, ImageTransform(64, train=False), None)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average
+    with torch.no_grad():
+        model.train()(TeacherInput(tcfg)(torch.from_numpy(pixels)))
+        model.head[-1].weight.mul_(10.0)
+    weights = model.state_dict()
+    save_checkpoint(storage, join(teacher, "checkpoints/epoch=1"), model=weights, extra={})
+    storage.write_text(join(teacher, "config.yaml"), C.to_yaml(tcfg))
+    storage.write_text(join(teacher, "labels.json"), json.dumps({"classes": classes}))
+    best = {"epoch": 1, "checkpoint": "checkpoints/epoch=1", "metrics": {}}
+    storage.write_text(join(teacher, "best.json"), json.dumps(best))
+
+    def cfg_with(*extra):
+        return C.load(RunConfig, None, [
+            f"data.dataset={tmp_path / 'ds'}", "data.image_size=64", *stats,
+            f"distill.teacher={teacher}", f"distill.store={store}", "distill.aug_epochs=2",
+            "distill.topk=2", "distill.check_samples=6", "task.name=distill", *extra])  # fmt: skip
+
+    # the teacher pass's decode and targets, one image per batch (the check batches them all)
+    cfg = cfg_with()
+    transform = ImageTransform.from_config(cfg.data, train=True)
+    rows = [r for f in card["splits"]["train"]["files"]
+            for r in pq.read_table(tmp_path / "ds" / f, columns=["id", "image"]).to_pylist()]  # fmt: skip
+    topk = TeacherTopK(teacher, cfg.storage, k=2)
+    picked = []
+    for epoch in range(2):
+        seeds = np.array([sample_seed(cfg.run.seed, r["id"], epoch) for r in rows])
+        for r, seed in zip(rows, seeds, strict=True):
+            box, _ = transform.crop_box(*open_image(r["image"], 10**8).size, seed)
+            picked.append(transform.reduction("JPEG", box))
+        parts = []
+        for r, seed in zip(rows, seeds, strict=True):
+            pixels, _, _ = decode_and_transform([r["image"]], transform, np.array([seed]))
+            parts.append(topk({"id": np.array([r["id"]], dtype=object), "image": pixels,
+                               "aug_seed": np.array([seed])}))  # fmt: skip
+        cat = {k: np.concatenate([p[k] for p in parts]) for k in ("id", "seed", "idx", "prob")}
+        TS.write_epoch(storage, store, TS.encode([str(i) for i in cat["id"]], epoch, cat["seed"],
+                                                 cat["idx"], cat["prob"]))  # fmt: skip
+    assert max(picked) > 1, picked  # the teacher pass did decode at reduced scale
+    augmentation = {k: _listed(getattr(cfg.data, k)) for k in TS.AUG_KEYS}
+    store_card = {"format": TS.FORMAT, "store": store, "teacher": teacher, "k": 2, "epochs": 2,
+                  "seed": cfg.run.seed, "mix": None, "augmentation": augmentation,
+                  "decoder": decoder_version()}  # fmt: skip
+    storage.write_text(join(store, TS.CARD), json.dumps(store_card))
+
+    report = check_store(cfg, storage, log=lambda m: None)
+    assert report["samples"] == 6 and report["epochs"] == 2 and report["seed_mismatches"] == 0
+    assert report["index_mismatch_rate"] == 0.0 and report["mean_abs_prob_error"] < 1e-4
+    assert report["decoder_note"] is None
+    with pytest.raises(ValueError, match="'data.decode_reduce': False, but .* made with True"):
+        check_store(cfg_with("data.decode_reduce=false"), storage, log=lambda m: None)
+    with pytest.raises(ValueError, match="'data.decode_reduce_gap': 1.0, but .* made with 2.0"):
+        check_store(cfg_with("data.decode_reduce_gap=1.0"), storage, log=lambda m: None)
+    # the check sees decoding differences: a card claiming full decodes, checked with full
+    # decodes, finds the teacher's probabilities off (0.0 above, ~1e-3 here)
+    full = {**store_card, "augmentation": {**augmentation, "decode_reduce": False}}
+    storage.write_text(join(store, TS.CARD), json.dumps(full))
+    other = check_store(cfg_with("data.decode_reduce=false"), storage, log=lambda m: None)
+    assert other["mean_abs_prob_error"] > 3e-4, other
 
 
 # ----------------------------------------------------------------------------- on Ray
@@ -267,7 +365,8 @@ MIX = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "cutmix_minmax": None, "prob": 1
 DATA = {"image_size": 28, "rrc_scale": (0.8, 1.0), "rrc_ratio": (0.9, 1.1), "hflip": 0.5,
         "augment": True, "interpolation": "bicubic", "auto_augment": "rand-m9-n2",
         "color_jitter": None, "reprob": 0.25, "remode": "pixel", "recount": 1,
-        "mean": (0.286,) * 3, "std": (0.353,) * 3}  # fmt: skip
+        "mean": (0.286,) * 3, "std": (0.353,) * 3, "decode_reduce": True,
+        "decode_reduce_gap": 2.0}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -283,11 +382,17 @@ DATA = {"image_size": 28, "rrc_scale": (0.8, 1.0), "rrc_ratio": (0.9, 1.1), "hfl
         # RandAugment's fill colour and erasing's fills depend on the statistics
         ({}, {"data": {"mean": (0.5,) * 3}}, "'data.mean': \\(0.5, 0.5, 0.5\\), but s was made"),
         ({"format": "raylens.teacher_topk/0"}, {}, "format 'raylens.teacher_topk/0', expected"),
+        # reduced-scale JPEG decoding changes pixels: the student must decode as the teacher
+        ({}, {"data": {"decode_reduce": False}}, "'data.decode_reduce': False, but s was made "
+                                                 "with True"),
+        ({}, {"data": {"decode_reduce_gap": 1.0}}, "'data.decode_reduce_gap': 1.0, but s was "
+                                                   "made with 2.0"),
     ],
-)
+)  # fmt: skip
 def test_a_store_whose_mix_or_augmentation_differs_is_named(card, kw, message):
     full = _card(mix=MIX, augmentation={k: list(v) if isinstance(v, tuple) else v
-                                        for k, v in DATA.items()})  # fmt: skip
+                                        for k, v in DATA.items()},
+                 decoder=decoder_version())  # fmt: skip
     args = dict(dataset_card={"fingerprint": "abc"}, data=DATA, topk=5, num_classes=10, seed=0,
                 aug_epochs=4, mix=MIX)  # fmt: skip
     TS.check_compatible(full, **args)
@@ -301,7 +406,7 @@ def test_a_format_1_store_fits_a_student_with_the_augmentation_it_had():
     v1 = _card(format="raylens.teacher_topk/1")  # no mix, none of the newer augmentation keys
     args = dict(dataset_card={"fingerprint": "abc"}, topk=5, num_classes=10, seed=0, aug_epochs=4)
     old = {**DATA, "rrc_scale": (0.8, 1.0), "rrc_ratio": (0.9, 1.1), "auto_augment": None,
-           "reprob": 0.0}  # fmt: skip
+           "reprob": 0.0, "decode_reduce": False}  # fmt: skip
     for interpolation in (None, "bilinear"):  # null resizes bilinearly, as format 1 did
         TS.check_compatible(v1, data={**old, "interpolation": interpolation}, **args)
     # without RandAugment or erasing the statistics shape no pixels: not compared
@@ -313,6 +418,30 @@ def test_a_format_1_store_fits_a_student_with_the_augmentation_it_had():
                             **args)  # fmt: skip
     with pytest.raises(ValueError, match="'mix': this run mixes"):
         TS.check_compatible(v1, data={**old, "interpolation": None}, mix=MIX, **args)
+
+
+def test_a_store_from_before_reduced_decoding_fits_full_decoding_only_and_builds_are_flagged():
+    """A card without data.decode_reduce* was made decoding in full; the libjpeg-turbo a
+    reducing store was decoded with is compared, and a different one is warned about."""
+    args = dict(dataset_card={"fingerprint": "abc"}, topk=5, num_classes=10, seed=0, aug_epochs=4,
+                mix=MIX)  # fmt: skip
+    before = {k: v for k, v in DATA.items() if not k.startswith("decode_reduce")}
+    card = _card(mix=MIX, augmentation={k: _listed(v) for k, v in before.items()})
+    off = {**DATA, "decode_reduce": False}
+    TS.check_compatible(card, data=off, **args)
+    TS.check_compatible(card, data={**off, "decode_reduce_gap": 1.0}, **args)  # unused: off
+    with pytest.raises(ValueError, match="'data.decode_reduce': True, but s was made with False"):
+        TS.check_compatible(card, data=DATA, **args)
+    reducing = _card(mix=MIX, augmentation={k: _listed(v) for k, v in DATA.items()},
+                     decoder="0.0.1")  # fmt: skip
+    with pytest.warns(UserWarning, match="decoded with libjpeg-turbo 0.0.1, this process has"):
+        TS.check_compatible(reducing, data=DATA, **args)
+    same = {**reducing, "decoder": decoder_version()}
+    assert TS.check_decode(same, DATA, decoder_version()) is None
+
+
+def _listed(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 @pytest.mark.ray
