@@ -79,7 +79,11 @@ def test_the_scale_is_the_largest_that_keeps_gap_times_the_output():
         assert reduction_for(fmt, 4000, 3000, 224, 224, 1.0) == 1
     off = ImageTransform(224, train=True, decode_reduce=False)
     assert off.reduction("JPEG", (0, 0, 4000, 3000)) == 1
-    assert EVAL.reduction("JPEG", (0, 0, 4000, 3000)) == 4
+    assert EVAL.reduction("JPEG", (0, 0, 4000, 3000)) == 8
+    assert (
+        ImageTransform(224, train=False, decode_reduce_gap=2).reduction("JPEG", (0, 0, 4000, 3000))
+        == 4
+    )
 
 
 def test_apply_draft_decodes_at_the_scale_asked_and_only_before_loading(jpegs):
@@ -107,7 +111,7 @@ def test_the_decode_uses_the_scale_the_rule_picks(jpegs):
         other = 2 * s if s < 8 else s // 2
         assert not np.array_equal(got, at_scale(data, TRAIN, int(seed), other))
     (ev,), _, _ = decode_and_transform([data], EVAL, None)
-    assert np.array_equal(ev, at_scale(data, EVAL, None, 4))
+    assert np.array_equal(ev, at_scale(data, EVAL, None, 8))  # the box: 2625 px a side
 
 
 def test_reduced_pixels_stay_close_to_the_full_decode(jpegs):
@@ -169,11 +173,11 @@ print(json.dumps("ok"))
 
 def test_several_transforms_share_one_decode_at_the_smallest_scale(jpegs):
     data = jpegs["12mp"]
-    big, small = ImageTransform(448, train=False, crop_pct=0.875), EVAL  # scale 2 and 4
-    assert big.reduction("JPEG", big.crop_box(4000, 3000)[0]) == 2
+    big, small = ImageTransform(448, train=False, crop_pct=0.875), EVAL  # scales 4 and 8
+    assert big.reduction("JPEG", big.crop_box(4000, 3000)[0]) == 4
     a, b = decode_transform(data, [big, small])
     assert np.array_equal(a, decode_transform(data, [big])[0])
-    assert np.array_equal(b, at_scale(data, small, None, 2))  # the shared, finer decode
+    assert np.array_equal(b, at_scale(data, small, None, 4))  # the shared, finer decode
     assert np.abs(b.astype(np.int16) - decode_transform(data, [small])[0]).mean() < 3.0
 
 

@@ -200,8 +200,8 @@ def test_check_replays_reduced_jpeg_decodes_without_a_mismatch(tmp_path):
     assert report["decoder_note"] is None
     with pytest.raises(ValueError, match="'data.decode_reduce': False, but .* made with True"):
         check_store(cfg_with("data.decode_reduce=false"), storage, log=lambda m: None)
-    with pytest.raises(ValueError, match="'data.decode_reduce_gap': 1.0, but .* made with 2.0"):
-        check_store(cfg_with("data.decode_reduce_gap=1.0"), storage, log=lambda m: None)
+    with pytest.raises(ValueError, match="'data.decode_reduce_gap': 2.0, but .* made with 1.0"):
+        check_store(cfg_with("data.decode_reduce_gap=2.0"), storage, log=lambda m: None)
     # the check sees decoding differences: a card claiming full decodes, checked with full
     # decodes, finds the teacher's probabilities off (0.0 above, ~1e-3 here)
     full = {**store_card, "augmentation": {**augmentation, "decode_reduce": False}}

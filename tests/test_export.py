@@ -28,7 +28,7 @@ from raylens.schema import RunConfig
 from raylens.storage import Storage, join
 
 import jobs.export as job
-from tests.imagegen import bad_files, class_image, encode
+from tests.imagegen import bad_files, class_image, encode, photo
 from tests.repo import REPO
 from tests.sourcegen import CLASSES, prepare_quiet, read_prepared, write_manifest
 from tests.stores import s3_storage
@@ -201,6 +201,13 @@ def test_preprocess_json_alone_reproduces_the_eval_input(data):
     palette = Image.new("P", (19, 23), 3)
     palette.info["transparency"] = 3
     images.append(encode(palette, "PNG", transparency=3))
+    # large JPEGs, which the run (data.decode_reduce on) decodes at 1/8 scale, and a PNG
+    large = [encode(photo(640, 480, seed=1), "JPEG", quality=90),
+             encode(photo(300, 700, seed=2).convert("L"), "JPEG", quality=90),
+             encode(photo(640, 480, seed=3), "PNG")]  # fmt: skip
+    images += large
+    assert spec["decode"]["reduce"]["gap"] == pred.data.decode_reduce_gap
+    assert all(P.reduced(b, spec) is not None for b in large[:2]) and not P.reduced(large[2], spec)
     pixels, kept, failures = pred.preprocess(images)
     assert not failures
     ref_pixels, ref_x = P.preprocess(images, spec)

@@ -203,8 +203,10 @@ class ImageTransform:
             return (left, top, left + w, top + h), rng
         nw, nh = self._eval_resized(width, height)
         left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        sx, sy = width / nw, height / nh
-        return (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy), None
+        right, bottom = left + self.size, top + self.size
+        # the same float operations as raylens.export.preprocess.reduced (bit-equal boxes)
+        box = (left * width / nw, top * height / nh, right * width / nw, bottom * height / nh)
+        return box, None
 
     def reduction(self, fmt: str | None, box: Box) -> int:
         """The DCT scale (1, 2, 4, 8) to decode a ``fmt`` image at when only ``box`` is used

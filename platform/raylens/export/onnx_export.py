@@ -357,6 +357,7 @@ def preprocess_spec(plan: ExportPlan, checkpoint_sha: str, model: dict) -> dict[
         std=d.std,
         interpolation=d.interpolation,
         input_name=INPUT,
+        reduce_gap=d.decode_reduce_gap if d.decode_reduce else None,
     )
     activation = "sigmoid" if s.multi_label else "softmax"
     spec["task"] = plan.task

@@ -19,6 +19,11 @@ The spec states the platform's eval transform (``raylens.data.images.decode_rgb`
 3. crop ``image_size`` x ``image_size`` at ``((w - image_size) // 2, (h - image_size) // 2)``.
 4. float32, NCHW, RGB: ``(pixel * scale - mean[c]) / std[c]`` with ``scale = 1 / 255``.
 
+With ``decode.reduce`` (the run's ``data.decode_reduce``), a JPEG whose center box (the
+region steps 2-3 keep, in the file's pixels) is at least ``gap`` x ``image_size`` a side at
+1/2, 1/4 or 1/8 scale is decoded at the largest such scale (libjpeg DCT scaling) and the box
+divided by it is resized straight to ``image_size`` (steps 2-3 in one resize).
+
 This module imports neither torch nor any other part of raylens, so it can be copied to a
 device as it is; ``jobs.export`` checks that it reproduces the PyTorch input on real images.
 """
@@ -36,6 +41,7 @@ from PIL import Image
 FORMAT = "raylens.preprocess/1"
 INTERPOLATION = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+REDUCIBLE = ("JPEG", "MPO")  # formats libjpeg decodes at 1/2, 1/4, 1/8 (Pillow's draft)
 ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
@@ -47,10 +53,12 @@ def build_spec(
     std: Sequence[float],
     interpolation: str = "bilinear",
     input_name: str = "pixels",
+    reduce_gap: float | None = None,
 ) -> dict[str, Any]:
     """The ``decode``/``resize``/``crop``/``normalize``/``input`` sections of preprocess.json
     for an eval transform (``data.image_size``, ``data.eval_crop_pct``,
-    ``data.interpolation``, ``data.mean/std``)."""
+    ``data.interpolation``, ``data.mean/std``; ``reduce_gap``: ``data.decode_reduce_gap``
+    when ``data.decode_reduce`` is on, else None)."""
     if interpolation not in INTERPOLATION:
         raise ValueError(
             f"interpolation {interpolation!r}: expected one of {sorted(INTERPOLATION)}"
@@ -73,6 +81,20 @@ def build_spec(
             },
             "other_modes": "Pillow Image.convert('RGB') (palette, bilevel, CMYK, YCbCr, ...)",
             "exif_orientation": "not applied: pixels as stored in the file",
+            "reduce": None
+            if reduce_gap is None
+            else {
+                "formats": list(REDUCIBLE),
+                "gap": float(reduce_gap),
+                "box": "the center box in the file's pixels: with (nw, nh) the resize size "
+                "and (left, top) the crop offset, (left * w / nw, top * h / nh, "
+                "(left + size) * w / nw, (top + size) * h / nh)",
+                "scale": "the largest s in 8, 4, 2 with box width / s >= gap * size and box "
+                "height / s >= gap * size; none: decode and resize as usual",
+                "implementation": "Pillow Image.draft(None, (w // s, h // s)) before loading "
+                "(libjpeg DCT scaling to ceil(w / s) x ceil(h / s)), then "
+                "Image.resize((size, size), interpolation, box=box / s) (float box)",
+            },
         },
         "resize": {
             "policy": "shorter side to shorter_side, aspect ratio kept, then center crop",
@@ -111,9 +133,43 @@ def build_spec(
     }
 
 
-def decode(data: bytes, spec: dict[str, Any]) -> Image.Image:
-    """Image bytes → 8-bit RGB, by the spec's ``decode`` rules."""
+def reduced(data: bytes, spec: dict[str, Any]) -> np.ndarray | None:
+    """``uint8 [3, s, s]`` by the spec's ``decode.reduce`` rule, or None when it does not
+    apply (no rule, not a JPEG, a box too small to reduce)."""
+    rule = spec["decode"].get("reduce")
     img = Image.open(io.BytesIO(data))
+    if rule is None or img.format not in rule["formats"]:
+        return None
+    w, h = img.size
+    size = spec["crop"]["size"][0]
+    nw, nh = _resized(w, h, spec["resize"]["shorter_side"])
+    left, top = (nw - size) // 2, (nh - size) // 2
+    box = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
+    need = rule["gap"] * size
+    scale = next((s for s in (8, 4, 2) if min(box[2] - box[0], box[3] - box[1]) / s >= need), 1)
+    if scale == 1 or min(w, h) < scale:
+        return None
+    img.draft(None, (w // scale, h // scale))
+    out = _to_rgb(img, spec).resize(
+        (size, size),
+        INTERPOLATION[spec["resize"]["interpolation"]],
+        box=tuple(v / scale for v in box),
+    )
+    return np.ascontiguousarray(np.asarray(out, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def _resized(w: int, h: int, short: int) -> tuple[int, int]:
+    if w <= h:
+        return short, max(short, round(h * short / w))
+    return max(short, round(w * short / h)), short
+
+
+def decode(data: bytes, spec: dict[str, Any]) -> Image.Image:
+    """Image bytes → 8-bit RGB, by the spec's ``decode`` rules (full resolution)."""
+    return _to_rgb(Image.open(io.BytesIO(data)), spec)
+
+
+def _to_rgb(img: Image.Image, spec: dict[str, Any]) -> Image.Image:
     img.load()
     mode = img.mode
     if mode == "RGB":
@@ -135,12 +191,8 @@ def decode(data: bytes, spec: dict[str, Any]) -> Image.Image:
 def resize_and_crop(img: Image.Image, spec: dict[str, Any]) -> np.ndarray:
     """RGB image → ``uint8 [3, s, s]``: the spec's ``resize`` and ``crop``."""
     r, size = spec["resize"], spec["crop"]["size"][0]
-    short = r["shorter_side"]
     w, h = img.size
-    if w <= h:
-        nw, nh = short, max(short, round(h * short / w))
-    else:
-        nw, nh = max(short, round(w * short / h)), short
+    nw, nh = _resized(w, h, r["shorter_side"])
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), INTERPOLATION[r["interpolation"]])
     arr = np.asarray(img, dtype=np.uint8)
@@ -162,5 +214,10 @@ def preprocess(images: Sequence[bytes], spec: dict[str, Any]) -> tuple[np.ndarra
     Raises:
         OSError, ValueError: an image Pillow cannot decode.
     """
-    pixels = np.stack([resize_and_crop(decode(b, spec), spec) for b in images])
+    pixels = np.stack([_pixels(b, spec) for b in images])
     return pixels, normalize(pixels, spec)
+
+
+def _pixels(data: bytes, spec: dict[str, Any]) -> np.ndarray:
+    small = reduced(data, spec)
+    return resize_and_crop(decode(data, spec), spec) if small is None else small
