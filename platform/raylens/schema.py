@@ -57,8 +57,8 @@ def check_auto_augment(spec: str) -> str:
 
 
 # data.decode_reduce_gap's default, chosen for speed (benchmarks/RESULTS.md "Reduced-scale JPEG
-# decoding"): at 224 px from 12 MP JPEGs 2.6x (train) / 4.0x (eval) less CPU than full decodes
-# for a mean error of ~1 level in 255 (PSNR ~42 dB); 2.0 costs ~2.0x / 3.3x for ~0.3 (~52 dB).
+# decoding"): at 224 px from 12 MP JPEGs 2.6-3.2x (train) / 4.0-4.5x (eval) less CPU than full
+# decodes for a mean error of ~1 level in 255 (PSNR ~42 dB); 2.0: 2.0-2.6x / 3.3-3.7x, ~0.3.
 DECODE_REDUCE_GAP = 1.0
 
 
