@@ -140,3 +140,20 @@ def test_no_module_imports_another_modules_private_names():
         if name.startswith("_") and not name.startswith("__")
     ]
     assert not bad, bad
+
+
+# Modules that Ray processes other than the train workers import to unpickle what they run:
+# the Ray Data plan (split coordinators, Train's dataset manager, decode workers) and the
+# placement-group cleaner actor. torch and timm would cost each process ~3 CPU-s per run.
+LIGHT_FOR_RAY_PROCESSES = ("raylens.runtime.ingest", "raylens.runtime.cleaner")
+
+
+def test_modules_ray_processes_unpickle_import_no_torch_or_timm():
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in LIGHT_FOR_RAY_PROCESSES)
+        + "print(sorted(m for m in ('torch', 'timm', 'torchvision') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout

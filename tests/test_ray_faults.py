@@ -142,7 +142,7 @@ def test_a_resumed_history_keeps_the_events_recorded_since_its_checkpoint():
 
 
 def test_the_safe_cleaner_acts_only_on_a_dead_record():
-    from raylens.runtime.launch import SafePlacementGroupCleaner
+    from raylens.runtime.cleaner import SafePlacementGroupCleaner
 
     cleaner = SafePlacementGroupCleaner.__new__(SafePlacementGroupCleaner)  # no actor
     cleaner._warned_at = None
@@ -263,12 +263,8 @@ def test_a_state_api_miss_neither_ends_nor_disturbs_the_run(ray_session, tmp_pat
     from ray.train.v2._internal.execution.controller.placement_group_cleaner import (
         PlacementGroupCleaner,
     )
-    from raylens.runtime.launch import (
-        SafePlacementGroupCleaner,
-        Trainer,
-        build_trainer,
-        ray_run_config,
-    )
+    from raylens.runtime.cleaner import SafePlacementGroupCleaner
+    from raylens.runtime.launch import Trainer, build_trainer, ray_run_config
 
     before = set(_created_groups())
     outcome = {}
@@ -422,7 +418,7 @@ def test_the_safe_cleaner_works_beside_another_local_ray(no_ray_here):
         PlacementGroupCleaner,
     )
     from ray.util.placement_group import placement_group
-    from raylens.runtime.launch import SafePlacementGroupCleaner
+    from raylens.runtime.cleaner import SafePlacementGroupCleaner
 
     other = _second_ray()
     try:

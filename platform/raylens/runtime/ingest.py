@@ -29,7 +29,6 @@ from ray.data import RandomSeedConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raylens.config import ConfigError
-from raylens.data.mix import Unit, decode_time_mixing, decode_unit, list_units, read_unit
 from raylens.data.prepare import CARD, load_card
 from raylens.data.sources import SPLITS, label_space, open_source
 from raylens.data.transforms import (
@@ -64,6 +63,9 @@ EXACT_FILES: dict[str, Any] = {"file_extensions": None, "partitioning": None}
 # (DataContext.op_resource_reservation_enabled, which Ray calls a kill-switch it may
 # remove) the same job spilled and finished in 35 s. The test fails if that goes.
 SMALL_OBJECT_STORE = 1 << 30
+# raylens.data.mix (torch + timm: ~3 CPU-s to import) is imported where decode-time mixing
+# is used, not here: every Ray Data process that unpickles a plan holding _DecodeBatch
+# (split coordinators, Train's dataset manager, decode workers) imports this module.
 
 
 @contextlib.contextmanager
@@ -442,6 +444,8 @@ class DecodeUnits:
         self.remap, self.targets, self.batch_rows = remap, targets, batch_rows
 
     def __call__(self, batch: dict[str, np.ndarray]):
+        from raylens.data.mix import Unit, decode_unit, read_unit
+
         replay = None
         if self.targets is not None:
             replay = _replay_epoch(self.targets)
@@ -517,6 +521,8 @@ def build_split(
             "(or a raw folder / manifest)"
         )
     if mix_units is None:
+        from raylens.data.mix import decode_time_mixing
+
         mix_units = decode_time_mixing(cfg) and split == "train" and train
     if mix_units:
         return _unit_split(cfg, split, storage, epoch=epoch, targets=targets)
@@ -574,6 +580,8 @@ def _unit_split(
     remap = None
     if data.classes:
         info, remap = info.select(list(data.classes))
+    from raylens.data.mix import list_units
+
     units = list_units(storage, data.dataset, card["splits"][split]["files"])
     if not units:
         raise ValueError(f"dataset {data.dataset!r} has no rows in split {split!r}")

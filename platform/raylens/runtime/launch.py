@@ -32,8 +32,8 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchTrainer
 
 # Ray Train 2.60 internals (Ray is pinned in pyproject.toml): the callback interfaces a
-# Train run's controller calls, and the placement-group cleaner that SafePlacementGroupCleaner
-# fixes. A Ray upgrade that moves them fails here, at import, not silently in a run.
+# Train run's controller calls (the cleaner's are in raylens.runtime.cleaner). A Ray
+# upgrade that moves them fails here, at import, not silently in a run.
 from ray.train.v2._internal.callbacks.placement_group_callback import (
     PlacementGroupCleanerCallback,
 )
@@ -42,9 +42,6 @@ from ray.train.v2._internal.execution.callback import (
     ReportCallback,
     WorkerGroupCallback,
 )
-from ray.train.v2._internal.execution.controller.placement_group_cleaner import (
-    PlacementGroupCleaner,
-)
 from ray.train.v2._internal.execution.controller.state import (
     ErroredState,
     ReschedulingState,
@@ -52,6 +49,7 @@ from ray.train.v2._internal.execution.controller.state import (
 )
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+from raylens.runtime.cleaner import SafeCleanerCallback, SafePlacementGroupCleaner, first_line
 from raylens.runtime.resources import (
     ResourcePlan,
     StallClock,
@@ -142,84 +140,6 @@ CLEANERS = ("safe", "ray", "off")
 class ResourceStallError(RuntimeError):
     """A run stopped by ``ray.stall_timeout_s``: no progress while resources stayed pending.
     Its message names what waited and which placement groups held the CPUs."""
-
-
-class SafePlacementGroupCleaner(PlacementGroupCleaner):
-    """Ray Train's detached placement-group cleaner, with a liveness check that only acts on
-    a DEAD record of the run's controller.
-
-    Ray 2.60's check (``ray.train.v2._internal.state.util.is_actor_alive``) asks the
-    dashboard's state API for the controller and takes "no record" for dead: when the API
-    misses the record under load, the cleaner removes the live run's placement group and
-    its workers die (``make demo`` lost its worker after epoch 9 this way; it went on only
-    because ``ray.max_failures`` restarted it). Its query also finds the cluster by address
-    auto-detection, which raises "Found multiple active Ray instances" as soon as another
-    local Ray runs on the machine (``serve run``, a second job): the exception ends the
-    cleaner's monitor thread, and every cleanup with it. Here the query names the cluster
-    this actor runs in, and no record or no answer counts as alive (logged); a controller
-    that really died has a DEAD record (Ray keeps dead actors' records).
-
-    Upstream discusses the check on https://github.com/ray-project/ray/pull/65447 (review:
-    "Live PGs cleaned after false death"); remove this class, :class:`SafeCleanerCallback`
-    and :data:`PATCHED_RAY` once the pinned Ray has the fix.
-    """
-
-    warn_every_s = 60.0
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        from ray.train.v2._internal.execution.controller import placement_group_cleaner
-
-        # Ray's monitor loop calls this module's is_actor_alive. A detached actor has a
-        # process of its own: the replacement reaches no other code.
-        placement_group_cleaner.is_actor_alive = self.controller_alive
-        self._warned_at: float | None = None
-
-    def actor_state(self, actor_id: str, timeout: float) -> str | None:
-        """The state API's record of ``actor_id`` in this actor's own cluster (ALIVE, DEAD,
-        ...), None without one. Raises when the API does not answer."""
-        from ray.util.state import get_actor
-
-        address = ray.get_runtime_context().gcs_address  # never auto-detected
-        record = get_actor(actor_id, address=address, timeout=int(timeout))
-        return None if record is None else record.state
-
-    def controller_alive(self, actor_id: str, timeout: float) -> bool:
-        """False only on a DEAD record; a missing record or no answer is unknown: alive."""
-        try:
-            state = self.actor_state(actor_id, timeout)
-            why = "no record"
-        except Exception as err:  # any failure to ask: unknown, never a death
-            state, why = None, f"no answer ({type(err).__name__}: {_first_line(err)})"
-        if state is not None:
-            self._warned_at = None
-            return state != "DEAD"
-        now = time.monotonic()
-        if self._warned_at is None or now - self._warned_at >= self.warn_every_s:
-            self._warned_at = now
-            log.warning(
-                "placement-group cleaner: the state API gave %s for the Train controller %s; "
-                "taking it as alive (its placement group is kept)",
-                why,
-                actor_id,
-            )
-        return True
-
-
-class SafeCleanerCallback(PlacementGroupCleanerCallback):
-    """Ray Train's cleaner callback, launching ``cleaner`` (a class) instead of Ray's."""
-
-    def __init__(self, cleaner: type = SafePlacementGroupCleaner):
-        super().__init__()
-        self.cleaner = cleaner
-
-    def after_controller_start(self, train_run_context) -> None:
-        from ray.train.v2._internal.callbacks import placement_group_callback
-
-        # Ray's hook launches the class its module names; the controller has a process of
-        # its own, so this reaches only this run's cleaner.
-        placement_group_callback.PlacementGroupCleaner = self.cleaner
-        super().after_controller_start(train_run_context)
 
 
 @ray.remote(num_cpus=0)
@@ -324,12 +244,7 @@ class RunWatch(ControllerCallback, WorkerGroupCallback, ReportCallback):
                 max_failures=limit,
             )
         except Exception as err:
-            log.warning("could not record a failure of run %r: %s", self.run, _first_line(err))
-
-
-def _first_line(err: BaseException | str, limit: int = 300) -> str:
-    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
-    return (lines[0] if lines else type(err).__name__)[:limit]
+            log.warning("could not record a failure of run %r: %s", self.run, first_line(err))
 
 
 def failure_cause(error: BaseException) -> tuple[str, str]:
@@ -348,8 +263,8 @@ def failure_cause(error: BaseException) -> tuple[str, str]:
     inner = getattr(error, "controller_failure", None) or error
     name = type(inner).__name__
     if name.startswith("WorkerGroupStartup") or name == "InsufficientClusterResourcesError":
-        return "startup", f"{name}: {_first_line(inner)}"
-    return "controller", f"{name}: {_first_line(inner)}"
+        return "startup", f"{name}: {first_line(inner)}"
+    return "controller", f"{name}: {first_line(inner)}"
 
 
 def _worker_failure(exc: BaseException) -> tuple[str, str]:
@@ -368,7 +283,7 @@ def _worker_failure(exc: BaseException) -> tuple[str, str]:
     lost = ("actor died", "worker process has died", "health check", "actor is dead")
     if any(s in low for s in lost) or "ActorDied" in type(exc).__name__:
         detail = text.split("Worker exit detail:", 1)[1] if "Worker exit detail:" in text else ""
-        detail = _first_line(detail.split(". ")[0], 160) if detail.strip() else ""
+        detail = first_line(detail.split(". ")[0], 160) if detail.strip() else ""
         return "worker_lost", "worker process lost" + (f" ({detail})" if detail else "")
     # the training code raised: Ray's text is the worker's traceback, whose last line is
     # "ExceptionType: message"
@@ -502,7 +417,7 @@ def release_run(
         ledger.end.remote(run)
         released = release_placement_groups(status["groups"])
     except Exception as err:  # never mask the run's own outcome
-        note(f"run {run!r}: its placement groups were not released: {_first_line(err)}")
+        note(f"run {run!r}: its placement groups were not released: {first_line(err)}")
         return False
     if released:
         note(
@@ -546,7 +461,7 @@ class Watchdog(threading.Thread):
                 status = ray.get(ledger.status.remote(self.watch.run), timeout=30)
                 pending = pending_demand()
             except Exception as err:  # unknown this time: no evidence of a stall
-                log.debug("watchdog: %s", _first_line(err))
+                log.debug("watchdog: %s", first_line(err))
                 continue
             now = time.monotonic()
             if not clock.update(now, pending=bool(pending), reports=status["reports"]):
@@ -564,7 +479,7 @@ class Watchdog(threading.Thread):
             try:
                 record_event(self.watch.cfg, "stalled", kind="stall", cause=self.error)
             except Exception as err:
-                log.warning("could not record the stall: %s", _first_line(err))
+                log.warning("could not record the stall: %s", first_line(err))
             if status["controller"] is not None:
                 # Ray's graceful abort (its Ctrl-C): workers stop, the placement group goes;
                 # the controller exits inside it, so the call itself ends in an error
