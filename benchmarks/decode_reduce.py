@@ -82,13 +82,18 @@ def _jpeg(arr, rng, noise: float, keep: bool = False) -> bytes:
     return buf.getvalue()
 
 
-def photos_12mp(n: int, seed: int = 0) -> list[bytes]:
-    """4000 x 3000 (every other one 3000 x 4000) mosaics of 2-3x upscaled photo crops."""
+def photos_12mp(n: int, seed: int = 0, sources_for=None) -> list[bytes]:
+    """4000 x 3000 (every other one 3000 x 4000) mosaics of 2-3x upscaled photo crops.
+
+    ``sources_for(i)``: the arrays image ``i``'s tiles are cropped from, each tile's drawn
+    uniformly from the list (list one twice to weight it); default: the two sample photos.
+    """
     import numpy as np
 
-    rng, srcs = np.random.default_rng(seed), sources()
+    rng, photos = np.random.default_rng(seed), None if sources_for else sources()
     out = []
     for i in range(n):
+        srcs = photos if photos is not None else sources_for(i)
         w, h = (4000, 3000) if i % 2 == 0 else (3000, 4000)
         canvas = np.empty((h, w, 3), np.uint8)
         y = 0
@@ -96,7 +101,7 @@ def photos_12mp(n: int, seed: int = 0) -> list[bytes]:
             rh, x = min(h - y, int(rng.integers(700, 1100))), 0
             while x < w:
                 tw = min(w - x, int(rng.integers(900, 1500)))
-                tile = _crop(rng, srcs[int(rng.integers(2))], tw, rh, rng.uniform(2, 3))
+                tile = _crop(rng, srcs[int(rng.integers(len(srcs)))], tw, rh, rng.uniform(2, 3))
                 canvas[y : y + rh, x : x + tw] = np.asarray(tile)
                 x += tw
             y += rh
