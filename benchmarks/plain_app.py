@@ -17,7 +17,12 @@ from raylens.serving.models import load_served_model
 from raylens.serving.settings import ModelEntry
 from raylens.storage import Storage
 
-MODEL = load_served_model(ModelEntry(id="plain", run=os.environ["RAYLENS_RUN"]), Storage())
+# RAYLENS_DEVICE=cuda: the model on the GPU (benchmarks/gpu.py)
+MODEL = load_served_model(
+    ModelEntry(id="plain", run=os.environ["RAYLENS_RUN"]),
+    Storage(),
+    device=os.environ.get("RAYLENS_DEVICE", "cpu"),
+)
 app = FastAPI()
 
 
