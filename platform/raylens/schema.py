@@ -729,7 +729,9 @@ class RayConfig:
         None, "CPUs per train worker; null: budgeted so Ray Data always keeps CPUs."
     )
     data_cpus: float | None = opt(
-        None, "CPUs reserved for Ray Data ingest; null: max(1, 25% of the cluster's CPUs)."
+        None,
+        "CPUs reserved for Ray Data ingest; null: what explicit ray.cpus_per_worker leave "
+        "(at least 1), else max(1, 25% of the cluster's CPUs).",
     )
     worker_resources: dict[str, float] = opt(
         {},
