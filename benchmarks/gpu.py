@@ -3,6 +3,8 @@
     python benchmarks/gpu.py --json OUT.json [--photos 24000] [--epochs 3] [--seconds 8]
     python benchmarks/gpu.py --render OUT.json --write      # the section, from a saved run
 
+Saved runs: benchmarks/gpu_runs/ (the JSON each RESULTS.md section was rendered from).
+
 Workload (no downloads): ``--photos`` JPEG crops of scikit-learn's two sample photos
 (``decode_reduce``'s photo maker: short side 256-400 px, aspect 3:4-4:3, noise sigma 1,
 quality 90); the class is the source photo (``china`` / ``flower``), so the task is easy and
@@ -329,6 +331,7 @@ def render(res: dict, argv) -> list[str]:
                     f"{r['p99']:.1f} | {r['errors']} |"
                 )
         lines.append("")
+    lines += [f"- {n}" for n in res.get("notes", [])]
     for k, msg in res.get("errors", {}).items():
         lines.append(f"- `{k}` failed: {msg.splitlines()[-1][:300] if msg else ''}")
     if res.get("errors"):
