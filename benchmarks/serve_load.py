@@ -35,6 +35,7 @@ uvicorn has the same CPUs. Results go to benchmarks/RESULTS.md ("Serve load").
 
 import argparse
 import asyncio
+import contextlib
 import glob
 import os
 import socket
@@ -143,18 +144,18 @@ def measure(url: str, images: list[bytes], seconds: float, name: str) -> list[di
     return rows
 
 
-def uploads(url: str, photos: list[bytes], name: str) -> list[dict]:
-    """UPLOAD_CLIENTS concurrent clients, UPLOAD_EACH 12 MP photos each (after a warm-up)."""
-    asyncio.run(load(url, photos, 2, 0, per_client=1))
+def uploads(url: str, photos: list[bytes], name: str) -> dict:
+    """UPLOAD_CLIENTS concurrent clients, UPLOAD_EACH 12 MP photos each."""
     r = asyncio.run(load(url, photos, UPLOAD_CLIENTS, 0, per_client=UPLOAD_EACH))
     harness.log(
-        f"{name} 12 MP x {UPLOAD_CLIENTS} clients: {r['rps']:,.1f} req/s, p50 {r['p50']:.0f} ms,"
+        f"upload {name} 12 MP x {UPLOAD_CLIENTS} clients: {r['rps']:,.1f} req/s, p50 {r['p50']:.0f} ms,"
         f" p99 {r['p99']:.0f} ms, errors {r['errors']}, {r['cpu_ms']:.0f} CPU-ms/req"
     )
-    return [r]
+    return r
 
 
-def serve_variant(run: str, topology: str, cpus: int, bench) -> list[dict]:
+def deploy_raylens(run: str, topology: str, cpus: int, prefix: str) -> str:
+    """The raylens app serving ``run`` in ``topology`` at ``prefix``; its classify URL."""
     from ray import serve
 
     from serve.app import make_app
@@ -173,10 +174,8 @@ def serve_variant(run: str, topology: str, cpus: int, bench) -> list[dict]:
             "max_ongoing_requests": 64,
         },
     )
-    serve.run(app, name="raylens", route_prefix="/")
-    rows = bench(f"http://127.0.0.1:{PORT}/v1/classify")
-    serve.delete("raylens")
-    return rows
+    serve.run(app, name=prefix, route_prefix=f"/{prefix}")
+    return f"http://127.0.0.1:{PORT}/{prefix}/v1/classify"
 
 
 def forward_cost(run: str, images: list[bytes], cpus: int) -> dict[int, float]:
@@ -201,10 +200,10 @@ def forward_cost(run: str, images: list[bytes], cpus: int) -> dict[int, float]:
     return out
 
 
-def floor_variants(images, seconds) -> dict[str, list[dict]]:
+def deploy_floors() -> dict[str, str]:
     """Serve's own floors on this machine, no model and no checks: (f1) the HTTP proxy and
     one FastAPI ingress deployment answering a constant; (f2) the proxy, an ingress and a
-    deployment the ingress forwards the body to through a handle."""
+    deployment the ingress forwards the body to through a handle. Their classify URLs."""
     from fastapi import FastAPI, Request
     from ray import serve
 
@@ -232,15 +231,14 @@ def floor_variants(images, seconds) -> dict[str, list[dict]]:
         async def classify(self, request: Request) -> dict:
             return await self.echo.infer.remote(await request.body())
 
-    out = {}
-    for key, app in (("f1", OneHop.bind()), ("f2", Front.bind(Echo.bind()))):
-        serve.run(app, name="floor", route_prefix="/")
-        out[key] = measure(f"http://127.0.0.1:{PORT}/v1/classify", images, seconds, key)
-        serve.delete("floor")
-    return out
+    serve.run(OneHop.bind(), name="f1", route_prefix="/f1")
+    serve.run(Front.bind(Echo.bind()), name="f2", route_prefix="/f2")
+    return {k: f"http://127.0.0.1:{PORT}/{k}/v1/classify" for k in ("f1", "f2")}
 
 
-def plain_variant(run: str, bench) -> list[dict]:
+@contextlib.contextmanager
+def plain_app(run: str):
+    """(c): the plain uvicorn app serving ``run``, running; its classify URL."""
     port = free_port()
     env = {**os.environ, "RAYLENS_RUN": run, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
@@ -271,10 +269,28 @@ def plain_variant(run: str, bench) -> list[dict]:
                 if time.time() > deadline or proc.poll() is not None:
                     raise RuntimeError("plain uvicorn app did not start") from None
                 time.sleep(0.3)
-        return bench(f"http://127.0.0.1:{port}/v1/classify")
+        yield f"http://127.0.0.1:{port}/v1/classify"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def rounds(urls: dict[str, str], n: int, window) -> dict[str, list[dict]]:
+    """``window(url, key)`` for every variant, ``n`` rounds, the order alternating each
+    round (harness.alternate): each variant's windows."""
+    got: dict[str, list[dict]] = {k: [] for k in urls}
+    for rnd in range(n):
+        for key in harness.alternate(list(urls), rnd):
+            got[key].append(window(urls[key], key))
+    return got
+
+
+def combine(windows: list[dict]) -> dict:
+    """One row from a variant's rounds: medians of req/s, p50, p99 and CPU-ms per request;
+    errors summed."""
+    med = {k: harness.median(w[k] for w in windows) for k in ("rps", "p50", "p99", "cpu_ms")}
+    errors = sum(w["errors"] for w in windows)
+    return {**med, "clients": windows[0]["clients"], "errors": errors, "rounds": windows}
 
 
 PORT = 0
@@ -321,7 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--run", default=str(REPO / "runs/fashion-mnist-vgg"), help="the fm model")
     p.add_argument("--dataset", default=str(REPO / "data/fashion-mnist"))
     p.add_argument("--models", default="fm,convnext,floor,upload")
-    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--seconds", type=float, default=15.0, help="per window")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per level")
+    p.add_argument("--upload-rounds", type=int, default=2)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
@@ -352,35 +370,54 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     from ray import serve
 
-    def steady(url: str, name: str) -> list[dict]:
-        return measure(url, images, args.seconds, name)
-
     results: dict[str, dict] = {}
     forward = {n: forward_cost(r, images, cpus) for n, r in runs.items() if n in ABOUT}
+    # Every variant deployed at once (logical CPUs: each replica still sees `cpus` threads),
+    # then measured in interleaved rounds, so load from elsewhere hits them alike.
+    ray.init(address="local", num_cpus=cpus * 8, include_dashboard=False, log_to_driver=False)
+    PORT = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    floors = deploy_floors() if "floor" in runs else {}
     for name, run in runs.items():
-        harness.log(f"{name}: {run}")
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-        PORT = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         if name == "floor":
-            results[name] = floor_variants(images, args.seconds)
-            serve.shutdown()
-            ray.shutdown()
             continue
-
-        def bench(url: str, key: str, name: str = name) -> list[dict]:
-            if name == "upload":
-                return uploads(url, photos, f"upload {key}")
-            return steady(url, f"{name} {key}")
-
-        res = {
-            "a": serve_variant(run, "one_hop", cpus, lambda u: bench(u, "a")),
-            "s": serve_variant(run, "split", cpus, lambda u: bench(u, "s")),
+        harness.log(f"{name}: {run}")
+        urls = {
+            "a": deploy_raylens(run, "one_hop", cpus, f"{name}-a"),
+            "s": deploy_raylens(run, "split", cpus, f"{name}-s"),
         }
-        serve.shutdown()
-        ray.shutdown()
-        res["c"] = plain_variant(run, lambda u: bench(u, "c"))
-        results[name] = res
+        with plain_app(run) as plain:
+            urls["c"] = plain
+            if name == "upload":
+                for url in urls.values():  # warm-up: models loaded, batches formed
+                    asyncio.run(load(url, photos, 2, 0, per_client=1))
+                got = rounds(urls, args.upload_rounds, lambda u, k: uploads(u, photos, k))
+                results[name] = {k: [combine(w)] for k, w in got.items()}
+            else:
+                both = {**urls, **(floors if "floor" not in results else {})}
+                for url in both.values():
+                    asyncio.run(load(url, images, 8, 2.0))  # warm-up
+                res: dict[str, list[dict]] = {k: [] for k in both}
+                for c in LEVELS:
+
+                    def window(url: str, key: str, c: int = c, name: str = name) -> dict:
+                        r = asyncio.run(load(url, images, c, args.seconds))
+                        harness.log(
+                            f"{name} {key} {c:>2} clients: {r['rps']:,.0f} req/s, p50 "
+                            f"{r['p50']:.1f} ms, p99 {r['p99']:.1f} ms, errors {r['errors']}, "
+                            f"{r['cpu_ms']:.1f} CPU-ms/req"
+                        )
+                        return r
+
+                    for k, w in rounds(both, args.rounds, window).items():
+                        res[k].append(combine(w))
+                results[name] = {k: v for k, v in res.items() if k in "asc"}
+                if floors and "floor" not in results:
+                    results["floor"] = {k: res[k] for k in floors}
+        for key in ("a", "s"):
+            serve.delete(f"{name}-{key}")
+    serve.shutdown()
+    ray.shutdown()
     harness.emit(SECTION, render(args, cpus, results, forward), not args.no_write)
     return results
 
@@ -430,11 +467,13 @@ def render(args, cpus: int, results: dict, forward: dict) -> list[str]:
     lines = [
         *harness.heading(SECTION, args.argv),
         "`POST /v1/classify` with raw PNG bytes of 512 Fashion-MNIST test images, closed-loop "
-        f"clients (aiohttp) in the benchmark process, {args.seconds:g} s per level after a 2 s "
-        f"warm-up. (a)/(s): one ModelServer replica with {cpus} CPUs; the HTTP proxy, the "
-        "split topology's ingress and the clients share the machine. (c): the same model and "
-        "preprocessing in one uvicorn process. Variants ran one after the other. CPU-ms per "
-        "request: this process and all its descendants (clients, Ray, replicas, uvicorn). "
+        f"clients (aiohttp) in the benchmark process, {args.seconds:g} s windows after a 2 s "
+        f"warm-up; every variant deployed at once and measured in {args.rounds} interleaved "
+        "rounds per level (order alternating), medians of the rounds. (a)/(s): one "
+        f"ModelServer replica with {cpus} torch threads; the HTTP proxy, the split "
+        "topology's ingress and the clients share the machine. (c): the same model and "
+        "preprocessing in one uvicorn process. CPU-ms per request: this process and all its "
+        "descendants (clients, Ray, replicas, uvicorn). "
         f"`fm`: {model}.",
         "",
     ]
@@ -484,7 +523,8 @@ def render(args, cpus: int, results: dict, forward: dict) -> list[str]:
     if "upload" in results:
         res = results["upload"]
         lines += [
-            f"12 MP uploads: {UPLOAD_CLIENTS} concurrent clients, {UPLOAD_EACH} photos each "
+            f"12 MP uploads: {UPLOAD_CLIENTS} concurrent clients, {UPLOAD_EACH} photos each, "
+            f"{args.upload_rounds} interleaved rounds (medians) "
             f"(4000 x 3000 JPEG mosaics of scikit-learn's sample photos, quality 90, "
             f"{args.photo_mb:.2f} MB on average) to `/v1/classify` of `fm`:",
             "",

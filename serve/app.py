@@ -79,6 +79,7 @@ class ModelCore:
         async def load(model_id: str) -> ServedModel:  # a function: Serve caches on it
             return await self._load(model_id)
 
+        self._inflight = 0  # images between _infer's start and end on this replica
         per_replica = self.cfg.max_models_per_replica
         self._model = serve.multiplexed(max_num_models_per_replica=per_replica)(load)
         b = self.cfg.batching
@@ -115,14 +116,20 @@ class ModelCore:
         """One image of model ``model_id`` → ``{"embedding", "probs", "error"}``. The image
         decodes in a worker thread (the event loop keeps serving; decodes of concurrent
         requests overlap), then joins a batch of the model's forward."""
-        model = await self._model(model_id)
-        pixels = await asyncio.to_thread(model.preprocess, image)
-        if isinstance(pixels, str):
-            return {"embedding": None, "probs": None, "error": pixels}
-        if self.cfg.batching.enabled:
-            return await self._batched(pixels, model_id)
-        self.batch_sizes.observe(1, tags={"model": model.id})
-        return (await asyncio.to_thread(self._outputs, model, [pixels]))[0]
+        self._inflight += 1
+        try:
+            model = await self._model(model_id)
+            pixels = await asyncio.to_thread(model.preprocess, image)
+            if isinstance(pixels, str):
+                return {"embedding": None, "probs": None, "error": pixels}
+            # A request alone on the replica runs at once: waiting batch_wait_timeout_s for
+            # company that is not coming would only add to its latency.
+            if self.cfg.batching.enabled and self._inflight > 1:
+                return await self._batched(pixels, model_id)
+            self.batch_sizes.observe(1, tags={"model": model.id})
+            return (await asyncio.to_thread(self._outputs, model, [pixels]))[0]
+        finally:
+            self._inflight -= 1
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _batched(self, pixels: list, model_ids: list[str]) -> list[dict]:

@@ -34,7 +34,11 @@ class ModelEntry:
 
 @dataclass
 class BatchingConfig:
-    enabled: bool = opt(True, "Dynamic batching (@serve.batch); false: one forward per request.")
+    enabled: bool = opt(
+        True,
+        "Dynamic batching (@serve.batch) while other images are in flight on the replica (one "
+        "alone runs at once); false: one forward per request.",
+    )
     max_batch_size: int = opt(32, "Most images in one model forward.")
     batch_wait_timeout_s: float = opt(0.005, "Longest wait for a batch to fill.")
 
