@@ -3,29 +3,35 @@
     serve run serve/config.yaml          # local Ray, http://127.0.0.1:8000/docs
     serve deploy serve/config.yaml       # a running cluster (see README)
 
-Three deployments, each reading its input and delegating to :mod:`raylens.serving` (plain,
-unit-tested Python: auth, throttle, bodies, fields, calls, labels, responses, openapi):
+The routes (:class:`Routes`, FastAPI; OpenAPI page at ``/docs``) check every input, answer a
+bad one with a 4xx JSON ``{"error", "detail"}`` and overload with 429/503 + Retry-After, and
+delegate to :mod:`raylens.serving` (plain, unit-tested Python: auth, throttle, bodies,
+fields, calls, labels, responses, openapi). Two topologies (setting ``topology``), the same
+routes, bodies and errors:
 
-- ``Ingress``: FastAPI (OpenAPI page at ``/docs``): checks every input, answers a bad one
-  with a 4xx JSON ``{"error", "detail"}`` and overload with 429/503 + Retry-After, and
-  calls the model deployment with the request's model id.
-- ``ModelServer``: loaded models (Serve model multiplexing, LRU eviction); images of one
-  model batched into one forward (``@serve.batch``) through the run's eval transform.
-- ``Prototypes``: one replica owning every metric run's Nearest-Class-Mean prototypes, so
-  an enrolled class is seen by every model replica at once and survives restarts.
+- one-hop (one model, no ``runs_root``): ``ModelServer`` is itself the HTTP ingress; the
+  HTTP proxy hands a request to the replica that decodes the image (in a thread, at reduced
+  scale for large JPEGs) and runs the model (``@serve.batch``).
+- split (several models, or ``runs_root``): ``Ingress`` calls ``ModelServer`` through
+  deployment handles with the request's model id, so Serve's model multiplexing routes it
+  to a replica that has that model loaded (LRU eviction).
+
+``ModelServer`` batches the images of one model into one forward through the run's eval
+transform; ``Prototypes`` is one replica owning every metric run's Nearest-Class-Mean
+prototypes, so an enrolled class is seen by every model replica at once and survives
+restarts.
 
 The application ``args`` are :class:`raylens.serving.settings.ServeConfig`; replicas,
 autoscaling, CPUs/GPUs and queue limits are each deployment's Serve options.
 """
 
 import asyncio
-import functools
 import logging
 import time
 
 import numpy as np
 import ray
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -56,17 +62,11 @@ def _threads() -> int:
     return max(1, int(cpus))
 
 
-@serve.deployment(
-    name="ModelServer",
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=64,
-    max_queued_requests=512,
-    health_check_period_s=10,
-)
-class ModelServer:
-    """Loaded models (multiplexed by model id, LRU) and their batched forward."""
+class ModelCore:
+    """Loaded models (multiplexed by model id, LRU) and their batched forward: the model
+    deployment's work in either topology."""
 
-    def __init__(self, settings: dict):
+    def _init_models(self, settings: dict) -> None:
         import torch
 
         self.cfg = load_settings(settings)
@@ -79,6 +79,7 @@ class ModelServer:
         async def load(model_id: str) -> ServedModel:  # a function: Serve caches on it
             return await self._load(model_id)
 
+        self._inflight = 0  # images between _infer's start and end on this replica
         per_replica = self.cfg.max_models_per_replica
         self._model = serve.multiplexed(max_num_models_per_replica=per_replica)(load)
         b = self.cfg.batching
@@ -108,32 +109,74 @@ class ModelServer:
         log.info("loaded %s (%s) in %.2fs", model_id, model.kind, time.perf_counter() - t0)
         return model
 
-    async def describe(self) -> dict:
-        return (await self._model(serve.get_multiplexed_model_id())).describe()
+    async def _describe(self, model_id: str) -> dict:
+        return (await self._model(model_id)).describe()
 
-    async def infer(self, image: bytes) -> dict:
-        """One image of the request's model → ``{"embedding", "probs", "error"}``."""
-        if self.cfg.batching.enabled:
-            return await self._batched(image)
-        model = await self._model(serve.get_multiplexed_model_id())
-        self.batch_sizes.observe(1, tags={"model": model.id})
-        return (await asyncio.to_thread(self._run, model, [image]))[0]
+    async def _infer(self, model_id: str, image: bytes) -> dict:
+        """One image of model ``model_id`` → ``{"embedding", "probs", "error"}``. The image
+        decodes in a worker thread (the event loop keeps serving; decodes of concurrent
+        requests overlap), then joins a batch of the model's forward."""
+        self._inflight += 1
+        try:
+            model = await self._model(model_id)
+            pixels = await asyncio.to_thread(model.preprocess, image)
+            if isinstance(pixels, str):
+                return {"embedding": None, "probs": None, "error": pixels}
+            # A request alone on the replica runs at once: waiting batch_wait_timeout_s for
+            # company that is not coming would only add to its latency.
+            if self.cfg.batching.enabled and self._inflight > 1:
+                return await self._batched(pixels, model_id)
+            self.batch_sizes.observe(1, tags={"model": model.id})
+            return (await asyncio.to_thread(self._outputs, model, [pixels]))[0]
+        finally:
+            self._inflight -= 1
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, images: list[bytes]) -> list[dict]:
-        # Serve splits batches by multiplexed model id: one model per batch.
-        model = await self._model(serve.get_multiplexed_model_id())
-        self.batch_sizes.observe(len(images), tags={"model": model.id})
-        return await asyncio.to_thread(self._run, model, images)
+    async def _batched(self, pixels: list, model_ids: list[str]) -> list[dict]:
+        # one forward per model in the batch (the split topology's batches hold one model:
+        # Serve splits them by multiplexed model id)
+        outs: list[dict] = [{}] * len(pixels)
+        for mid in dict.fromkeys(model_ids):
+            rows = [i for i, m in enumerate(model_ids) if m == mid]
+            model = await self._model(mid)
+            self.batch_sizes.observe(len(rows), tags={"model": model.id})
+            got = await asyncio.to_thread(self._outputs, model, [pixels[i] for i in rows])
+            for i, out in zip(rows, got, strict=True):
+                outs[i] = out
+        return outs
 
     @staticmethod
-    def _run(model: ServedModel, images: list[bytes]) -> list[dict]:
-        outs = model.infer(images)
+    def _outputs(model: ServedModel, pixels: list) -> list[dict]:
+        outs = model.forward(pixels)
         return [{"embedding": o.embedding, "probs": o.probs, "error": o.error} for o in outs]
 
     def check_health(self) -> None:
         if not self.cfg.models and not self.cfg.runs_root:
             raise RuntimeError("no models configured")
+
+
+MODEL_OPTIONS = {  # the model deployment's Serve options, in either topology
+    "name": "ModelServer",
+    "ray_actor_options": {"num_cpus": 1},
+    "max_ongoing_requests": 64,
+    "max_queued_requests": 512,
+    "health_check_period_s": 10,
+}
+
+
+@serve.deployment(**MODEL_OPTIONS)
+class ModelServer(ModelCore):
+    """The split topology's model deployment, called through handles by ``Ingress``."""
+
+    def __init__(self, settings: dict):
+        self._init_models(settings)
+
+    async def describe(self) -> dict:
+        return await self._describe(serve.get_multiplexed_model_id())
+
+    async def infer(self, image: bytes) -> dict:
+        """One image of the request's model → ``{"embedding", "probs", "error"}``."""
+        return await self._infer(serve.get_multiplexed_model_id(), image)
 
 
 @serve.deployment(name="Prototypes", num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -168,42 +211,17 @@ class Prototypes:
         return {"classes": store.list(), "source": store.origin}
 
 
-api = make_api()
+class Routes:
+    """The HTTP routes, in either topology: the deployment class sets ``cfg``, ``models``
+    (:class:`~raylens.serving.calls.ModelCalls`) and ``prototypes`` (the ``Prototypes``
+    handle) through :meth:`_init_routes`; Serve builds the FastAPI app per replica
+    (:meth:`__serve_build_asgi_app__`, ``@serve.ingress()`` without an app)."""
 
-
-def guarded(route: str):
-    """A ``/v1`` route: the API key, the in-flight limit, and its dict (or any refusal or
-    failure, in the one error shape) as the JSON answer; counted under ``route``."""
-
-    def wrap(fn):
-        @functools.wraps(fn)  # FastAPI and Serve read fn's signature and name
-        async def endpoint(self, **params):
-            return await self._handle(route, params["request"], lambda: fn(self, **params))
-
-        return endpoint
-
-    return wrap
-
-
-@serve.deployment(
-    name="Ingress",
-    ray_actor_options={"num_cpus": 0},
-    max_ongoing_requests=512,
-    max_queued_requests=1024,
-)
-@serve.ingress(api)
-class Ingress:
-    def __init__(self, models: DeploymentHandle, prototypes: DeploymentHandle, settings: dict):
-        self.cfg = load_settings(settings)
-        lim, self.prototypes = self.cfg.limits, prototypes
-        self.bodies = BodyReader(self.cfg, Storage(self.cfg.storage))
+    def _init_routes(self, cfg, models: ModelCalls, prototypes: DeploymentHandle) -> None:
+        self.cfg, self.models, self.prototypes = cfg, models, prototypes
+        lim = cfg.limits
+        self.bodies = BodyReader(cfg, Storage(cfg.storage))
         self.throttle = Throttle(lim.max_inflight, lim.retry_after_s)
-        self.models = ModelCalls(
-            lambda mid: models.options(multiplexed_model_id=mid),
-            lim,
-            queue_full=(BackPressureError,),
-            replica_lost=(ray.exceptions.RayActorError, DeploymentUnavailableError),
-        )
         metrics = serve.metrics
         self.requests = metrics.Counter(
             "raylens_requests",
@@ -221,6 +239,73 @@ class Ingress:
             boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
             tag_keys=("route",),
         )
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The FastAPI app of this replica: every route calls this object's method. (Built
+        here, not with ``@serve.ingress(api)`` on each class: one route table for both
+        topologies' classes.)"""
+        api = make_api()
+
+        def guarded(route: str, work):
+            """A ``/v1`` route: the API key, the in-flight limit, and its dict (or any
+            refusal or failure, in the one error shape) as the JSON answer."""
+            return lambda request, **params: self._handle(
+                route, request, lambda: work(request, **params)
+            )
+
+        models_route = guarded("models", self.list_models)
+        classify_route = guarded("classify", self.classify)
+        embed_route = guarded("embed", self.embed)
+        embeddings_route = guarded("embeddings", self.embeddings)
+        enroll_route = guarded("enroll", self.enroll)
+        classes_route = guarded("classes", self.classes)
+        delete_route = guarded("delete_class", self.delete_class)
+
+        @api.get("/healthz", summary="Liveness: the ingress answers")
+        async def healthz() -> dict:
+            return {"status": "ok"}
+
+        @api.get("/readyz", summary="Readiness: every configured model is loaded")
+        async def readyz() -> JSONResponse:
+            return await self.readyz()
+
+        @api.get(f"{V1}/models", summary="The models this server serves")
+        async def list_models(request: Request):
+            return await models_route(request)
+
+        @api.post(f"{V1}/classify", summary="Top-k labels of one image", openapi_extra=IMAGE)
+        async def classify(request: Request):
+            return await classify_route(request)
+
+        @api.post(f"{V1}/embed", summary="Embedding of one image", openapi_extra=IMAGE)
+        async def embed(request: Request):
+            return await embed_route(request)
+
+        @api.post(
+            f"{V1}/embeddings",
+            summary="OpenAI-style embeddings of images",
+            openapi_extra=openapi.EMBEDDINGS_BODY,
+        )
+        async def embeddings(request: Request):
+            return await embeddings_route(request)
+
+        @api.post(
+            f"{V1}/enroll",
+            summary="Add or update a class from a few images (metric runs)",
+            openapi_extra=openapi.ENROLL_BODY,
+        )
+        async def enroll(request: Request):
+            return await enroll_route(request)
+
+        @api.get(f"{V1}/classes", summary="Classes of a metric run's prototypes")
+        async def classes(request: Request):
+            return await classes_route(request)
+
+        @api.delete(f"{V1}/classes/{{name}}", summary="Remove a class's prototype")
+        async def delete_class(name: str, request: Request):
+            return await delete_route(request, name=name)
+
+        return api
 
     async def _handle(self, route: str, request: Request, work) -> JSONResponse:
         t0, key = time.perf_counter(), api_key(self.cfg.api_key_env)
@@ -252,11 +337,6 @@ class Ingress:
         require_metric(mid, desc["kind"])
         return desc
 
-    @api.get("/healthz", summary="Liveness: the ingress answers")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
-
-    @api.get("/readyz", summary="Readiness: every configured model is loaded")
     async def readyz(self) -> JSONResponse:
         # asks a model replica every time (which loads the model if it must)
         why = await asyncio.gather(
@@ -265,14 +345,10 @@ class Ingress:
         body, status = responses.readiness(list(zip(self.cfg.ids, why, strict=True)))
         return JSONResponse(body, status_code=status)
 
-    @api.get(f"{V1}/models", summary="The models this server serves")
-    @guarded("models")
-    async def list_models(self, request: Request):
+    async def list_models(self, request: Request) -> dict:
         return responses.models_body(self.cfg)
 
-    @api.post(f"{V1}/classify", summary="Top-k labels of one image", openapi_extra=IMAGE)
-    @guarded("classify")
-    async def classify(self, request: Request):
+    async def classify(self, request: Request) -> dict:
         given, mid, image = await self._single(request)
         k = fields.int_field(given, "top_k", self.cfg.top_k, 1, 1000)
         desc, out = await self._run(mid, image)
@@ -286,21 +362,13 @@ class Ingress:
         got = labels.labels_body(scores, kind=kind, classes=names, k=k, threshold=threshold)
         return {"model": mid, "kind": kind, **got}
 
-    @api.post(f"{V1}/embed", summary="Embedding of one image", openapi_extra=IMAGE)
-    @guarded("embed")
-    async def embed(self, request: Request):
+    async def embed(self, request: Request) -> dict:
         given, mid, image = await self._single(request)
         normalize = fields.bool_field(given, "normalize")
         desc, out = await self._run(mid, image)
         return responses.embed_body(mid, desc, out["embedding"], normalize)
 
-    @api.post(
-        f"{V1}/embeddings",
-        summary="OpenAI-style embeddings of images",
-        openapi_extra=openapi.EMBEDDINGS_BODY,
-    )
-    @guarded("embeddings")
-    async def embeddings(self, request: Request):
+    async def embeddings(self, request: Request) -> dict:
         data = await self.bodies.json(request)
         mid = self._model_id(request, data)
         items = fields.embeddings_input(data.get("input"), self.cfg.limits.max_images)
@@ -308,13 +376,7 @@ class Ingress:
         outs = await self.models.infer(mid, await self.bodies.resolve_all(items, "input"))
         return responses.embeddings_body(mid, [o["embedding"] for o in outs], encoding)
 
-    @api.post(
-        f"{V1}/enroll",
-        summary="Add or update a class from a few images (metric runs)",
-        openapi_extra=openapi.ENROLL_BODY,
-    )
-    @guarded("enroll")
-    async def enroll(self, request: Request):
+    async def enroll(self, request: Request) -> dict:
         given, named = await self.bodies.several(request, "images")
         name = fields.class_name(given)
         if not named:
@@ -326,9 +388,7 @@ class Ingress:
         info = await self.prototypes.enroll.remote(desc, name, emb, replace)
         return {"model": mid, **info, "images": len(named)}
 
-    @api.get(f"{V1}/classes", summary="Classes of a metric run's prototypes")
-    @guarded("classes")
-    async def classes(self, request: Request):
+    async def classes(self, request: Request) -> dict:
         mid = self._model_id(request, dict(request.query_params))
         desc = await self.models.describe(mid)
         if desc["kind"] != labels.METRIC:
@@ -336,14 +396,49 @@ class Ingress:
         got = await self.prototypes.classes.remote(desc)
         return {"model": mid, "kind": labels.METRIC, **got}
 
-    @api.delete(f"{V1}/classes/{{name}}", summary="Remove a class's prototype")
-    @guarded("delete_class")
-    async def delete_class(self, name: str, request: Request):
+    async def delete_class(self, request: Request, name: str) -> dict:
         mid = self._model_id(request, dict(request.query_params))
         desc = await self._metric_model(mid)
         if not await self.prototypes.delete.remote(desc, name):
             raise RequestError(404, "unknown_class", f"model {mid!r} has no class {name!r}")
         return {"model": mid, "deleted": name}
+
+
+@serve.deployment(
+    name="Ingress",
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=512,
+    max_queued_requests=1024,
+)
+@serve.ingress()
+class Ingress(Routes):
+    """The split topology's HTTP ingress: model calls go through ``ModelServer``'s handle."""
+
+    def __init__(self, models: DeploymentHandle, prototypes: DeploymentHandle, settings: dict):
+        cfg = load_settings(settings)
+        calls = ModelCalls(
+            lambda mid: models.options(multiplexed_model_id=mid),
+            cfg.limits,
+            queue_full=(BackPressureError,),
+            replica_lost=(ray.exceptions.RayActorError, DeploymentUnavailableError),
+        )
+        self._init_routes(cfg, calls, prototypes)
+
+
+@serve.deployment(**MODEL_OPTIONS)
+@serve.ingress()
+class OneHopModelServer(ModelCore, Routes):
+    """The one-hop topology: the model deployment is the HTTP ingress (deployed under the
+    name ``ModelServer``, so ``serve/config.yaml``'s options for it apply either way)."""
+
+    def __init__(self, prototypes: DeploymentHandle, settings: dict):
+        self._init_models(settings)
+        calls = ModelCalls(None, self.cfg.limits, queue_full=(), replica_lost=(), send=self._send)
+        self._init_routes(self.cfg, calls, prototypes)
+
+    def _send(self, model_id: str, method: str, *args):
+        # the same calls as the split topology's handle, to this replica's own model
+        return self._describe(model_id) if method == "describe" else self._infer(model_id, *args)
 
 
 def make_app(
@@ -353,10 +448,13 @@ def make_app(
     ingress_options: dict | None = None,
 ):
     """The application, with optional Serve options per deployment (Python callers;
-    ``serve/config.yaml`` sets them in its ``deployments:`` list)."""
-    load_settings(settings)  # a bad key fails here, naming it, before any replica starts
-    models = ModelServer.options(**(model_options or {})).bind(settings)
+    ``serve/config.yaml`` sets them in its ``deployments:`` list). One-hop (settings
+    ``topology``) deploys ``ModelServer`` as the ingress, with ``model_options`` only."""
+    cfg = load_settings(settings)  # a bad key fails here, naming it, before any replica starts
     prototypes = Prototypes.bind(settings)
+    if cfg.one_hop:  # no Ingress deployment: ingress_options are not used
+        return OneHopModelServer.options(**(model_options or {})).bind(prototypes, settings)
+    models = ModelServer.options(**(model_options or {})).bind(settings)
     return Ingress.options(**(ingress_options or {})).bind(models, prototypes, settings)
 
 

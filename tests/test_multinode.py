@@ -456,7 +456,8 @@ def test_serve_under_load_recovers_from_losing_a_replicas_node(nodes, tmp_path, 
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     try:
         app = make_app(
-            {"models": [{"id": "tiny", "run": str(run)}]},
+            # split: the ingress on the head retries a call whose model replica died
+            {"models": [{"id": "tiny", "run": str(run)}], "topology": "split"},
             # one replica on each worker node (one "pool" each)
             model_options={
                 "num_replicas": 2,

@@ -772,3 +772,168 @@ def test_prometheus_metrics_count_requests_rejects_and_batches(server):
     rejected = [x for x in lines if x.startswith("ray_raylens_rejects") and "uri_not_allowed" in x]
     assert rejected and float(rejected[0].rsplit(" ", 1)[1]) >= 2
     assert "ray_serve_num_http_requests" in text  # Serve's own metrics too
+
+
+# ----------------------------------------------------------------------------- topologies
+
+
+@pytest.fixture(scope="module")
+def topologies(server):
+    """The classifier alone, served one-hop (the model deployment is the ingress) and split
+    (ingress → model deployment), side by side on the module's Serve instance."""
+    import httpx
+    from ray import serve
+
+    from serve.app import make_app
+
+    env = {"runtime_env": {"env_vars": {KEY_ENV: API_KEY}}}
+    args = {
+        "models": [{"id": "fm", "run": server["clf"]}],
+        "api_key_env": KEY_ENV,
+        "batching": {"max_batch_size": 16, "batch_wait_timeout_s": 0.01},
+        "limits": {"max_request_bytes": 8_000_000, "max_image_pixels": 15_000_000},
+    }
+    clients = {}
+    for topology in ("one_hop", "split"):
+        app = make_app(
+            {**args, "topology": topology},
+            model_options={"num_replicas": 1, "ray_actor_options": {"num_cpus": 0, **env}},
+            ingress_options={"ray_actor_options": {"num_cpus": 0, **env}},
+        )
+        serve.run(app, name=f"fm-{topology}", route_prefix=f"/{topology}")
+        clients[topology] = httpx.Client(
+            base_url=f"{server['url']}/{topology}", headers=HEADERS, timeout=60
+        )
+    deployments = {
+        t: set(serve.status().applications[f"fm-{t}"].deployments) for t in ("one_hop", "split")
+    }
+    assert deployments == {
+        "one_hop": {"ModelServer", "Prototypes"},
+        "split": {"Ingress", "ModelServer", "Prototypes"},
+    }
+    yield clients
+    for topology, client in clients.items():
+        client.close()
+        serve.delete(f"fm-{topology}")
+
+
+def _same_answers(clients: dict, request) -> dict:
+    """``request(client)`` through both topologies: the same status, headers that matter
+    and body (scores and embeddings within 1e-6); the one-hop answer."""
+    one, split = request(clients["one_hop"]), request(clients["split"])
+    assert one.status_code == split.status_code, (one.text, split.text)
+    assert one.headers.get("retry-after") == split.headers.get("retry-after")
+    a, b = one.json(), split.json()
+    _close(a, b)
+    return {"status": one.status_code, "body": a}
+
+
+def _close(a, b, where="body") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, a, b)
+        for k in a:
+            _close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), (where, a, b)
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= 1e-6, (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_one_hop_and_split_answer_alike(topologies, server):
+    rows = _test_rows(server["ds"])[:12]
+    png = {"content-type": "image/png"}
+    for row in rows:  # the same labels and probabilities (both batch: several at once)
+        with cf.ThreadPoolExecutor(4) as pool:
+            got = list(
+                pool.map(
+                    lambda c, img=row["image"]: c.post("/v1/classify", content=img, headers=png),
+                    topologies.values(),
+                )
+            )
+        assert [r.status_code for r in got] == [200, 200], [r.text for r in got]
+        _close(got[0].json(), got[1].json())
+    good = rows[0]["image"]
+    b64 = base64.b64encode(good).decode()
+    requests = {
+        "classify top_k": lambda c: c.post(
+            "/v1/classify", content=good, headers=png, params={"top_k": 3}
+        ),
+        "embed": lambda c: c.post("/v1/embed", json={"image_b64": b64, "normalize": True}),
+        "embeddings": lambda c: c.post("/v1/embeddings", json={"input": [b64, b64]}),
+        "models": lambda c: c.get("/v1/models"),
+        "classes": lambda c: c.get("/v1/classes"),
+        "readyz": lambda c: c.get("/readyz"),
+        "healthz": lambda c: c.get("/healthz"),
+        "no key": lambda c: c.post(
+            "/v1/classify", content=good, headers={**png, "Authorization": "Bearer wrong"}
+        ),
+        "oversized body": lambda c: c.post("/v1/classify", content=b"\0" * 8_500_000, headers=png),
+        "decompression bomb": lambda c: c.post("/v1/classify", content=_bomb(), headers=png),
+        "non-image bytes": lambda c: c.post("/v1/classify", content=b"GIF89a-no", headers=png),
+        "truncated png": lambda c: c.post(
+            "/v1/classify", content=good[: len(good) // 2], headers=png
+        ),
+        "wrong content type": lambda c: c.post(
+            "/v1/classify", content=good, headers={"content-type": "text/plain"}
+        ),
+        "bad top_k": lambda c: c.post(
+            "/v1/classify", content=good, headers=png, params={"top_k": 0}
+        ),
+        "unknown model": lambda c: c.post("/v1/classify", json={"image_b64": b64, "model": "nope"}),
+        "enroll on a classifier": lambda c: c.post(
+            "/v1/enroll", json={"name": "x", "images": [{"image_b64": b64}]}
+        ),
+        "delete on a classifier": lambda c: c.delete("/v1/classes/Bag"),
+        "unknown route": lambda c: c.get("/v1/nothing"),
+        "wrong method": lambda c: c.get("/v1/classify"),
+    }
+    answers = {name: _same_answers(topologies, req) for name, req in requests.items()}
+    statuses = {name: a["status"] for name, a in answers.items()}
+    assert statuses == {
+        "classify top_k": 200,
+        "embed": 200,
+        "embeddings": 200,
+        "models": 200,
+        "classes": 200,
+        "readyz": 200,
+        "healthz": 200,
+        "no key": 401,
+        "oversized body": 413,
+        "decompression bomb": 413,
+        "non-image bytes": 415,
+        "truncated png": 415,
+        "wrong content type": 415,
+        "bad top_k": 422,
+        "unknown model": 404,
+        "enroll on a classifier": statuses["enroll on a classifier"],
+        "delete on a classifier": statuses["delete on a classifier"],
+        "unknown route": 404,
+        "wrong method": 405,
+    }
+    assert 400 <= statuses["enroll on a classifier"] < 500
+    assert 400 <= statuses["delete on a classifier"] < 500
+    one, split = (c.get("/openapi.json").json() for c in topologies.values())
+    assert one["paths"] == split["paths"]
+
+
+def test_a_12_mp_upload_classifies_as_its_small_original(topologies, server):
+    """A Fashion-MNIST test image upscaled to 12 MP (JPEG) gets the label the 28 px original
+    gets, through both topologies (decoded at reduced scale: see test_serving)."""
+    rows = _test_rows(server["ds"])[:6]
+    for row in rows:
+        small = Image.open(io.BytesIO(row["image"])).convert("RGB")
+        buf = io.BytesIO()
+        small.resize((3464, 3464), Image.BICUBIC).save(buf, "JPEG", quality=90)
+        want = _classify(topologies["one_hop"], row["image"])["labels"][0]["label"]
+        for client in topologies.values():
+            t0 = time.perf_counter()
+            r = client.post(
+                "/v1/classify", content=buf.getvalue(), headers={"content-type": "image/jpeg"}
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["labels"][0]["label"] == want
+            assert time.perf_counter() - t0 < 10

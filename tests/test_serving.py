@@ -152,3 +152,61 @@ def test_prototypes_enrol_update_replace_delete_and_persist(tmp_path):
             check_class_name(bad)
     with pytest.raises(ValueError, match=r"embeddings \[n >= 1, 4\]"):
         store.enroll("c", np.ones((2, 5)))
+
+
+def test_a_12_mp_jpeg_decodes_reduced_for_the_eval_box(tmp_path, monkeypatch):
+    """Serving decodes a large JPEG at the DCT scale the eval transform's center box allows
+    (decode_transform), close to the full decode's pixels, in a fraction of its time."""
+    import time
+
+    from raylens.data import transforms
+    from raylens.data.images import decode_rgb
+
+    run = str(tmp_path / "run")
+    make_run(Storage(), run)
+    model = load_served_model(ModelEntry(id="r", run=run), Storage())
+    tf = model.predictors[0].transform
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8))
+    buf = io.BytesIO()
+    small.resize((4000, 3000), Image.BICUBIC).save(buf, "JPEG", quality=90)
+    jpeg = buf.getvalue()
+    scales, real = [], transforms.apply_draft
+
+    def spy(img, scale):
+        scales.append(real(img, scale))
+        return scales[-1]
+
+    monkeypatch.setattr(transforms, "apply_draft", spy)
+    (pixels,) = model.preprocess(jpeg)
+    assert scales == [8]  # 3000 px center box / 8 still >= the gap x the eval size
+    full = tf(decode_rgb(jpeg))
+    assert pixels.shape == full.shape == (3, tf.size, tf.size)
+    assert np.abs(pixels.astype(int) - full.astype(int)).mean() < 4
+    (out,) = model.infer([jpeg])
+    ref = model.forward([[full]])[0]
+    np.testing.assert_allclose(out.probs, ref.probs, atol=0.05)
+
+    def fastest(fn) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    assert fastest(lambda: model.preprocess(jpeg)) < fastest(lambda: decode_rgb(jpeg)) / 2
+
+
+def test_topology_one_hop_for_one_model_else_split():
+    from raylens.serving.settings import load_settings
+
+    one = {"models": [{"id": "a", "run": "r/a"}]}
+    assert load_settings(one).one_hop
+    assert not load_settings({**one, "topology": "split"}).one_hop
+    assert not load_settings({**one, "runs_root": "runs"}).one_hop
+    two = {"models": [{"id": "a", "run": "r/a"}, {"id": "b", "run": "r/b"}]}
+    assert not load_settings(two).one_hop
+    assert load_settings({**two, "topology": "one_hop"}).one_hop
+    with pytest.raises(Exception, match="topology"):
+        load_settings({**one, "topology": "three_hop"})

@@ -104,25 +104,36 @@ async def failure(call: Awaitable[Any]) -> str | None:
 
 
 class ModelCalls:
-    """The ingress's calls to the model deployment (one handle per model id)."""
+    """The routes' calls to the model: through the model deployment's handle (one per model
+    id; the split topology), or ``send`` to the model in this very replica (one-hop), with
+    the same answers to the same failures either way."""
 
     def __init__(
         self,
-        handle_for: Callable[[str], Any],
+        handle_for: Callable[[str], Any] | None,
         limits: LimitsConfig,
         *,
         queue_full: Errors,
         replica_lost: Errors,
+        send: Callable[..., Awaitable[Any]] | None = None,
     ):
-        self.handle_for, self.limits = handle_for, limits
+        """``send(model_id, method, *args)``, when given, replaces the handle's
+        ``getattr(handle_for(model_id), method).remote(*args)``."""
+        if send is None:
+            if handle_for is None:
+                raise ValueError("ModelCalls needs handle_for or send")
+
+            def send(model_id: str, method: str, *args: Any) -> Awaitable[Any]:
+                return getattr(handle_for(model_id), method).remote(*args)
+
+        self.send, self.limits = send, limits
         self.queue_full, self.replica_lost = queue_full, replica_lost
         self.described: dict[str, dict] = {}  # model id → its describe()
 
     async def call(self, model_id: str, method: str, *args: Any) -> Any:
         """``method(*args)`` on a replica holding ``model_id`` (see :func:`call_model`)."""
-        handle = self.handle_for(model_id)
         return await call_model(
-            lambda: getattr(handle, method).remote(*args),
+            lambda: self.send(model_id, method, *args),
             model_id=model_id,
             timeout_s=self.limits.request_timeout_s,
             retry_after_s=self.limits.retry_after_s,

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from raylens.checkpoint import load_checkpoint
-from raylens.data.images import ImageRejected, decode_rgb
+from raylens.data.images import ImageRejected
+from raylens.data.transforms import decode_transform
 from raylens.models.backbones import parse_backbone_spec
 from raylens.models.fusion import l2_concat
 from raylens.predict import Predictor, is_run_dir_spec, resolve_model
@@ -95,37 +96,48 @@ class ServedModel:
     def infer(self, images: list[bytes]) -> list[Output]:
         """Decodes and runs every image in one forward; an undecodable image gets an
         ``error`` and costs the others nothing."""
-        outs = [Output() for _ in images]
-        decoded, kept = [], []
-        for i, data in enumerate(images):
-            try:
-                decoded.append(decode_rgb(data, max_pixels=self.max_pixels))
-                kept.append(i)
-            except ImageRejected as rej:
-                outs[i].error = f"{rej.reason}: {rej.detail}"
+        return self.forward([self.preprocess(data) for data in images])
+
+    def preprocess(self, data: bytes) -> list[np.ndarray] | str:
+        """One image through each predictor's eval transform: ``uint8 [3, s, s]`` per
+        predictor, or why it is unusable (``"<reason>: <detail>"``). A large JPEG decodes at
+        reduced scale (libjpeg DCT scaling, the run's ``data.decode_reduce``) as the eval
+        transform's center box allows (:func:`raylens.data.transforms.decode_transform`)."""
+        try:
+            transforms = [p.transform for p in self.predictors]
+            return decode_transform(data, transforms, max_pixels=self.max_pixels)
+        except ImageRejected as rej:
+            return f"{rej.reason}: {rej.detail}"
+
+    def forward(self, pixels: list[list[np.ndarray] | str]) -> list[Output]:
+        """:meth:`preprocess`'s results → one forward for the usable ones."""
+        outs = [Output() for _ in pixels]
+        kept = [i for i, p in enumerate(pixels) if not isinstance(p, str)]
+        for i, p in enumerate(pixels):
+            if isinstance(p, str):
+                outs[i].error = p
         if not kept:
             return outs
-        feats, probs = self._forward(decoded)
+        feats, probs = self._forward([pixels[i] for i in kept])
         for j, i in enumerate(kept):
             outs[i].embedding = feats[j]
             if probs is not None:
                 outs[i].probs = probs[j]
         return outs
 
-    def _pixels(self, pred: Predictor, images: list) -> torch.Tensor:
-        t = pred.transform
-        pixels = np.stack([t(img) for img in images])
-        return pred.normalize(torch.from_numpy(pixels))
+    def _pixels(self, k: int, pred: Predictor, images: list[list[np.ndarray]]) -> torch.Tensor:
+        """Predictor ``k``'s normalized batch of the preprocessed images."""
+        return pred.normalize(torch.from_numpy(np.stack([img[k] for img in images])))
 
     def _forward(self, images: list) -> tuple[np.ndarray, np.ndarray | None]:
         if self.kind == "metric":
-            blocks = [p.embed(self._pixels(p, images)) for p in self.predictors]
+            blocks = [p.embed(self._pixels(k, p, images)) for k, p in enumerate(self.predictors)]
             device = next(self.fusion.parameters()).device
             with torch.inference_mode():
                 emb = self.fusion(l2_concat(blocks).to(device))
             return emb.float().cpu().numpy(), None
         pred = self.predictors[0]
-        x = self._pixels(pred, images)
+        x = self._pixels(0, pred, images)
         if self.kind == "backbone":
             return pred.embed(x).numpy(), None
         feats, logits = pred.embed_and_logits(x)

@@ -34,7 +34,11 @@ class ModelEntry:
 
 @dataclass
 class BatchingConfig:
-    enabled: bool = opt(True, "Dynamic batching (@serve.batch); false: one forward per request.")
+    enabled: bool = opt(
+        True,
+        "Dynamic batching (@serve.batch) while other images are in flight on the replica (one "
+        "alone runs at once); false: one forward per request.",
+    )
     max_batch_size: int = opt(32, "Most images in one model forward.")
     batch_wait_timeout_s: float = opt(0.005, "Longest wait for a batch to fill.")
 
@@ -72,6 +76,12 @@ class ServeConfig:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Model device; auto: cuda if assigned.")
     amp: Literal["off", "bf16", "fp16"] = opt("off", "Autocast for the forward; off: exact fp32.")
     batching: BatchingConfig = opt(BatchingConfig, "Dynamic batching of model forwards.")
+    topology: Literal["auto", "one_hop", "split"] = opt(
+        "auto",
+        "one_hop: the model deployment is itself the HTTP ingress (one hop fewer); split: an "
+        "Ingress deployment calls the model deployment through handles (model-aware routing "
+        "of several models). auto: one_hop for exactly one model and no runs_root, else split.",
+    )
     limits: LimitsConfig = opt(LimitsConfig, "Input safety and overload limits.")
 
     def validate(self) -> None:
@@ -132,6 +142,15 @@ class ServeConfig:
         if self.default_model:
             return self.default_model
         return self.models[0].id if self.models else None
+
+    @property
+    def one_hop(self) -> bool:
+        """Whether the model deployment is the ingress (:attr:`topology`, ``auto`` resolved).
+        Split keeps Serve's model-aware routing: a request naming one of several models (or
+        any run under ``runs_root``) goes to a replica that has it loaded."""
+        if self.topology == "auto":
+            return len(self.models) == 1 and not self.runs_root
+        return self.topology == "one_hop"
 
     @property
     def ids(self) -> list[str]:
