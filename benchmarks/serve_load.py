@@ -240,7 +240,8 @@ def deploy_floors() -> dict[str, str]:
 def plain_app(run: str):
     """(c): the plain uvicorn app serving ``run``, running; its classify URL."""
     port = free_port()
-    env = {**os.environ, "RAYLENS_RUN": run, "PYTHONPATH": str(REPO)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "RAYLENS_RUN": run, "PYTHONPATH": path}  # keep the caller's entries
     proc = subprocess.Popen(
         [
             sys.executable,
