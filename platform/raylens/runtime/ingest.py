@@ -20,6 +20,7 @@ add ``mix_partner``, ``mix_lam`` and ``mix_label``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -612,9 +613,12 @@ def _unit_split(
 
 
 class TorchCollate(NumpyBatchCollateFn):
-    """``iter_torch_batches`` collate: numpy batch → normalized float tensors + ids."""
+    """``iter_torch_batches`` collate: numpy batch → normalized float tensors + ids.
 
-    def __init__(self, data: DataConfig, device: str | None = None):
+    ``channels_last``: lay the image tensor out as the model wants it (``model.channels_last``),
+    so the loop's ``contiguous(memory_format=channels_last)`` is free."""
+
+    def __init__(self, data: DataConfig, device: str | None = None, *, channels_last: bool = False):
         super().__init__()
         for key in ("mean", "std"):
             if getattr(data, key) is None:
@@ -623,15 +627,20 @@ class TorchCollate(NumpyBatchCollateFn):
                     "first (raylens.preprocess.resolve_preprocess), or set it"
                 )
         self.mean, self.std, self.device = tuple(data.mean), tuple(data.std), device
+        self.channels_last = channels_last
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        pixels = torch.from_numpy(np.array(batch["image"]))  # a writable copy
+        image = np.ascontiguousarray(batch["image"])
+        with warnings.catch_warnings():  # Ray's batches are read-only; only read (copy_) here
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            pixels = torch.from_numpy(image)
         if self.device:
             pixels = pixels.to(self.device, non_blocking=True)
         out: dict[str, Any] = {
-            "image": normalize(pixels, self.mean, self.std),
+            # uint8 → float32 in one preallocated tensor, normalized in place
+            "image": normalize(pixels, self.mean, self.std, channels_last=self.channels_last),
             "aug_seed": torch.from_numpy(np.array(batch["aug_seed"])),
             "id": list(batch["id"]),
         }
