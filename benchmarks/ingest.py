@@ -1,6 +1,7 @@
 """Ingest benchmark: raylens Ray Data pipeline vs. a per-object DataLoader vs. the CPU limit.
 
     .venv/bin/python benchmarks/ingest.py [--n N] [--reps R] [--trainer] [--out benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/ingest.py --case photos [--n 4000] [--reps R] [--store-sizes 2000,8000]
 
 Everything runs locally: SeaweedFS (S3) from tests/servers.py in a temp dir, Fashion-MNIST
 from its IDX files. Steps:
@@ -26,6 +27,14 @@ from its IDX files. Steps:
    ``--trainer`` also runs (a) through a real ``TorchTrainer`` (2 workers,
    ``build_trainer`` + ``ingest_check_loop``) and reports end-to-end and in-loop rates.
 4. Replace the "## Ingest (benchmarks/ingest.py)" section of ``--out`` (other sections kept).
+
+``--case photos`` (issue 23): the same three paths at 224 px on ``--n`` (default 4,000)
+JPEG crops of scikit-learn's sample photos (``decode_reduce.small_photos``: short side
+256-400 px, quality 90) in SeaweedFS, prepared with ``prepare`` (all rows in ``test``),
+batches ``[64, 3, 224, 224]`` with random-resized crop (0.08-1) + flip; images/s and
+CPU-s per 1,000 images each, time to the first batch for (a) and (c), and the peak
+object-store use during one (a) pass at each of ``--store-sizes`` (default 2,000 and 8,000
+images). Writes its own section.
 
 SeaweedFS and Ray are always stopped at exit.
 """
@@ -457,12 +466,22 @@ def photo_cfg(dataset: str):
     return C.load(RunConfig, CONFIG.read_text(), [f"data.dataset={dataset}", *PHOTO_OVERRIDES])
 
 
-def make_photos(n: int) -> list[bytes]:
+def make_photos(n: int, cache: str | None = None) -> list[bytes]:
     """``n`` JPEG crops of scikit-learn's sample photos, short side 256-400 px, quality 90
-    (benchmarks/decode_reduce.py's ``small_photos``)."""
+    (benchmarks/decode_reduce.py's ``small_photos``, seed 23); ``cache``: a pickle of them
+    kept between runs (made here when missing; ~70 CPU-s for 4,000)."""
+    import pickle
+
     import decode_reduce  # benchmarks/decode_reduce.py
 
-    return decode_reduce.small_photos(n, seed=23)
+    if cache and Path(cache).exists():
+        images = pickle.loads(Path(cache).read_bytes())
+        if len(images) >= n:
+            return images[:n]
+    images = decode_reduce.small_photos(n, seed=23)
+    if cache:
+        Path(cache).write_bytes(pickle.dumps(images))
+    return images
 
 
 def copy_rows(src: str, dst: str, storage, n: int) -> None:
@@ -613,7 +632,7 @@ def photos_main(args) -> int:
             )
             storage = storage_from_env()
             log(f"making {n} photos")
-            images = make_photos(n)
+            images = make_photos(n, args.photos_cache)
             labels = [i % 4 for i in range(n)]
             uris = [f"s3://{BUCKET}/photos-raw/c{lbl}/{i:05d}.jpg" for i, lbl in enumerate(labels)]
             with ThreadPoolExecutor(16) as tp:
@@ -783,6 +802,7 @@ def main() -> int:
         default=[2000, 8000],
         help="photos: dataset sizes of the object-store measurement",
     )
+    p.add_argument("--photos-cache", help="photos: keep the generated JPEGs in this pickle")
     p.add_argument("--reps", type=int, default=3, help="timed interleaved rounds")
     p.add_argument("--trainer", action="store_true", help="also run (a) via TorchTrainer x2")
     p.add_argument("--trainer-reps", type=int, default=2)

@@ -604,8 +604,18 @@ def _ordered_split(
         remap=remap,
     )
     slots = [{"slot": i} for i in range(len(units))]
-    with reading_context():
-        ds = ray.data.from_items(slots, override_num_blocks=len(units))
+    with reading_context() as ctx:
+        # One output block per decode batch (~16 MiB at any size): Ray Data otherwise
+        # buffers a task's output up to target_max_block_size (128 MiB, ~850 images at
+        # 224 px) before the consumer sees any of it, which delays the first batch.
+        keep = ctx.target_max_block_size
+        rows_bytes = data.decode_rows() * 3 * data.image_size**2
+        if keep is None or rows_bytes < keep:
+            ctx.target_max_block_size = rows_bytes
+        try:
+            ds = ray.data.from_items(slots, override_num_blocks=len(units))
+        finally:
+            ctx.target_max_block_size = keep
     return ds.map_batches(reader, batch_size=1, batch_format="numpy"), info
 
 
