@@ -153,3 +153,35 @@ def test_the_first_batch_comes_before_the_split_is_read(ray_session, many_units)
     )
     assert all(os.stat(p).st_atime > 100 for p in shards)  # the pass read them all
     assert read <= len(shards) // 2, f"{read} of {len(shards)} shards read before the first batch"
+
+
+def test_a_raw_train_split_reads_chunks_of_files_in_the_pass_order(tmp_path):
+    """An unprepared folder: units of RAW_UNIT_ROWS files, every row once, labels kept."""
+    from raylens.runtime.ingest import RAW_UNIT_ROWS, _raw_items, _RawReader
+    from raylens.schema import SourceConfig
+
+    storage = Storage()
+    raw = str(tmp_path / "raw")
+    truth = write_folder(storage, raw, per_class=60)
+    cfg = _cfg(raw, "run.seed=5")
+    items, info = _raw_items(SourceConfig(uri=raw), "train", storage, cfg.prepare, 5)
+    units = [items[i : i + RAW_UNIT_ROWS] for i in range(0, len(items), RAW_UNIT_ROWS)]
+    assert len(units) >= 2
+    reader = _ReadInPassOrder(
+        units,
+        _RawReader(storage.cfg),
+        _decode_udf(cfg, info, True, 2, None),
+        seed=5,
+        epoch=2,
+        decode_rows=cfg.data.decode_rows(),
+    )
+    got = [
+        (rid, label)
+        for slot in range(len(units))
+        for out in reader({"slot": np.array([slot])})
+        for rid, label in zip(out["id"].tolist(), out["label"].tolist(), strict=True)
+    ]
+    assert sorted(r for r, _ in got) == sorted(i["id"] for i in items)
+    assert all(info.classes[label] == truth[rid] for rid, label in got)
+    first_unit = units[pass_order(5, 2, len(units))[0]]
+    assert {r for r, _ in got[: len(first_unit)]} == {i["id"] for i in first_unit}
