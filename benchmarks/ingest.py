@@ -1,6 +1,7 @@
 """Ingest benchmark: raylens Ray Data pipeline vs. a per-object DataLoader vs. the CPU limit.
 
     .venv/bin/python benchmarks/ingest.py [--n N] [--reps R] [--trainer] [--out benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/ingest.py --case photos [--n 4000] [--reps R] [--store-sizes 2000,8000]
 
 Everything runs locally: SeaweedFS (S3) from tests/servers.py in a temp dir, Fashion-MNIST
 from its IDX files. Steps:
@@ -26,6 +27,14 @@ from its IDX files. Steps:
    ``--trainer`` also runs (a) through a real ``TorchTrainer`` (2 workers,
    ``build_trainer`` + ``ingest_check_loop``) and reports end-to-end and in-loop rates.
 4. Replace the "## Ingest (benchmarks/ingest.py)" section of ``--out`` (other sections kept).
+
+``--case photos`` (issue 23): the same three paths at 224 px on ``--n`` (default 4,000)
+JPEG crops of scikit-learn's sample photos (``decode_reduce.small_photos``: short side
+256-400 px, quality 90) in SeaweedFS, prepared with ``prepare`` (all rows in ``test``),
+batches ``[64, 3, 224, 224]`` with random-resized crop (0.08-1) + flip; images/s and
+CPU-s per 1,000 images each, time to the first batch for (a) and (c), and the peak
+object-store use during one (a) pass at each of ``--store-sizes`` (default 2,000 and 8,000
+images). Writes its own section.
 
 SeaweedFS and Ray are always stopped at exit.
 """
@@ -253,7 +262,7 @@ class ObjectDataset:
         return self.transform(img, seed), self.labels[i], i
 
 
-def make_loader(dataset: ObjectDataset):
+def make_loader(dataset: ObjectDataset, batch: int = BATCH):
     """DataLoader(num_workers=2, batch_size=128); workers persist across rounds.
 
     Workers come from a forkserver, not a fork of this process: forking a driver that
@@ -264,7 +273,7 @@ def make_loader(dataset: ObjectDataset):
 
     return DataLoader(
         dataset,
-        batch_size=BATCH,
+        batch_size=batch,
         num_workers=2,
         shuffle=False,
         multiprocessing_context="forkserver",
@@ -434,12 +443,366 @@ def render(args, date, prep, n, scale, runs, warm, trainer, notes) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- real photos
+
+PHOTO_SECTION = "## Ingest, real photos at 224 px (benchmarks/ingest.py --case photos)"
+PHOTO_BATCH = 64
+PHOTO_TARGETS = {"a/b": 3.5, "cpu a/c": 1.1, "first a/c": 3.0}
+PHOTO_OVERRIDES = [
+    "data.image_size=224",
+    "data.eval_crop_pct=0.875",
+    "data.mean=[0.485, 0.456, 0.406]",
+    "data.std=[0.229, 0.224, 0.225]",
+    "data.rrc_scale=[0.08, 1.0]",
+    "data.rrc_ratio=[0.75, 1.3333333]",
+    f"data.batch_size={PHOTO_BATCH}",
+]
+
+
+def photo_cfg(dataset: str):
+    from raylens import config as C
+    from raylens.schema import RunConfig
+
+    return C.load(RunConfig, CONFIG.read_text(), [f"data.dataset={dataset}", *PHOTO_OVERRIDES])
+
+
+def make_photos(n: int, cache: str | None = None) -> list[bytes]:
+    """``n`` JPEG crops of scikit-learn's sample photos, short side 256-400 px, quality 90
+    (benchmarks/decode_reduce.py's ``small_photos``, seed 23); ``cache``: a pickle of them
+    kept between runs (made here when missing; ~70 CPU-s for 4,000)."""
+    import pickle
+
+    import decode_reduce  # benchmarks/decode_reduce.py
+
+    if cache and Path(cache).exists():
+        images = pickle.loads(Path(cache).read_bytes())
+        if len(images) >= n:
+            return images[:n]
+    images = decode_reduce.small_photos(n, seed=23)
+    if cache:
+        Path(cache).write_bytes(pickle.dumps(images))
+    return images
+
+
+def copy_rows(src: str, dst: str, storage, n: int) -> None:
+    """A prepared dataset at ``dst`` whose ``test`` split holds ``n`` rows: ``src``'s test
+    rows, cycled (ids suffixed ``~k`` on the k-th repeat), in shards of 1,024 rows (one row
+    group each, as ``prepare`` groups them). Setup for the object-store measurement."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from raylens.storage import join
+
+    card = json.loads(storage.read_text(join(src, "dataset.json")))
+    table = pa.concat_tables(
+        pq.read_table(
+            io.BytesIO(storage.read_bytes(join(src, f))), columns=["id", "image", "label"]
+        )
+        for f in card["splits"]["test"]["files"]
+    )
+    parts, have, k = [], 0, 0
+    while have < n:
+        t = table.slice(0, n - have)
+        if k:
+            ids = pa.array([f"{i}~{k}" for i in t.column("id").to_pylist()], pa.string())
+            t = t.set_column(0, t.schema.field("id"), ids)
+        parts.append(t)
+        have, k = have + t.num_rows, k + 1
+    rows = pa.concat_tables(parts)
+    files = []
+    for lo in range(0, n, 1024):
+        buf = io.BytesIO()
+        chunk = rows.slice(lo, 1024)
+        pq.write_table(
+            chunk,
+            buf,
+            compression={c: ("NONE" if c == "image" else "ZSTD") for c in chunk.column_names},
+            row_group_size=1024,
+        )
+        name = f"test/part-{lo // 1024:05d}.parquet"
+        storage.write_bytes(join(dst, name), buf.getvalue())
+        files.append(name)
+    sub = json.loads(json.dumps(card))
+    sub["splits"]["test"] = {"count": n, "files": files, "per_class": {}}
+    storage.write_text(join(dst, "dataset.json"), json.dumps(sub))
+
+
+class StoreSampler:
+    """Peak bytes in Ray's object store (the raylet's store stats), sampled in a thread."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        state = get_state_from_address()
+        self._read = lambda: get_memory_info_reply(state).store_stats.object_store_bytes_used
+        self.base, self.peak, self.samples = self._read(), 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._read())
+            self.samples += 1
+            self._stop.wait(interval)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"store_base": self.base, "store_peak": self.peak, "store_samples": self.samples}
+
+
+def run_raylens_photos(cfg, storage, n: int, sample_store: bool = False) -> dict:
+    """(a) at 224 px: ``items``, ``ids``, ``first_s`` (``build_split`` to the first batch)."""
+    import torch
+    from raylens.runtime.ingest import TorchCollate, build_split
+
+    sampler = StoreSampler() if sample_store else None
+    t0 = time.perf_counter()
+    ds, _ = build_split(cfg, "test", storage, train=True)
+    rows, ids, first = 0, set(), None
+    collate = TorchCollate(cfg.data)
+    for batch in ds.iter_torch_batches(batch_size=PHOTO_BATCH, collate_fn=collate):
+        if first is None:
+            first = time.perf_counter() - t0
+        image = batch["image"]
+        assert image.dtype == torch.float32 and tuple(image.shape[1:]) == (3, 224, 224)
+        rows += image.shape[0]
+        ids.update(batch["id"])
+    out = {"items": rows, "ids": ids, "first_s": first}
+    if sampler is not None:
+        out.update(sampler.stop())
+    return out
+
+
+def run_objects_photos(loader, mean, std) -> dict:
+    """(b) at 224 px: a DataLoader of one S3 GET + PIL decode + transform per image."""
+    import torch
+    from raylens.data.transforms import normalize
+
+    rows, idx = 0, set()
+    for pixels, _label, index in loader:
+        image = normalize(pixels, mean, std)
+        assert image.dtype == torch.float32 and tuple(image.shape[1:]) == (3, 224, 224)
+        rows += image.shape[0]
+        idx.update(index.tolist())
+    return {"items": rows, "idx": idx}
+
+
+def run_memory_photos(pool, n: int, mean, std) -> dict:
+    """(c) at 224 px: decode + transform of bytes in memory over Pool(2); ``first_s``."""
+    import torch
+    from raylens.data.transforms import normalize
+
+    t0 = time.perf_counter()
+    chunks = [(lo, min(lo + PHOTO_BATCH, n)) for lo in range(0, n, PHOTO_BATCH)]
+    rows, first = 0, None
+    for pixels in pool.imap(_c_chunk, chunks):
+        image = normalize(torch.from_numpy(pixels), mean, std)
+        if first is None:
+            first = time.perf_counter() - t0
+        assert image.dtype == torch.float32 and tuple(image.shape[1:]) == (3, 224, 224)
+        rows += image.shape[0]
+    return {"items": rows, "first_s": first}
+
+
+def photos_main(args) -> int:
+    """``--case photos``: the three paths on real-photo JPEGs at 224 px (module docstring)."""
+    from raylens.data.prepare import prepare
+    from raylens.schema import PrepareConfig, SourceConfig
+
+    from tests.servers import start_seaweedfs
+
+    date = harness.utc_date()
+    n = args.n
+    with harness.scratch("raylens-bench-photos-") as tmp:
+        srv = loader = pool = None
+        try:
+            log(f"starting SeaweedFS in {tmp}")
+            srv = start_seaweedfs(tmp / "seaweed")
+            srv.create_bucket(BUCKET)
+            os.environ.update(
+                {
+                    "BENCH_S3_ENDPOINT": srv.endpoint_url,
+                    "BENCH_S3_KEY": srv.access_key,
+                    "BENCH_S3_SECRET": srv.secret_key,
+                    "BENCH_S3_REGION": srv.region,
+                }
+            )
+            storage = storage_from_env()
+            log(f"making {n} photos")
+            images = make_photos(n, args.photos_cache)
+            labels = [i % 4 for i in range(n)]
+            uris = [f"s3://{BUCKET}/photos-raw/c{lbl}/{i:05d}.jpg" for i, lbl in enumerate(labels)]
+            with ThreadPoolExecutor(16) as tp:
+                list(tp.map(storage.write_bytes, uris, images))
+            dataset = f"s3://{BUCKET}/photos"
+            log("prepare (all rows into the test split)")
+            t0 = time.perf_counter()
+            card = prepare(
+                SourceConfig(uri=f"s3://{BUCKET}/photos-raw"),
+                PrepareConfig(
+                    output=dataset, train_fraction=0.0, val_fraction=0.0, test_fraction=1.0
+                ),
+                storage,
+                progress=False,
+                log=lambda m: None,
+            )
+            log(
+                f"prepared {card['splits']['test']['count']} rows in {time.perf_counter() - t0:.1f} s"
+            )
+            assert card["splits"]["test"]["count"] == n
+            sizes = sorted(set(args.store_sizes))
+            for size in sizes:
+                copy_rows(dataset, f"{dataset}-{size}", storage, size)
+
+            cfg = photo_cfg(dataset)
+            from raylens.data.transforms import ImageTransform
+
+            transform = ImageTransform.from_config(cfg.data, train=True)
+            assert transform.train and transform.size == 224
+            mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
+            objects = ObjectDataset(
+                uris, labels, srv.endpoint_url, srv.access_key, srv.secret_key, transform
+            )
+            loader = make_loader(objects, PHOTO_BATCH)
+            pool = make_pool(images, transform)
+
+            import ray
+
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            expected = {u.split("/photos-raw/", 1)[1] for u in uris}
+
+            def check(v: str, r: dict) -> None:
+                assert r["items"] == n, f"({v}) delivered {r['items']} rows, expected {n}"
+                if v == "a":
+                    assert r.pop("ids") == expected, "(a) delivered other images"
+                elif v == "b":
+                    assert r.pop("idx") == set(range(n)), "(b) delivered other images"
+
+            runs, warm = harness.interleave(
+                {
+                    "a": partial(run_raylens_photos, cfg, storage, n),
+                    "b": partial(run_objects_photos, loader, mean, std),
+                    "c": partial(run_memory_photos, pool, n, mean, std),
+                },
+                args.reps,
+                warmup=True,
+                order=lambda rnd: "abc",
+                tree=True,
+                unit="images",
+                check=check,
+            )
+            store = {}
+            for size in sizes:
+                r = run_raylens_photos(photo_cfg(f"{dataset}-{size}"), storage, size, True)
+                assert r["items"] == size
+                r.pop("ids")
+                store[size] = r
+                log(
+                    f"store at {size}: peak {r['store_peak'] / 2**20:.0f} MiB ({r['store_samples']} samples)"
+                )
+            text = render_photos(args, date, n, transform, runs, warm, store)
+            harness.emit(PHOTO_SECTION, text, True, args.out)
+            harness.dump(args.json, {"n": n, "windows": runs, "warm": warm, "store": store})
+            return 0
+        finally:
+            if pool is not None:
+                pool.terminate()
+            del loader
+            if srv is not None:
+                srv.stop()
+
+
+def render_photos(args, date, n, transform, runs, warm, store) -> str:
+    sm = {k: harness.summarize(v) for k, v in runs.items()}
+    ips = {k: v["ips"] for k, v in sm.items()}
+    cpu = {k: 1000 * v["cpu_per_item"] for k, v in sm.items()}  # CPU-s per 1,000 images
+    first = {k: harness.median(r["first_s"] for r in runs[k]) for k in ("a", "c")}
+    ab = ips["a"] / ips["b"]
+    cpu_ac = cpu["a"] / cpu["c"]
+    per_round = [
+        ra["cpu_per_item"] / rc["cpu_per_item"] for ra, rc in zip(runs["a"], runs["c"], strict=True)
+    ]
+    first_ac = first["a"] / first["c"]
+    sizes = sorted(store)
+    peaks = [store[s]["store_peak"] / 2**20 for s in sizes]
+    grow = peaks[-1] / max(peaks[0], 1e-9)
+    met = lambda ok: "met" if ok else "NOT MET"  # noqa: E731
+    row = lambda v, label: (  # noqa: E731
+        f"| {label} | {ips[v]:,.0f} | {cpu[v]:.2f} | {harness.rates(runs[v])} | "
+        + (f"{first[v]:.2f} s |" if v in first else "- |")
+    )
+    lines = [
+        *harness.heading(PHOTO_SECTION, args.argv, date=date),
+        f"Workload: {n:,} JPEG crops of scikit-learn's sample photos (`decode_reduce.small_photos`: "
+        "short side 256-400 px, quality 90), in SeaweedFS (local S3, same CPUs): prepared "
+        "Parquet for (a), one object per image for (b); batches "
+        f"`[{PHOTO_BATCH}, 3, 224, 224]` with random-resized crop (area "
+        f"{list(transform.scale)}) + flip, normalized float32. {args.reps} timed rounds "
+        "interleaved a,b,c after one untimed warm-up round. CPU-s: this process and its "
+        "descendants (Ray workers, DataLoader and Pool workers, SeaweedFS), sampled. First "
+        "batch: (a) from `build_split` to the first batch, (c) from the first chunk submitted "
+        "to the first normalized batch.",
+        "",
+        "| path | median images/s | median CPU-s per 1,000 images | runs (images/s) | "
+        "first batch (median) |",
+        "|---|---:|---:|---|---:|",
+        row("a", "(a) raylens `build_split` + `iter_torch_batches`"),
+        row("b", "(b) `DataLoader(num_workers=2)`, one s3fs GET + PIL per image"),
+        row("c", "(c) decode + transform from bytes in memory, `Pool(2)`"),
+        "",
+        "| target | value | target | |",
+        "|---|---:|---:|---|",
+        f"| a/b images/s | {ab:.2f} | >= {PHOTO_TARGETS['a/b']:g} | {met(ab >= PHOTO_TARGETS['a/b'])} |",
+        f"| a/c CPU per image (median; per round {', '.join(f'{x:.2f}' for x in per_round)}) "
+        f"| {cpu_ac:.2f} | <= {PHOTO_TARGETS['cpu a/c']:g} in every round "
+        f"| {met(max(per_round) <= PHOTO_TARGETS['cpu a/c'])} |",
+        f"| first batch a/c | {first_ac:.2f} ({first['a']:.2f} s / {first['c']:.2f} s) "
+        f"| <= {PHOTO_TARGETS['first a/c']:g} | {met(first_ac <= PHOTO_TARGETS['first a/c'])} |",
+        f"| peak object store, (a) at {sizes[0]:,} vs {sizes[-1]:,} images | "
+        + " vs ".join(f"{p:,.0f} MiB" for p in peaks)
+        + f" (x{grow:.2f}) | independent of size | "
+        + met(grow <= 1.25)
+        + " |",
+        "",
+        "Object store: the raylet's `object_store_bytes_used`, sampled every 50 ms in a thread "
+        "during one (a) pass over a copy of the prepared rows cycled to each size (1,024-row "
+        "shards, one row group each); "
+        + ", ".join(
+            f"{s:,}: first batch {store[s]['first_s']:.2f} s, {store[s]['store_samples']} samples"
+            for s in sizes
+        )
+        + ". 'Independent' is read as: at most 1.25x from the smaller to the larger size.",
+        "",
+    ]
+    lines += [f"- {x}" for x in args.note]
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=10000, help="images per measurement (<= 10000)")
+    p.add_argument(
+        "--case",
+        choices=("fmnist", "photos"),
+        default="fmnist",
+        help="fmnist: 28 px Fashion-MNIST; photos: 224 px real-photo JPEG crops",
+    )
+    p.add_argument(
+        "--n", type=int, default=None, help="images per measurement (fmnist <= 10000; photos 4000)"
+    )
+    p.add_argument(
+        "--store-sizes",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[2000, 8000],
+        help="photos: dataset sizes of the object-store measurement",
+    )
+    p.add_argument("--photos-cache", help="photos: keep the generated JPEGs in this pickle")
     p.add_argument("--reps", type=int, default=3, help="timed interleaved rounds")
     p.add_argument("--trainer", action="store_true", help="also run (a) via TorchTrainer x2")
     p.add_argument("--trainer-reps", type=int, default=2)
@@ -452,6 +815,10 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(REPO))  # the tests package: its server helpers
+    if args.case == "photos":
+        args.n = args.n or 4000
+        return photos_main(args)
+    args.n = args.n or 10000
     from tests.servers import start_seaweedfs
 
     date = harness.utc_date()

@@ -16,17 +16,15 @@ import torch.nn.functional as F
 from raylens import config as C
 from raylens.data.mix import (
     Mixer,
-    Unit,
     apply_plan,
     build_mixer,
     decode_unit,
-    list_units,
     plan_unit,
-    read_unit,
     timm_args,
     unit_seed,
 )
 from raylens.data.transforms import ImageTransform, decode_and_transform, sample_seed
+from raylens.data.units import Unit, list_units, read_unit
 from raylens.schema import MixConfig, RunConfig
 from raylens.storage import Storage
 from timm.data import Mixup
@@ -277,7 +275,8 @@ def test_decode_time_mixing_is_the_same_in_a_fresh_process_and_for_any_split_of_
     script = f"""
 import json, numpy as np, sys
 sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parents[1])!r})
-from raylens.data.mix import Unit, decode_unit, read_unit
+from raylens.data.mix import decode_unit
+from raylens.data.units import Unit, read_unit
 from raylens.data.transforms import ImageTransform
 from raylens.storage import Storage
 from tests.test_mix import PAIR, TRANSFORM, _by_id, _digest

@@ -67,3 +67,35 @@ def test_normalize_uses_mean_and_std():
     out = normalize(pixels, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
     assert out.dtype == torch.float32
     assert out[0, :, 0, 0].tolist() == pytest.approx([2.0, 1.0, 0.5])
+
+
+def test_in_place_normalize_is_bit_identical_to_the_old_formula():
+    """The in-place normalization (one float32 tensor, sub_/div_) equals the allocating
+    ``(pixels.float() - mean) / std`` exactly (tolerance 0, not 1 ulp), also laid out
+    channels_last, and so does TorchCollate's image column."""
+    import torch
+    from raylens import config as C
+    from raylens.runtime.ingest import TorchCollate
+    from raylens.schema import RunConfig
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cfg = C.load(RunConfig, None, [f"data.mean={list(mean)}", f"data.std={list(std)}"])
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+    rng = np.random.default_rng(0)
+    for shape in [(64, 3, 224, 224), (5, 3, 17, 31), (1, 3, 1, 1)]:
+        raw = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        raw.flat[:2] = (0, 255)
+        old = (torch.from_numpy(raw).float() - m) / s
+        for cl in (False, True):
+            new = normalize(torch.from_numpy(raw), mean, std, channels_last=cl)
+            assert new.dtype == torch.float32 and torch.equal(new, old)
+            assert new.is_contiguous(
+                memory_format=torch.channels_last if cl else torch.contiguous_format
+            )
+        raw.flags.writeable = False  # as Ray hands batches over
+        out = TorchCollate(cfg.data, channels_last=True)(
+            {"image": raw, "aug_seed": np.zeros(shape[0], np.int64), "id": np.arange(shape[0])}
+        )
+        assert torch.equal(out["image"], old)
+        assert out["image"].is_contiguous(memory_format=torch.channels_last)

@@ -26,15 +26,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from timm.data import Mixup
 from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
 
 from raylens.data.transforms import ImageTransform, decode_and_transform, sample_seed
+from raylens.data.units import Unit  # the mixing unit is a read unit
 from raylens.schema import MixConfig, RunConfig
-from raylens.storage import Storage, join
 
 MIX_KEYS = ("mixup_alpha", "cutmix_alpha", "cutmix_minmax", "prob", "switch_prob", "mode")
 
@@ -240,46 +238,6 @@ def apply_plan(
             blend = pixels[r].astype(np.float32) * w + pixels[p].astype(np.float32) * (1 - w)
             out[r] = np.rint(blend).astype(np.uint8)
     return out, partner, lam
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One mixing unit: a row group of a prepared dataset's shard (``file`` relative to it)."""
-
-    file: str
-    row_group: int
-
-
-def list_units(storage: Storage, dataset: str, files: Sequence[str]) -> list[Unit]:
-    """Every row group of ``files`` (a prepared split's shards, as its card lists them)."""
-    units: list[Unit] = []
-    for f in files:
-        fs, path = storage.resolve(join(dataset, f))
-        with fs.open_input_file(path) as fh:
-            count = pq.ParquetFile(fh).metadata.num_row_groups
-        units.extend(Unit(f, g) for g in range(count))
-    return units
-
-
-def read_unit(
-    storage: Storage,
-    dataset: str,
-    unit: Unit,
-    columns: Sequence[str] = ("id", "image", "label"),
-    remap: dict[int, int] | None = None,
-) -> pa.Table:
-    """One row group; with ``remap`` (``data.classes``: old -> new label) only the rows of
-    the selected classes, relabelled, as the ordinary ingest selects them."""
-    fs, path = storage.resolve(join(dataset, unit.file))
-    with fs.open_input_file(path) as fh:
-        table = pq.ParquetFile(fh).read_row_group(unit.row_group, columns=list(columns))
-    if remap is None:
-        return table
-    label = table.column("label").to_numpy().astype(np.int64)
-    keep = np.isin(label, np.array(sorted(remap), dtype=np.int64))
-    new = np.array([remap[int(v)] for v in label[keep]], dtype=np.int32)
-    table = table.filter(pa.array(keep))
-    return table.set_column(table.schema.get_field_index("label"), "label", pa.array(new))
 
 
 def decode_unit(

@@ -346,10 +346,19 @@ def decode_and_transform(
     return out[: len(kept)], np.asarray(kept, dtype=np.int64), failures
 
 
-def normalize(pixels, mean, std):
-    """``uint8 [b, 3, h, w]`` tensor → float32 normalized with per-channel mean/std (0-1 scale)."""
+def normalize(pixels, mean, std, *, channels_last: bool = False):
+    """``uint8 [b, 3, h, w]`` tensor → float32 normalized with per-channel mean/std (0-1 scale).
+
+    One float32 tensor is allocated (in ``channels_last`` layout if asked) and the uint8 →
+    float conversion, the subtraction and the division all write into it: bit-identical to
+    ``(pixels.float() - mean * 255) / (std * 255)`` (tests/test_transforms.py), without its
+    two temporaries (~0.4 ms vs ~0.1 ms per [64, 3, 224, 224] batch, issue 23).
+    """
     import torch
 
     mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
     std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255.0
-    return (pixels.float() - mean_t) / std_t
+    fmt = torch.channels_last if channels_last and pixels.dim() == 4 else torch.contiguous_format
+    out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device, memory_format=fmt)
+    out.copy_(pixels)
+    return out.sub_(mean_t).div_(std_t)

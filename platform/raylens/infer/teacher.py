@@ -33,13 +33,14 @@ import torch
 
 from raylens.data import teacher_store as TS
 from raylens.data.images import decoder_version
-from raylens.data.mix import decode_unit, list_units, mix_settings, read_unit
+from raylens.data.mix import decode_unit, mix_settings
 from raylens.data.prepare import load_card
 from raylens.data.transforms import (
     ImageTransform,
     decode_and_transform,
     sample_seed,
 )
+from raylens.data.units import list_units, read_unit
 from raylens.preprocess import require_preprocess
 from raylens.schema import RunConfig, StorageConfig
 from raylens.storage import Storage, join

@@ -20,12 +20,12 @@ add ``mix_partner``, ``mix_lam`` and ``mix_label``.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
-from ray.data import RandomSeedConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from raylens.config import ConfigError
@@ -63,6 +63,9 @@ EXACT_FILES: dict[str, Any] = {"file_extensions": None, "partitioning": None}
 # (DataContext.op_resource_reservation_enabled, which Ray calls a kill-switch it may
 # remove) the same job spilled and finished in 35 s. The test fails if that goes.
 SMALL_OBJECT_STORE = 1 << 30
+# A raw (unprepared) train split is read in units of this many files, in a seeded order
+# per pass (a prepared one in Parquet row groups).
+RAW_UNIT_ROWS = 64
 # raylens.data.mix (torch + timm: ~3 CPU-s to import) is imported where decode-time mixing
 # is used, not here: every Ray Data process that unpickles a plan holding _DecodeBatch
 # (split coordinators, Train's dataset manager, decode workers) imports this module.
@@ -227,16 +230,14 @@ def is_prepared(dataset: str, storage: Storage) -> bool:
     return storage.exists(join(dataset, CARD))
 
 
-def read_prepared(
-    dataset: str, split: str, storage: Storage
-) -> tuple[ray.data.Dataset, DatasetInfo]:
-    """The rows of one split of a prepared dataset (only the shards its card lists)."""
+def _prepared_files(dataset: str, split: str, storage: Storage) -> tuple[list[str], DatasetInfo]:
+    """The shard files (relative to ``dataset``) of one split and the dataset's info."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
     card = load_card(storage, dataset)  # a damaged card is named
     if card is None:
         raise FileNotFoundError(f"no prepared dataset ({CARD}) at {dataset!r}")
-    files = [join(dataset, f) for f in card["splits"][split]["files"]]
+    files = list(card["splits"][split]["files"])
     info = DatasetInfo.from_card(card)
     if not info.classes:
         rejected = len(card.get("rejected", []))
@@ -246,24 +247,23 @@ def read_prepared(
         )
     if not files:
         raise ValueError(f"dataset {dataset!r} has no rows in split {split!r}")
+    return files, info
+
+
+def read_prepared(
+    dataset: str, split: str, storage: Storage
+) -> tuple[ray.data.Dataset, DatasetInfo]:
+    """The rows of one split of a prepared dataset (only the shards its card lists)."""
+    files, info = _prepared_files(dataset, split, storage)
     label_col = "labels" if info.multi_label else "label"
-    ds = read_shards(files, storage, columns=["id", "image", label_col])
+    ds = read_shards([join(dataset, f) for f in files], storage, columns=["id", "image", label_col])
     return ds, info
 
 
-def read_raw(
-    source_cfg: SourceConfig,
-    split: str,
-    storage: Storage,
-    *,
-    prepare_cfg: PrepareConfig,
-    seed: int = 0,
-):
-    """A raw folder or manifest read directly (no prepare step): same columns as prepared.
-
-    Splits come from the source or a seeded stratified split, as in prepare. Unreadable
-    files are dropped at decode time and recorded like any other decode failure.
-    """
+def _raw_items(
+    source_cfg: SourceConfig, split: str, storage: Storage, prepare_cfg: PrepareConfig, seed: int
+) -> tuple[list[dict[str, Any]], DatasetInfo]:
+    """The rows (``id``, ``uri``, ``label``/``labels``) of one split of a raw source."""
     from raylens.data.prepare import splits_for
 
     source = open_source(source_cfg, storage)
@@ -287,23 +287,42 @@ def read_raw(
         for r in records:
             per_class[splits[r.id]][r.label] += 1
     info = DatasetInfo(classes, "multi_label" if multi else "single_label", counts, per_class)
+    return items, info
 
-    def fetch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        images, kept, failures = [], [], []
-        for i, (rid, uri) in enumerate(zip(batch["id"], batch["uri"], strict=True)):
-            try:
-                images.append(storage.read_bytes(str(uri)))
-                kept.append(i)
-            except OSError as err:  # unreadable: dropped and recorded, like a decode failure
-                failures.append({"id": str(rid), "reason": f"unreadable: {err}"})
-        if failures:
-            _failures_actor().add.remote(failures)
-        out = {k: v[kept] for k, v in batch.items() if k != "uri"}
-        out["image"] = np.array(images, dtype=object)
-        return out
 
+def _fetch_raw(batch: dict[str, np.ndarray], storage: Storage) -> dict[str, Any]:
+    """The bytes of each row's ``uri`` as ``image``; unreadable rows dropped and recorded."""
+    images, kept, failures = [], [], []
+    for i, (rid, uri) in enumerate(zip(batch["id"], batch["uri"], strict=True)):
+        try:
+            images.append(storage.read_bytes(str(uri)))
+            kept.append(i)
+        except OSError as err:  # unreadable: dropped and recorded, like a decode failure
+            failures.append({"id": str(rid), "reason": f"unreadable: {err}"})
+    _record_failures(failures)
+    out = {k: np.asarray(v)[kept] for k, v in batch.items() if k != "uri"}
+    out["image"] = np.array(images, dtype=object)
+    return out
+
+
+def read_raw(
+    source_cfg: SourceConfig,
+    split: str,
+    storage: Storage,
+    *,
+    prepare_cfg: PrepareConfig,
+    seed: int = 0,
+):
+    """A raw folder or manifest read directly (no prepare step): same columns as prepared.
+
+    Splits come from the source or a seeded stratified split, as in prepare. Unreadable
+    files are dropped at decode time and recorded like any other decode failure.
+    """
+    items, info = _raw_items(source_cfg, split, storage, prepare_cfg, seed)
     with reading_context():
-        ds = ray.data.from_items(items).map_batches(fetch, batch_size=64)
+        ds = ray.data.from_items(items).map_batches(
+            _fetch_raw, batch_size=RAW_UNIT_ROWS, fn_kwargs={"storage": storage}
+        )
     return ds, info
 
 
@@ -444,7 +463,8 @@ class DecodeUnits:
         self.remap, self.targets, self.batch_rows = remap, targets, batch_rows
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        from raylens.data.mix import Unit, decode_unit, read_unit
+        from raylens.data.mix import decode_unit
+        from raylens.data.units import Unit, read_unit
 
         replay = None
         if self.targets is not None:
@@ -471,6 +491,150 @@ class DecodeUnits:
                 out = _add_targets(out, self.targets, replay)
             for start in range(0, len(out["id"]), self.batch_rows):
                 yield {k: v[start : start + self.batch_rows] for k, v in out.items()}
+
+
+def pass_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order one pass (epoch) reads a train split's ``n`` read units in: a permutation
+    seeded by ``(run.seed, epoch)``, the same in every process that asks."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class _ReadInPassOrder:
+    """Ray Data UDF over slots (``{"slot": i}`` rows, one block each): slot ``i`` of a pass
+    reads read unit ``pass_order(seed, epoch)[i]`` (a prepared dataset's row group, or
+    :data:`RAW_UNIT_ROWS` raw files), then decodes it ``decode_rows`` rows at a time.
+
+    So each pass (epoch) reads the split in its own seeded order with nothing that waits
+    for the whole read: ``randomize_block_order`` is an all-to-all step that held every
+    block of the split (a split's encoded bytes, in the object store) before the first
+    batch. Reading inside the decode task also keeps encoded bytes out of the object store.
+    Augmentation seeds come from ``(run.seed, id, epoch)`` (:class:`_DecodeBatch`), never
+    from the order.
+    """
+
+    def __init__(
+        self,
+        units: list[Any],
+        read: Any,
+        decode: _DecodeBatch,
+        *,
+        seed: int,
+        epoch: int | None,
+        decode_rows: int,
+        remap: dict[int, int] | None = None,
+    ):
+        self.units, self.read, self.decode = units, read, decode
+        self.seed, self.epoch, self.decode_rows = seed, epoch, decode_rows
+        self.select = _SelectClasses(remap) if remap else None
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        epoch = execution_index() if self.epoch is None else self.epoch
+        order = pass_order(self.seed, epoch, len(self.units))
+        for slot in batch["slot"]:
+            rows = self.read(self.units[order[int(slot)]])
+            if self.select is not None:
+                rows = self.select(rows)
+            n = len(rows["id"])
+            for start in range(0, n, self.decode_rows):
+                out = self.decode({k: v[start : start + self.decode_rows] for k, v in rows.items()})
+                if len(out["id"]):
+                    yield out
+
+
+class _RowGroupReader:
+    """A prepared dataset's row group as numpy columns (read inside the decode task)."""
+
+    def __init__(self, dataset: str, storage: StorageConfig, columns: list[str]):
+        self.dataset, self.storage, self.columns = dataset, storage, columns
+
+    def __call__(self, unit: Any) -> dict[str, np.ndarray]:
+        from raylens.data.units import read_unit
+
+        table = read_unit(Storage(self.storage), self.dataset, unit, self.columns)
+        return {c: table.column(c).to_numpy(zero_copy_only=False) for c in self.columns}
+
+
+class _RawReader:
+    """A chunk of a raw split's rows, fetched (unreadable files dropped and recorded)."""
+
+    def __init__(self, storage: StorageConfig):
+        self.storage = storage
+
+    def __call__(self, unit: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+        cols = {k: np.array([r[k] for r in unit], dtype=object) for k in unit[0]}
+        if "label" in cols:
+            cols["label"] = cols["label"].astype(np.int64)
+        return _fetch_raw(cols, Storage(self.storage))
+
+
+def _ordered_split(
+    cfg: RunConfig,
+    split: str,
+    storage: Storage,
+    *,
+    epoch: int | None,
+    targets: TeacherTargets | None,
+) -> tuple[ray.data.Dataset, DatasetInfo]:
+    """A split augmented and read in a seeded order per pass (:class:`_ReadInPassOrder`)."""
+    data = cfg.data
+    if is_prepared(data.dataset, storage):
+        from raylens.data.units import list_units
+
+        files, info = _prepared_files(data.dataset, split, storage)
+        units: list[Any] = list_units(storage, data.dataset, files)
+        cols = ["id", "image", "labels" if info.multi_label else "label"]
+        read: Any = _RowGroupReader(data.dataset, storage.cfg, cols)
+    else:
+        raw = SourceConfig(**{**cfg.source.__dict__, "uri": data.dataset})
+        items, info = _raw_items(raw, split, storage, cfg.prepare, cfg.run.seed)
+        units = [items[i : i + RAW_UNIT_ROWS] for i in range(0, len(items), RAW_UNIT_ROWS)]
+        read = _RawReader(storage.cfg)
+    if not units:
+        raise ValueError(f"dataset {data.dataset!r} has no rows in split {split!r}")
+    remap = None
+    if data.classes:
+        info, remap = info.select(list(data.classes))
+    reader = _ReadInPassOrder(
+        units,
+        read,
+        _decode_udf(cfg, info, True, epoch, targets),
+        seed=cfg.run.seed,
+        epoch=epoch,
+        decode_rows=data.decode_rows(),
+        remap=remap,
+    )
+    slots = [{"slot": i} for i in range(len(units))]
+    with reading_context() as ctx:
+        # One output block per decode batch (~16 MiB at any size): Ray Data otherwise
+        # buffers a task's output up to target_max_block_size (128 MiB, ~850 images at
+        # 224 px) before the consumer sees any of it, which delays the first batch.
+        keep = ctx.target_max_block_size
+        rows_bytes = data.decode_rows() * 3 * data.image_size**2
+        if keep is None or rows_bytes < keep:
+            ctx.target_max_block_size = rows_bytes
+        try:
+            ds = ray.data.from_items(slots, override_num_blocks=len(units))
+        finally:
+            ctx.target_max_block_size = keep
+    return ds.map_batches(reader, batch_size=1, batch_format="numpy"), info
+
+
+class _UnitsInPassOrder:
+    """Ray Data UDF: slot ``i`` of a pass → the ``{"file", "row_group"}`` row of mixing unit
+    ``pass_order(seed, epoch)[i]`` (decode-time mixing reads units in the same order per
+    pass as :class:`_ReadInPassOrder`)."""
+
+    def __init__(self, units: list[Any], seed: int, epoch: int | None):
+        self.units, self.seed, self.epoch = units, seed, epoch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        epoch = execution_index() if self.epoch is None else self.epoch
+        order = pass_order(self.seed, epoch, len(self.units))
+        picked = [self.units[order[int(slot)]] for slot in batch["slot"]]
+        return {
+            "file": np.array([u.file for u in picked], dtype=object),
+            "row_group": np.array([u.row_group for u in picked], dtype=np.int64),
+        }
 
 
 class _SelectClasses:
@@ -526,6 +690,12 @@ def build_split(
         mix_units = decode_time_mixing(cfg) and split == "train" and train
     if mix_units:
         return _unit_split(cfg, split, storage, epoch=epoch, targets=targets)
+    if train:
+        # Each pass (epoch) reads in its own seeded order, streaming (_ReadInPassOrder): an
+        # int-seeded order would repeat every epoch, so a run capped by
+        # train.max_steps_per_epoch saw the same rows each epoch. Rows also reshuffle in
+        # each worker's local buffer.
+        return _ordered_split(cfg, split, storage, epoch=epoch, targets=targets)
     if is_prepared(data.dataset, storage):
         ds, info = read_prepared(data.dataset, split, storage)
     else:
@@ -534,23 +704,26 @@ def build_split(
     if data.classes:
         info, remap = info.select(list(data.classes))
         ds = ds.map_batches(_SelectClasses(remap), batch_format="numpy")
-    udf = _DecodeBatch(
-        ImageTransform.from_config(data, train),
+    udf = _decode_udf(cfg, info, False, epoch, targets)
+    ds = ds.map_batches(udf, batch_size=data.decode_rows(), batch_format="numpy")
+    return ds, info
+
+
+def _decode_udf(
+    cfg: RunConfig,
+    info: DatasetInfo,
+    train: bool,
+    epoch: int | None,
+    targets: TeacherTargets | None,
+) -> _DecodeBatch:
+    return _DecodeBatch(
+        ImageTransform.from_config(cfg.data, train),
         cfg.run.seed,
         epoch,
         len(info.classes),
         info.multi_label,
         targets,
     )
-    if train:
-        # A new block order each pass (epoch), seeded: an int seed would repeat one order
-        # every epoch, so a run capped by train.max_steps_per_epoch saw the same rows each
-        # epoch. Rows also reshuffle in each worker's local buffer.
-        ds = ds.randomize_block_order(
-            seed=RandomSeedConfig(seed=cfg.run.seed, reseed_after_execution=True)
-        )
-    ds = ds.map_batches(udf, batch_size=data.decode_rows(), batch_format="numpy")
-    return ds, info
 
 
 def _unit_split(
@@ -580,23 +753,18 @@ def _unit_split(
     remap = None
     if data.classes:
         info, remap = info.select(list(data.classes))
-    from raylens.data.mix import list_units
+    from raylens.data.units import list_units
 
     units = list_units(storage, data.dataset, card["splits"][split]["files"])
     if not units:
         raise ValueError(f"dataset {data.dataset!r} has no rows in split {split!r}")
-    # the units in a seeded order per epoch (a pass without a fixed epoch reorders its
-    # blocks below, as the ordinary train split does)
-    order = np.random.default_rng([cfg.run.seed, 0 if epoch is None else epoch]).permutation(
-        len(units)
-    )
-    items = [{"file": units[i].file, "row_group": units[i].row_group} for i in order]
+    # the units in a seeded order per pass (pass_order), as the ordinary train split reads
+    slots = [{"slot": i} for i in range(len(units))]
     with reading_context():
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
-    if epoch is None:
-        ds = ds.randomize_block_order(
-            seed=RandomSeedConfig(seed=cfg.run.seed, reseed_after_execution=True)
-        )
+        ds = ray.data.from_items(slots, override_num_blocks=len(units))
+    ds = ds.map_batches(
+        _UnitsInPassOrder(units, cfg.run.seed, epoch), batch_size=1, batch_format="numpy"
+    )
     udf = DecodeUnits(
         data.dataset,
         storage.cfg,
@@ -612,9 +780,12 @@ def _unit_split(
 
 
 class TorchCollate(NumpyBatchCollateFn):
-    """``iter_torch_batches`` collate: numpy batch → normalized float tensors + ids."""
+    """``iter_torch_batches`` collate: numpy batch → normalized float tensors + ids.
 
-    def __init__(self, data: DataConfig, device: str | None = None):
+    ``channels_last``: lay the image tensor out as the model wants it (``model.channels_last``),
+    so the loop's ``contiguous(memory_format=channels_last)`` is free."""
+
+    def __init__(self, data: DataConfig, device: str | None = None, *, channels_last: bool = False):
         super().__init__()
         for key in ("mean", "std"):
             if getattr(data, key) is None:
@@ -623,15 +794,20 @@ class TorchCollate(NumpyBatchCollateFn):
                     "first (raylens.preprocess.resolve_preprocess), or set it"
                 )
         self.mean, self.std, self.device = tuple(data.mean), tuple(data.std), device
+        self.channels_last = channels_last
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        pixels = torch.from_numpy(np.array(batch["image"]))  # a writable copy
+        image = np.ascontiguousarray(batch["image"])
+        with warnings.catch_warnings():  # Ray's batches are read-only; only read (copy_) here
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            pixels = torch.from_numpy(image)
         if self.device:
             pixels = pixels.to(self.device, non_blocking=True)
         out: dict[str, Any] = {
-            "image": normalize(pixels, self.mean, self.std),
+            # uint8 → float32 in one preallocated tensor, normalized in place
+            "image": normalize(pixels, self.mean, self.std, channels_last=self.channels_last),
             "aug_seed": torch.from_numpy(np.array(batch["aug_seed"])),
             "id": list(batch["id"]),
         }

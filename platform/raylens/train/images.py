@@ -68,7 +68,7 @@ def train_worker(config: dict[str, Any]) -> None:
     mixer = build_mixer(cfg, len(info.classes), info.multi_label)  # None: mix off
     targets: TeacherTargets | None = config.get("targets")
     clock = ray.get_actor(targets.clock, namespace="raylens") if targets else None
-    collate = TorchCollate(cfg.data)
+    collate = TorchCollate(cfg.data, channels_last=cfg.model.channels_last)
     bs = cfg.data.batch_size
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
