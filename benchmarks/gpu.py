@@ -25,10 +25,10 @@ as soon as it exists, so a run cut short keeps what it measured):
 - embed: ``python -m jobs.embed`` of every split with that run on 1 GPU actor, and the test
   split alone: rows/s of the whole job (Ray start and model load included) and the marginal
   rate (full - small rows) / (full - small s), beside the model's forward alone on the GPU.
-- serve: the run served on 1 GPU replica by the raylens app (``@serve.batch`` 32, 5 ms)
-  and by a plain FastAPI + uvicorn process (``benchmarks/plain_app.py``, same model on the
-  GPU), and Serve's own floor (``serve_load.floor_variant``); photo JPEG uploads to
-  ``POST /v1/classify`` at 1, 8 and 32 clients, ``--seconds`` each.
+- serve: the run served by the raylens app one-hop and split (``@serve.batch`` 32, 5 ms;
+  half a GPU each) and by a plain FastAPI + uvicorn process (``benchmarks/plain_app.py``,
+  same model on the GPU), and Serve's own floors (``serve_load.deploy_floors``); photo JPEG
+  uploads to ``POST /v1/classify`` at 1, 8 and 32 clients, ``--seconds`` each.
 """
 
 from __future__ import annotations
@@ -201,43 +201,33 @@ def forward_only(run: str, device: str, batch: int = 256, seconds: float = 5.0) 
 
 
 def serve_rows(run: str, images: list[bytes], seconds: float, device: str) -> dict:
+    """``serve_load``'s variants with the model on the GPU: the raylens app one-hop and
+    split (half a GPU each, both deployed at once), Serve's floors, plain uvicorn; each at
+    ``LEVELS`` clients, one variant after the other."""
     import ray
     import serve_load as sl
     from ray import serve
 
-    from serve.app import make_app
-
+    gpus = 0.5 if device == "cuda" else 0
+    cpus = 4 if gpus else 1
     ray.init(include_dashboard=False, log_to_driver=False)
     sl.PORT = sl.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": sl.PORT})
-    sl.LEVELS = (1, 8, 32)
-    out = {}
+    os.environ["RAYLENS_DEVICE"] = device  # benchmarks/plain_app.py: the model on the GPU
+    out: dict[str, list[dict]] = {}
     try:
-        gpus = 1 if device == "cuda" else 0
-        settings = {
-            "models": [{"id": "m", "run": run}],
-            "batching": {"enabled": True, "max_batch_size": 32, "batch_wait_timeout_s": 0.005},
-            "limits": {"max_inflight": 1024},
+        urls = {
+            "one_hop": sl.deploy_raylens(run, "one_hop", cpus, "gpu-a", gpus=gpus),
+            "split": sl.deploy_raylens(run, "split", cpus, "gpu-s", gpus=gpus),
+            **sl.deploy_floors(),
         }
-        options = {"num_cpus": 4 if gpus else 1, "num_gpus": gpus}
-        app = make_app(
-            settings,
-            model_options={
-                "num_replicas": 1,
-                "ray_actor_options": options,
-                "max_ongoing_requests": 64,
-            },
-        )
-        serve.run(app, name="raylens", route_prefix="/")
-        url = f"http://127.0.0.1:{sl.PORT}/v1/classify"
-        out["raylens"] = sl.measure(url, images, seconds, "raylens")
-        serve.delete("raylens")
-        out["floor"] = sl.floor_variant(images, seconds)
+        with sl.plain_app(run) as plain:
+            urls["plain"] = plain
+            for key, url in urls.items():
+                out[key] = sl.measure(url, images, seconds, key)
     finally:
         serve.shutdown()
         ray.shutdown()
-    os.environ["RAYLENS_DEVICE"] = device
-    out["plain"] = sl.plain_variant(run, images, seconds)
     return out
 
 
@@ -320,11 +310,15 @@ def render(res: dict, argv) -> list[str]:
             "|---|---:|---:|---:|---:|---:|",
         ]
         names = {
-            "raylens": "raylens app, 1 GPU replica, batching 32",
+            "raylens": "raylens app (split), 1 GPU replica, batching 32",
+            "one_hop": "raylens app, one-hop, batching 32",
+            "split": "raylens app, split (ingress -> model), batching 32",
             "plain": "plain FastAPI + uvicorn, same model",
             "floor": "Serve floor (ingress -> no-op deployment)",
+            "f1": "Serve floor, one hop (ingress answers a constant)",
+            "f2": "Serve floor, two hops (ingress -> no-op deployment)",
         }
-        for k in ("raylens", "plain", "floor"):
+        for k in names:
             for r in s.get(k, []):
                 lines.append(
                     f"| {names[k]} | {r['clients']} | {r['rps']:,.0f} | {r['p50']:.1f} | "

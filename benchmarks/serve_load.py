@@ -154,8 +154,9 @@ def uploads(url: str, photos: list[bytes], name: str) -> dict:
     return r
 
 
-def deploy_raylens(run: str, topology: str, cpus: int, prefix: str) -> str:
-    """The raylens app serving ``run`` in ``topology`` at ``prefix``; its classify URL."""
+def deploy_raylens(run: str, topology: str, cpus: int, prefix: str, gpus: float = 0) -> str:
+    """The raylens app serving ``run`` in ``topology`` at ``prefix`` (its model replica
+    with ``cpus`` CPUs and ``gpus`` GPUs); its classify URL."""
     from ray import serve
 
     from serve.app import make_app
@@ -170,7 +171,7 @@ def deploy_raylens(run: str, topology: str, cpus: int, prefix: str) -> str:
         settings,
         model_options={
             "num_replicas": 1,
-            "ray_actor_options": {"num_cpus": cpus},
+            "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
             "max_ongoing_requests": 64,
         },
     )
