@@ -246,6 +246,14 @@ class PrepareConfig:
         64_000_000, "Images with more pixels are rejected as too_large (decompression-bomb guard)."
     )
     max_file_bytes: int = opt(64 * 2**20, "Files larger than this are rejected as too_large.")
+    max_side: int | None = opt(
+        None,
+        "Longest side (pixels) of stored images: a larger one is stored re-encoded smaller "
+        "(aspect kept; JPEG decoded reduced via DCT scaling, Lanczos resize, saved as JPEG "
+        "quality 90, other formats as they were), counted in the dataset card and part of "
+        "its fingerprint; the source files are never changed. null = off (bytes as in the "
+        "source).",
+    )
     overwrite: bool = opt(False, "Rebuild even when the output is up to date with the source.")
     mosaic_grid: int = opt(
         0,
@@ -294,6 +302,15 @@ class PrepareConfig:
         for key in ("shard_rows", "shard_bytes", "num_threads", "max_image_pixels"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'prepare.{key}': expected a positive int")
+        if self.max_side is not None and (
+            isinstance(self.max_side, bool)
+            or not isinstance(self.max_side, int)
+            or self.max_side < 1
+        ):
+            raise ConfigError(
+                "config key 'prepare.max_side': expected a positive int (pixels) or null (off), "
+                f"got {self.max_side!r}"
+            )
         if self.mosaic_grid == 1 or not 0 <= self.mosaic_grid <= 8:
             raise ConfigError(
                 f"config key 'prepare.mosaic_grid': expected 0 (off) or 2..8, got {self.mosaic_grid}"
