@@ -287,3 +287,15 @@ def shrink_to_fit(data: bytes, max_side: int, *, max_pixels: int = 64_000_000) -
     buf = io.BytesIO()
     small.save(buf, format=fmt, **save_kw)
     return Shrunk(buf.getvalue(), size[0], size[1], fmt)
+
+
+def decoded_nbytes(data: bytes) -> int:
+    """Bytes a full decode of ``data`` will take (width x height x bands x bytes per band),
+    from its header alone; 0 when the header does not read (decoding then fails early)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        depth = 2 if img.mode in SIXTEEN_BIT_MODES else 4 if img.mode in ("I", "F") else 1
+        return w * h * len(img.getbands()) * depth
+    except Exception:  # noqa: BLE001 - any unreadable header: decoding reports it
+        return 0

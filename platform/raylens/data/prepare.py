@@ -46,6 +46,7 @@ from raylens.data.clutter import build_clutter, compose_clutter
 from raylens.data.images import (
     SHRINK_JPEG_QUALITY,
     ImageRejected,
+    decoded_nbytes,
     inspect_image,
     shrink_to_fit,
 )
@@ -205,8 +206,39 @@ def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checked:
-    """Reads and fully decodes one input; never raises for bad input."""
+class ByteBudget:
+    """Bytes that threads may hold at once (here: decoded pixels). :meth:`hold` waits until
+    ``n`` more fit, except when nothing is held (an item larger than the whole budget
+    still goes, alone). A semaphore counted in bytes, which the standard library lacks."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+def _decoding(budget: ByteBudget | None, data: bytes):
+    """Holds ``budget`` for a full decode of ``data`` (sized from its header)."""
+    return budget.hold(decoded_nbytes(data)) if budget else contextlib.nullcontext()
+
+
+def check_record(
+    record: Record, storage: Storage, cfg: PrepareConfig, budget: ByteBudget | None = None
+) -> Checked:
+    """Reads and fully decodes one input; never raises for bad input. ``budget``: bounds
+    the decoded pixels held by all threads at once."""
     try:
         if record.parts is not None and record.canvas:
             data = compose_clutter(record, storage, cfg)
@@ -218,12 +250,19 @@ def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checke
         return Checked(record, reason="missing_file", detail=str(err))
     except ImageRejected as rej:  # a mosaic member or clutter layer that does not decode
         return Checked(record, reason=rej.reason, detail=rej.detail)
-    return _inspect(record, data, cfg)
+    return _inspect(record, data, cfg, budget)
 
 
-def _inspect(record: Record, data: bytes, cfg: PrepareConfig) -> Checked:
+def _inspect(
+    record: Record, data: bytes, cfg: PrepareConfig, budget: ByteBudget | None = None
+) -> Checked:
     try:
-        info = inspect_image(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_file_bytes)
+        if len(data) > cfg.max_file_bytes:  # before the budget is sized from the header
+            raise ImageRejected("too_large", f"{len(data)} bytes > limit {cfg.max_file_bytes}")
+        with _decoding(budget, data):
+            info = inspect_image(
+                data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_file_bytes
+            )
     except ImageRejected as rej:
         return Checked(record, reason=rej.reason, detail=rej.detail)
     return Checked(
@@ -251,9 +290,11 @@ def validate(
     image bytes (memory stays bounded: :func:`reload` reads them again to write them)."""
     out: dict[str, Checked] = {}
     bar = _bar(len(records), "check", progress)
+    # Decoded pixels held at once: memory follows prepare.shard_bytes, not num_threads.
+    budget = ByteBudget(max(1, cfg.shard_bytes // DECODE_DIVISOR))
 
     def check(r: Record) -> Checked:
-        return dataclasses.replace(check_record(r, storage, cfg), data=None)
+        return dataclasses.replace(check_record(r, storage, cfg, budget), data=None)
 
     with ThreadPoolExecutor(max_workers=cfg.num_threads) as pool:
         for checked in _ordered_map(pool, check, records, window=cfg.num_threads * 64):
@@ -263,29 +304,36 @@ def validate(
     return out
 
 
-def reload(record: Record, first: Checked | None, storage: Storage, cfg: PrepareConfig) -> Checked:
+def reload(
+    record: Record,
+    first: Checked | None,
+    storage: Storage,
+    cfg: PrepareConfig,
+    budget: ByteBudget | None = None,
+) -> Checked:
     """The bytes of a record :func:`validate` passed, with its decode facts (no second
     decode); judged afresh if they changed since. Composites (mosaics, clutter canvases),
     which ``first`` is None for, are composed and checked here."""
     if first is None:
-        return check_record(record, storage, cfg)
+        return check_record(record, storage, cfg, budget)
     try:
         data = record.data if record.data is not None else storage.read_bytes(record.uri)
     except FileNotFoundError as err:
         return Checked(record, reason="missing_file", detail=str(err))
     if _digest(data) == first.digest:
         return dataclasses.replace(first, data=data)
-    return _inspect(record, data, cfg)
+    return _inspect(record, data, cfg, budget)
 
 
-def fit(checked: Checked, max_side: int | None) -> Checked:
+def fit(checked: Checked, max_side: int | None, budget: ByteBudget | None = None) -> Checked:
     """``checked`` with its image shrunk to ``max_side`` (``prepare.max_side``) when its
     longer side exceeds it (:func:`~raylens.data.images.shrink_to_fit`); width and height
     then describe the stored image, ``source_size`` the original."""
     if not max_side or checked.reason or max(checked.width, checked.height) <= max_side:
         return checked
     try:
-        small = shrink_to_fit(checked.data, max_side, max_pixels=2**62)  # checked already
+        with _decoding(budget, checked.data):  # at most: a reduced decode takes less
+            small = shrink_to_fit(checked.data, max_side, max_pixels=2**62)  # checked already
     except ImageRejected as rej:
         return Checked(checked.record, reason=rej.reason, detail=rej.detail)
     if small is None:
@@ -311,6 +359,8 @@ ROW_GROUP_ROWS = 1024
 # phase's memory under one shard's bytes, whatever the image size.
 ROW_GROUP_DIVISOR = 8
 READ_AHEAD_DIVISOR = 4
+# Validation decodes at most shard_bytes / this many bytes of pixels at once (all threads).
+DECODE_DIVISOR = 2
 
 
 class ShardWriter:
@@ -682,11 +732,14 @@ def prepare(
     ordered = sorted(records, key=lambda r: (SPLITS.index(splits[r.id]), _order_key(seed, r.id)))
     bar = _bar(len(ordered), "write", progress)
     resized = 0
+    # Decoded pixels (composites, prepare.max_side) and images read ahead of the writer
+    # are bounded in bytes, so memory follows prepare.shard_bytes, not num_threads.
+    budget = ByteBudget(max(1, cfg.shard_bytes // READ_AHEAD_DIVISOR))
     pool = ThreadPoolExecutor(max_workers=cfg.num_threads)
     try:
         stream = _ordered_map(
             pool,
-            lambda r: fit(reload(r, checks.get(r.id), storage, cfg), cfg.max_side),
+            lambda r: fit(reload(r, checks.get(r.id), storage, cfg, budget), cfg.max_side, budget),
             ordered,
             window=cfg.num_threads * 64,
             max_bytes=max(1, cfg.shard_bytes // READ_AHEAD_DIVISOR),
