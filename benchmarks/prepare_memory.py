@@ -38,6 +38,7 @@ MiB = 2**20
 CHILD = r"""
 import json, resource, sys, tempfile, threading, time
 import psutil
+from raylens.data import prepare as P
 from raylens.data.prepare import prepare
 from raylens.schema import PrepareConfig, SourceConfig
 from raylens.storage import Storage
@@ -46,6 +47,8 @@ def run(s, o):
     cfg = PrepareConfig(output=o, shard_bytes=int(shard), num_threads=int(threads),
                         overwrite=True)
     return prepare(SourceConfig(uri=s), cfg, Storage(), progress=False, log=lambda m: None)
+if hasattr(P, "return_freed_buffers"):  # what jobs.prepare does first
+    P.return_freed_buffers()
 with tempfile.TemporaryDirectory() as d:
     run(tiny, d)
 proc = psutil.Process()

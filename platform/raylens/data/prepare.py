@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import threading
 import time
@@ -229,16 +230,71 @@ class ByteBudget:
                 self._cond.notify_all()
 
 
-def _decoding(budget: ByteBudget | None, data: bytes):
-    """Holds ``budget`` for a full decode of ``data`` (sized from its header)."""
-    return budget.hold(decoded_nbytes(data)) if budget else contextlib.nullcontext()
+class Decoder:
+    """Where prepare decodes images: on at most one thread per core, with at most ``limit``
+    bytes of decoded pixels at once (sized from the headers).
+
+    Reading stays on ``prepare.num_threads`` threads (I/O bound); decoding is CPU bound, so
+    more threads than cores gain nothing, and every thread that ever decoded keeps its own
+    malloc arena of decode buffers: decoding on all of them made peak RSS grow with the
+    thread count. Used as a context manager (its threads end on exit).
+    """
+
+    def __init__(self, limit: int, threads: int):
+        self.budget = ByteBudget(limit)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, min(threads, os.cpu_count() or 1)))
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, data: bytes, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """``fn(*args, **kw)`` on a decoding thread, once the pixels of ``data`` fit."""
+        with self.budget.hold(decoded_nbytes(data)):
+            return self.pool.submit(fn, *args, **kw).result()
+
+
+def _decode(decoder: Decoder | None, data: bytes, fn: Callable[..., Any], *args, **kw) -> Any:
+    return decoder.run(data, fn, *args, **kw) if decoder else fn(*args, **kw)
+
+
+# Allocations from this size on get pages of their own (mmap), given back when freed.
+MMAP_THRESHOLD = 256 * 1024
+
+
+def return_freed_buffers() -> bool:
+    """Makes this process give large freed buffers (encoded images, decode buffers) back
+    to the OS at once; returns whether it could (glibc only; a no-op elsewhere).
+
+    For a process that runs :func:`prepare` (``jobs.prepare`` calls it): glibc otherwise
+    raises its mmap threshold after the first freed image-sized buffer and serves later
+    ones from per-thread arenas, which keep what they freed. Every reading or decoding
+    thread then holds its own high-water mark, and peak RSS grew with num_threads past
+    the shard-sized bounds prepare keeps (measured: benchmarks/prepare_memory.py). Fixing
+    the threshold (``mallopt(M_MMAP_THRESHOLD)``, which Python does not expose: ctypes)
+    turns that off. Process-wide, so the job sets it, not the library.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    m_mmap_threshold = -3  # glibc's malloc.h
+    return bool(mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(MMAP_THRESHOLD)))
 
 
 def check_record(
-    record: Record, storage: Storage, cfg: PrepareConfig, budget: ByteBudget | None = None
+    record: Record, storage: Storage, cfg: PrepareConfig, decoder: Decoder | None = None
 ) -> Checked:
-    """Reads and fully decodes one input; never raises for bad input. ``budget``: bounds
-    the decoded pixels held by all threads at once."""
+    """Reads and fully decodes one input; never raises for bad input. ``decoder``: where
+    to decode (bounded threads and bytes), else on the calling thread."""
     try:
         if record.parts is not None and record.canvas:
             data = compose_clutter(record, storage, cfg)
@@ -250,19 +306,23 @@ def check_record(
         return Checked(record, reason="missing_file", detail=str(err))
     except ImageRejected as rej:  # a mosaic member or clutter layer that does not decode
         return Checked(record, reason=rej.reason, detail=rej.detail)
-    return _inspect(record, data, cfg, budget)
+    return _inspect(record, data, cfg, decoder)
 
 
 def _inspect(
-    record: Record, data: bytes, cfg: PrepareConfig, budget: ByteBudget | None = None
+    record: Record, data: bytes, cfg: PrepareConfig, decoder: Decoder | None = None
 ) -> Checked:
     try:
         if len(data) > cfg.max_file_bytes:  # before the budget is sized from the header
             raise ImageRejected("too_large", f"{len(data)} bytes > limit {cfg.max_file_bytes}")
-        with _decoding(budget, data):
-            info = inspect_image(
-                data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_file_bytes
-            )
+        info = _decode(
+            decoder,
+            data,
+            inspect_image,
+            data,
+            max_pixels=cfg.max_image_pixels,
+            max_bytes=cfg.max_file_bytes,
+        )
     except ImageRejected as rej:
         return Checked(record, reason=rej.reason, detail=rej.detail)
     return Checked(
@@ -291,12 +351,12 @@ def validate(
     out: dict[str, Checked] = {}
     bar = _bar(len(records), "check", progress)
     # Decoded pixels held at once: memory follows prepare.shard_bytes, not num_threads.
-    budget = ByteBudget(max(1, cfg.shard_bytes // DECODE_DIVISOR))
+    decoder = Decoder(max(1, cfg.shard_bytes // DECODE_DIVISOR), cfg.num_threads)
 
     def check(r: Record) -> Checked:
-        return dataclasses.replace(check_record(r, storage, cfg, budget), data=None)
+        return dataclasses.replace(check_record(r, storage, cfg, decoder), data=None)
 
-    with ThreadPoolExecutor(max_workers=cfg.num_threads) as pool:
+    with decoder, ThreadPoolExecutor(max_workers=cfg.num_threads) as pool:
         for checked in _ordered_map(pool, check, records, window=cfg.num_threads * 64):
             bar.update(1)
             out[checked.record.id] = checked
@@ -309,31 +369,31 @@ def reload(
     first: Checked | None,
     storage: Storage,
     cfg: PrepareConfig,
-    budget: ByteBudget | None = None,
+    decoder: Decoder | None = None,
 ) -> Checked:
     """The bytes of a record :func:`validate` passed, with its decode facts (no second
     decode); judged afresh if they changed since. Composites (mosaics, clutter canvases),
     which ``first`` is None for, are composed and checked here."""
     if first is None:
-        return check_record(record, storage, cfg, budget)
+        return check_record(record, storage, cfg, decoder)
     try:
         data = record.data if record.data is not None else storage.read_bytes(record.uri)
     except FileNotFoundError as err:
         return Checked(record, reason="missing_file", detail=str(err))
     if _digest(data) == first.digest:
         return dataclasses.replace(first, data=data)
-    return _inspect(record, data, cfg, budget)
+    return _inspect(record, data, cfg, decoder)
 
 
-def fit(checked: Checked, max_side: int | None, budget: ByteBudget | None = None) -> Checked:
+def fit(checked: Checked, max_side: int | None, decoder: Decoder | None = None) -> Checked:
     """``checked`` with its image shrunk to ``max_side`` (``prepare.max_side``) when its
     longer side exceeds it (:func:`~raylens.data.images.shrink_to_fit`); width and height
     then describe the stored image, ``source_size`` the original."""
     if not max_side or checked.reason or max(checked.width, checked.height) <= max_side:
         return checked
     try:
-        with _decoding(budget, checked.data):  # at most: a reduced decode takes less
-            small = shrink_to_fit(checked.data, max_side, max_pixels=2**62)  # checked already
+        # the budget is the full decode's: at most, a reduced decode takes less
+        small = _decode(decoder, checked.data, shrink_to_fit, checked.data, max_side)
     except ImageRejected as rej:
         return Checked(checked.record, reason=rej.reason, detail=rej.detail)
     if small is None:
@@ -734,12 +794,14 @@ def prepare(
     resized = 0
     # Decoded pixels (composites, prepare.max_side) and images read ahead of the writer
     # are bounded in bytes, so memory follows prepare.shard_bytes, not num_threads.
-    budget = ByteBudget(max(1, cfg.shard_bytes // READ_AHEAD_DIVISOR))
+    decoder = Decoder(max(1, cfg.shard_bytes // READ_AHEAD_DIVISOR), cfg.num_threads)
     pool = ThreadPoolExecutor(max_workers=cfg.num_threads)
     try:
         stream = _ordered_map(
             pool,
-            lambda r: fit(reload(r, checks.get(r.id), storage, cfg, budget), cfg.max_side, budget),
+            lambda r: fit(
+                reload(r, checks.get(r.id), storage, cfg, decoder), cfg.max_side, decoder
+            ),
             ordered,
             window=cfg.num_threads * 64,
             max_bytes=max(1, cfg.shard_bytes // READ_AHEAD_DIVISOR),
@@ -791,6 +853,7 @@ def prepare(
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        decoder.__exit__()
     bar.close()
 
     files = {s: w.files for s, w in writers.items()}
