@@ -973,18 +973,20 @@ def _ordered_map(
     """``pool.map`` with a bounded number of results in flight (bounded memory).
 
     With ``max_bytes``, also bounded in bytes (``size`` of a result): no new item is started
-    while finished results waiting to be taken hold ``max_bytes`` or more, and at most
-    ``workers`` items run at once, so at most ``max_bytes`` + ``workers`` items' worth is
-    held however large the items are. (``concurrent.futures`` bounds nothing by itself.)
+    while the finished results waiting to be taken plus the running items (at the mean
+    size so far) reach ``max_bytes``, and at most ``workers`` items run at once; so about
+    ``max_bytes`` (plus one item) is held however large the items are.
+    (``concurrent.futures`` bounds nothing by itself.)
     """
     from collections import deque
 
     cond = threading.Condition()
     held = 0  # bytes of finished results not yet taken
     busy = 0  # items submitted and not finished
+    seen = seen_bytes = 0  # finished items and their bytes: the mean size of one
 
     def job(item: Any) -> Any:
-        nonlocal held, busy
+        nonlocal held, busy, seen, seen_bytes
         try:
             result = fn(item)
         except BaseException:
@@ -992,9 +994,11 @@ def _ordered_map(
                 busy -= 1
                 cond.notify()
             raise
+        n = size(result)
         with cond:
             busy -= 1
-            held += size(result)
+            held += n
+            seen, seen_bytes = seen + 1, seen_bytes + n
             cond.notify()
         return result
 
@@ -1009,7 +1013,8 @@ def _ordered_map(
     for item in items:
         while pending:
             with cond:
-                full = len(pending) >= window or (max_bytes is not None and held >= max_bytes)
+                ahead = held + busy * (seen_bytes / seen if seen else 0)
+                full = len(pending) >= window or (max_bytes is not None and ahead >= max_bytes)
                 if not full and (max_bytes is None or busy < workers):
                     break  # room for one more
                 if not full and not pending[0].done():
