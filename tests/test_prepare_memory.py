@@ -63,11 +63,12 @@ def _photos(storage: Storage, root: str, n: int) -> int:
     return total
 
 
+@pytest.mark.slow  # ~15 s: 128 photos made, then prepared in a child process
 def test_prepare_peak_rss_stays_within_two_shards(tmp_path):
     storage = Storage()
     src, tiny, out = str(tmp_path / "src"), str(tmp_path / "tiny"), str(tmp_path / "ds")
-    shard = 8 * MiB
-    total = _photos(storage, src, 64)
+    shard = 16 * MiB
+    total = _photos(storage, src, 128)
     for c in ("c0", "c1"):
         name = f"{c}/00{c[1]}.jpg"
         storage.write_bytes(join(tiny, name), storage.read_bytes(join(src, name)))

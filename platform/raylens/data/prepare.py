@@ -261,7 +261,10 @@ def _decode(decoder: Decoder | None, data: bytes, fn: Callable[..., Any], *args,
 
 
 # Allocations from this size on get pages of their own (mmap), given back when freed.
-MMAP_THRESHOLD = 256 * 1024
+# Measured (benchmarks/prepare_memory.py, 16 threads, 32 MiB shards): 256 KiB held the
+# least (+33 MiB) but mapping every encoded image cost ~3.5 ms of system CPU per image;
+# 4 MiB: +40 MiB at ~0.8 ms; glibc's default (a threshold that rises): +56-62 MiB.
+MMAP_THRESHOLD = 4 * 2**20
 
 
 def return_freed_buffers() -> bool:
@@ -269,12 +272,13 @@ def return_freed_buffers() -> bool:
     to the OS at once; returns whether it could (glibc only; a no-op elsewhere).
 
     For a process that runs :func:`prepare` (``jobs.prepare`` calls it): glibc otherwise
-    raises its mmap threshold after the first freed image-sized buffer and serves later
-    ones from per-thread arenas, which keep what they freed. Every reading or decoding
-    thread then holds its own high-water mark, and peak RSS grew with num_threads past
-    the shard-sized bounds prepare keeps (measured: benchmarks/prepare_memory.py). Fixing
-    the threshold (``mallopt(M_MMAP_THRESHOLD)``, which Python does not expose: ctypes)
-    turns that off. Process-wide, so the job sets it, not the library.
+    raises its mmap and trim thresholds after the first freed image-sized buffer and
+    serves later ones from per-thread arenas, which keep what they freed. Every reading
+    or decoding thread then holds its own high-water mark, and peak RSS grew with
+    num_threads past the shard-sized bounds prepare keeps. Fixing the threshold
+    (``mallopt(M_MMAP_THRESHOLD)``, which Python does not expose: ctypes) turns the
+    rise off, and arenas are trimmed again. Process-wide, so the job sets it, not the
+    library.
     """
     import ctypes
     import ctypes.util
