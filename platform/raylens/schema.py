@@ -240,7 +240,11 @@ class PrepareConfig:
     val_fraction: float = opt(0.1, "Val share when the source has no split (or no val split).")
     test_fraction: float = opt(0.1, "Test share when the source has no split.")
     shard_rows: int = opt(10000, "Rows per Parquet shard (at most).")
-    shard_bytes: int = opt(128 * 2**20, "Bytes of image data per Parquet shard (at most).")
+    shard_bytes: int = opt(
+        128 * 2**20,
+        "Bytes of image data per Parquet shard (at most); also what jobs.prepare's peak memory "
+        "follows (at most about 2x this above its imports).",
+    )
     num_threads: int = opt(16, "Threads reading and validating images (I/O bound).")
     max_image_pixels: int = opt(
         64_000_000, "Images with more pixels are rejected as too_large (decompression-bomb guard)."
