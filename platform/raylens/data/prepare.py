@@ -261,7 +261,7 @@ def _decode(decoder: Decoder | None, data: bytes, fn: Callable[..., Any], *args,
 
 
 # Allocations from this size on get pages of their own (mmap), given back when freed.
-# Measured (benchmarks/prepare_memory.py, 16 threads, 32 MiB shards): 256 KiB held the
+# Measured (benchmarks/RESULTS.md, jobs.prepare peak memory: 16 threads, 32 MiB shards): 256 KiB held the
 # least (+33 MiB) but mapping every encoded image cost ~3.5 ms of system CPU per image;
 # 4 MiB: +40 MiB at ~0.8 ms; glibc's default (a threshold that rises): +56-62 MiB.
 MMAP_THRESHOLD = 4 * 2**20
@@ -397,7 +397,9 @@ def fit(checked: Checked, max_side: int | None, decoder: Decoder | None = None) 
         return checked
     try:
         # the budget is the full decode's: at most, a reduced decode takes less
-        small = _decode(decoder, checked.data, shrink_to_fit, checked.data, max_side)
+        small = _decode(
+            decoder, checked.data, shrink_to_fit, checked.data, max_side, max_pixels=2**62
+        )  # its size passed prepare.max_image_pixels already
     except ImageRejected as rej:
         return Checked(checked.record, reason=rej.reason, detail=rej.detail)
     if small is None:
