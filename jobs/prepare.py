@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _prepare(cfg: RunConfig, _flags) -> dict:
-    from raylens.data.prepare import format_card, prepare
+    from raylens.data.prepare import format_card, prepare, return_freed_buffers
 
+    return_freed_buffers()  # peak memory follows prepare.shard_bytes, not num_threads
     storage = Storage(cfg.storage)
     out = cfg.prepare.output
     with hold(

@@ -193,3 +193,23 @@ def test_object_store_outage_is_retried_for_retry_seconds_also_after_pickling(tm
     finally:
         done.set()
         server.stop()
+
+
+def test_open_atomic_streams_a_file_into_place_whole_or_not_at_all(store):
+    storage, root = store
+    target = join(root, "ds/train/part-00000.parquet")
+    chunk = bytes(range(256)) * 4096  # 1 MiB
+    with storage.open_atomic(target) as f:
+        for _ in range(3):
+            f.write(chunk)
+        assert not storage.exists(target)  # nothing under the name until the block ends
+    assert storage.read_bytes(target) == chunk * 3
+    with pytest.raises(RuntimeError, match="writer died"), storage.open_atomic(target) as f:
+        f.write(b"half a shard")
+        raise RuntimeError("writer died")
+    assert storage.read_bytes(target) == chunk * 3  # the old file, untouched
+    fs, path = storage.resolve(join(root, "ds/train"))
+    import pyarrow.fs as pafs
+
+    names = [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))]
+    assert names == ["part-00000.parquet"]  # no temporary left behind

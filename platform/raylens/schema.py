@@ -240,12 +240,24 @@ class PrepareConfig:
     val_fraction: float = opt(0.1, "Val share when the source has no split (or no val split).")
     test_fraction: float = opt(0.1, "Test share when the source has no split.")
     shard_rows: int = opt(10000, "Rows per Parquet shard (at most).")
-    shard_bytes: int = opt(128 * 2**20, "Bytes of image data per Parquet shard (at most).")
+    shard_bytes: int = opt(
+        128 * 2**20,
+        "Bytes of image data per Parquet shard (at most); also what jobs.prepare's peak memory "
+        "follows (at most about 2x this above its imports).",
+    )
     num_threads: int = opt(16, "Threads reading and validating images (I/O bound).")
     max_image_pixels: int = opt(
         64_000_000, "Images with more pixels are rejected as too_large (decompression-bomb guard)."
     )
     max_file_bytes: int = opt(64 * 2**20, "Files larger than this are rejected as too_large.")
+    max_side: int | None = opt(
+        None,
+        "Longest side (pixels) of stored images: a larger one is stored re-encoded smaller "
+        "(aspect kept; JPEG decoded reduced via DCT scaling, Lanczos resize, saved as JPEG "
+        "quality 90, other formats as they were), counted in the dataset card and part of "
+        "its fingerprint; the source files are never changed. null = off (bytes as in the "
+        "source).",
+    )
     overwrite: bool = opt(False, "Rebuild even when the output is up to date with the source.")
     mosaic_grid: int = opt(
         0,
@@ -294,6 +306,15 @@ class PrepareConfig:
         for key in ("shard_rows", "shard_bytes", "num_threads", "max_image_pixels"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'prepare.{key}': expected a positive int")
+        if self.max_side is not None and (
+            isinstance(self.max_side, bool)
+            or not isinstance(self.max_side, int)
+            or self.max_side < 1
+        ):
+            raise ConfigError(
+                "config key 'prepare.max_side': expected a positive int (pixels) or null (off), "
+                f"got {self.max_side!r}"
+            )
         if self.mosaic_grid == 1 or not 0 <= self.mosaic_grid <= 8:
             raise ConfigError(
                 f"config key 'prepare.mosaic_grid': expected 0 (off) or 2..8, got {self.mosaic_grid}"

@@ -23,10 +23,10 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlparse
 
 # gcsfs hangs 60 s per call against emulators unless this is set before it is imported.
@@ -293,6 +293,13 @@ class _UploadOnClose(io.RawIOBase):
             super().close()
 
 
+def _tmp_beside(path: str, module: Any) -> str:
+    """A hidden temporary name in ``path``'s folder (``module``: os.path or posixpath);
+    listings leave it out (:data:`TMP_PREFIX`)."""
+    name = f"{TMP_PREFIX}{uuid.uuid4().hex}-{module.basename(path)}"
+    return module.join(module.dirname(path), name)
+
+
 class Storage:
     """Resolves URIs to filesystems with the configured endpoints and credentials.
 
@@ -489,9 +496,7 @@ class Storage:
         if scheme == "file":
             directory = os.path.dirname(path)
             os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(
-                directory, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}"
-            )
+            tmp = _tmp_beside(path, os.path)
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -502,9 +507,7 @@ class Storage:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
             return
-        tmp = posixpath.join(
-            posixpath.dirname(path), f"{TMP_PREFIX}{uuid.uuid4().hex}-{posixpath.basename(path)}"
-        )
+        tmp = _tmp_beside(path, posixpath)
         try:
             with fs.open_output_stream(tmp, compression=None) as f:
                 f.write(data)
@@ -513,6 +516,51 @@ class Storage:
             with contextlib.suppress(OSError):
                 fs.delete_file(tmp)
             raise self._fail("write", uri, err) from None
+
+    @contextlib.contextmanager
+    def open_atomic(self, uri: str) -> Iterator[BinaryIO]:
+        """A binary file to stream a large result into; when the block ends without an
+        error it is put in place whole under ``uri`` (like :meth:`write_bytes`, without
+        holding the bytes in memory). When the block raises, nothing appears under ``uri``.
+
+        Local: written to a hidden temporary beside the target, synced, renamed. Object
+        stores: spooled to a local temporary file (memory stays flat however large), then
+        uploaded to a hidden temporary key (retried as a whole on transient errors, for
+        ``storage.retry_seconds``) and moved into place.
+        """
+        scheme, path = split_uri(uri)
+        if scheme == "file":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = _tmp_beside(path, os.path)
+            try:
+                with open(tmp, "wb") as f:
+                    yield f
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            return
+        fs = self.arrow_fs(scheme)
+        tmp = _tmp_beside(path, posixpath)
+        with tempfile.TemporaryFile() as spool:
+            yield spool
+            spool.flush()
+
+            def upload() -> None:
+                spool.seek(0)
+                native = self.native_fs(scheme)
+                with native.open_output_stream(tmp, compression=None) as out:
+                    shutil.copyfileobj(spool, out, 8 * 1024**2)
+
+            try:
+                with_retries(upload, self.cfg.retry_seconds, f"write {tmp} ({scheme})")
+                fs.move(tmp, path)
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    fs.delete_file(tmp)
+                raise self._fail("write", uri, err) from None
 
     def write_text(self, uri: str, text: str) -> None:
         self.write_bytes(uri, text.encode("utf-8"))

@@ -228,3 +228,74 @@ def encode_png(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+# prepare.max_side: what a shrunk image is saved as. JPEG is saved at this quality (Pillow's
+# default is 75; 90 keeps photos close to their source), with the source's chroma
+# subsampling; other formats are saved as they were (lossless ones stay lossless). MPO is
+# Pillow's JPEG with extra frames: its first frame is saved as a JPEG. A format Pillow
+# cannot write is saved as PNG.
+SHRINK_JPEG_QUALITY = 90
+_SAVE_AS = {"MPO": "JPEG"}
+
+
+@dataclass(frozen=True)
+class Shrunk:
+    data: bytes
+    width: int
+    height: int
+    format: str
+
+
+def shrink_to_fit(data: bytes, max_side: int, *, max_pixels: int = 64_000_000) -> Shrunk | None:
+    """``data`` re-encoded so that its longer side is ``max_side`` (aspect ratio kept), or
+    None when it already fits (the caller keeps the bytes as they are).
+
+    The size is read from the header (no decode) to decide. A JPEG is decoded at the
+    largest DCT reduction that still leaves at least the target size (Pillow's ``draft``),
+    then resized with Lanczos; the pixel mode is kept. Saved as in :data:`SHRINK_JPEG_QUALITY`.
+
+    Raises:
+        ImageRejected: when the bytes cannot be decoded.
+    """
+    img = open_image(data, max_pixels)
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return None
+    scale = max_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    fmt = img.format or "PNG"
+    save_kw: dict = {}
+    if fmt in REDUCIBLE_FORMATS:
+        from PIL import JpegImagePlugin
+
+        save_kw = {
+            "quality": SHRINK_JPEG_QUALITY,
+            "subsampling": JpegImagePlugin.get_sampling(img),
+        }
+        img.draft(None, size)  # a reduced decode, never below the target size
+    if img.info.get("icc_profile"):
+        save_kw["icc_profile"] = img.info["icc_profile"]
+    _load(img)
+    small = img.resize(size, Image.Resampling.LANCZOS)
+    fmt = _SAVE_AS.get(fmt, fmt)
+    Image.init()
+    if fmt not in Image.SAVE:
+        fmt = "PNG"
+    if save_kw.get("subsampling", 0) < 0:  # unknown: let Pillow choose
+        save_kw.pop("subsampling")
+    buf = io.BytesIO()
+    small.save(buf, format=fmt, **save_kw)
+    return Shrunk(buf.getvalue(), size[0], size[1], fmt)
+
+
+def decoded_nbytes(data: bytes) -> int:
+    """Bytes a full decode of ``data`` will take (width x height x bands x bytes per band),
+    from its header alone; 0 when the header does not read (decoding then fails early)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        depth = 2 if img.mode in SIXTEEN_BIT_MODES else 4 if img.mode in ("I", "F") else 1
+        return w * h * len(img.getbands()) * depth
+    except Exception:  # noqa: BLE001 - any unreadable header: decoding reports it
+        return 0

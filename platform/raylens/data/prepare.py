@@ -24,11 +24,13 @@ With ``prepare.clutter_canvas`` each image is pasted on a cluttered canvas
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import io
 import json
+import os
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable
@@ -42,7 +44,13 @@ from tqdm import tqdm
 
 from raylens.data import fashion_mnist
 from raylens.data.clutter import build_clutter, compose_clutter
-from raylens.data.images import ImageRejected, inspect_image
+from raylens.data.images import (
+    SHRINK_JPEG_QUALITY,
+    ImageRejected,
+    decoded_nbytes,
+    inspect_image,
+    shrink_to_fit,
+)
 from raylens.data.mosaic import build_mosaics, compose
 from raylens.data.sources import (
     SPLITS,
@@ -192,14 +200,105 @@ class Checked:
     reason: str | None = None
     detail: str = ""
     digest: bytes = b""  # of the bytes judged, to tell whether a re-read returns the same
+    source_size: tuple[int, int] | None = None  # (w, h) before prepare.max_side shrank it
 
 
 def _digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checked:
-    """Reads and fully decodes one input; never raises for bad input."""
+class ByteBudget:
+    """Bytes that threads may hold at once (here: decoded pixels). :meth:`hold` waits until
+    ``n`` more fit, except when nothing is held (an item larger than the whole budget
+    still goes, alone). A semaphore counted in bytes, which the standard library lacks."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int):
+        with self._cond:
+            while self.used and self.used + n > self.limit:
+                self._cond.wait()
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+class Decoder:
+    """Where prepare decodes images: on at most one thread per core, with at most ``limit``
+    bytes of decoded pixels at once (sized from the headers).
+
+    Reading stays on ``prepare.num_threads`` threads (I/O bound); decoding is CPU bound, so
+    more threads than cores gain nothing, and every thread that ever decoded keeps its own
+    malloc arena of decode buffers: decoding on all of them made peak RSS grow with the
+    thread count. Used as a context manager (its threads end on exit).
+    """
+
+    def __init__(self, limit: int, threads: int):
+        self.budget = ByteBudget(limit)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, min(threads, os.cpu_count() or 1)))
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, data: bytes, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """``fn(*args, **kw)`` on a decoding thread, once the pixels of ``data`` fit."""
+        with self.budget.hold(decoded_nbytes(data)):
+            return self.pool.submit(fn, *args, **kw).result()
+
+
+def _decode(decoder: Decoder | None, data: bytes, fn: Callable[..., Any], *args, **kw) -> Any:
+    return decoder.run(data, fn, *args, **kw) if decoder else fn(*args, **kw)
+
+
+# Allocations from this size on get pages of their own (mmap), given back when freed.
+# Measured (benchmarks/RESULTS.md, jobs.prepare peak memory: 16 threads, 32 MiB shards): 256 KiB held the
+# least (+33 MiB) but mapping every encoded image cost ~3.5 ms of system CPU per image;
+# 4 MiB: +40 MiB at ~0.8 ms; glibc's default (a threshold that rises): +56-62 MiB.
+MMAP_THRESHOLD = 4 * 2**20
+
+
+def return_freed_buffers() -> bool:
+    """Makes this process give large freed buffers (encoded images, decode buffers) back
+    to the OS at once; returns whether it could (glibc only; a no-op elsewhere).
+
+    For a process that runs :func:`prepare` (``jobs.prepare`` calls it): glibc otherwise
+    raises its mmap and trim thresholds after the first freed image-sized buffer and
+    serves later ones from per-thread arenas, which keep what they freed. Every reading
+    or decoding thread then holds its own high-water mark, and peak RSS grew with
+    num_threads past the shard-sized bounds prepare keeps. Fixing the threshold
+    (``mallopt(M_MMAP_THRESHOLD)``, which Python does not expose: ctypes) turns the
+    rise off, and arenas are trimmed again. Process-wide, so the job sets it, not the
+    library.
+    """
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    m_mmap_threshold = -3  # glibc's malloc.h
+    return bool(mallopt(ctypes.c_int(m_mmap_threshold), ctypes.c_int(MMAP_THRESHOLD)))
+
+
+def check_record(
+    record: Record, storage: Storage, cfg: PrepareConfig, decoder: Decoder | None = None
+) -> Checked:
+    """Reads and fully decodes one input; never raises for bad input. ``decoder``: where
+    to decode (bounded threads and bytes), else on the calling thread."""
     try:
         if record.parts is not None and record.canvas:
             data = compose_clutter(record, storage, cfg)
@@ -211,12 +310,23 @@ def check_record(record: Record, storage: Storage, cfg: PrepareConfig) -> Checke
         return Checked(record, reason="missing_file", detail=str(err))
     except ImageRejected as rej:  # a mosaic member or clutter layer that does not decode
         return Checked(record, reason=rej.reason, detail=rej.detail)
-    return _inspect(record, data, cfg)
+    return _inspect(record, data, cfg, decoder)
 
 
-def _inspect(record: Record, data: bytes, cfg: PrepareConfig) -> Checked:
+def _inspect(
+    record: Record, data: bytes, cfg: PrepareConfig, decoder: Decoder | None = None
+) -> Checked:
     try:
-        info = inspect_image(data, max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_file_bytes)
+        if len(data) > cfg.max_file_bytes:  # before the budget is sized from the header
+            raise ImageRejected("too_large", f"{len(data)} bytes > limit {cfg.max_file_bytes}")
+        info = _decode(
+            decoder,
+            data,
+            inspect_image,
+            data,
+            max_pixels=cfg.max_image_pixels,
+            max_bytes=cfg.max_file_bytes,
+        )
     except ImageRejected as rej:
         return Checked(record, reason=rej.reason, detail=rej.detail)
     return Checked(
@@ -244,11 +354,13 @@ def validate(
     image bytes (memory stays bounded: :func:`reload` reads them again to write them)."""
     out: dict[str, Checked] = {}
     bar = _bar(len(records), "check", progress)
+    # Decoded pixels held at once: memory follows prepare.shard_bytes, not num_threads.
+    decoder = Decoder(max(1, cfg.shard_bytes // DECODE_DIVISOR), cfg.num_threads)
 
     def check(r: Record) -> Checked:
-        return dataclasses.replace(check_record(r, storage, cfg), data=None)
+        return dataclasses.replace(check_record(r, storage, cfg, decoder), data=None)
 
-    with ThreadPoolExecutor(max_workers=cfg.num_threads) as pool:
+    with decoder, ThreadPoolExecutor(max_workers=cfg.num_threads) as pool:
         for checked in _ordered_map(pool, check, records, window=cfg.num_threads * 64):
             bar.update(1)
             out[checked.record.id] = checked
@@ -256,26 +368,72 @@ def validate(
     return out
 
 
-def reload(record: Record, first: Checked | None, storage: Storage, cfg: PrepareConfig) -> Checked:
+def reload(
+    record: Record,
+    first: Checked | None,
+    storage: Storage,
+    cfg: PrepareConfig,
+    decoder: Decoder | None = None,
+) -> Checked:
     """The bytes of a record :func:`validate` passed, with its decode facts (no second
     decode); judged afresh if they changed since. Composites (mosaics, clutter canvases),
     which ``first`` is None for, are composed and checked here."""
     if first is None:
-        return check_record(record, storage, cfg)
+        return check_record(record, storage, cfg, decoder)
     try:
         data = record.data if record.data is not None else storage.read_bytes(record.uri)
     except FileNotFoundError as err:
         return Checked(record, reason="missing_file", detail=str(err))
     if _digest(data) == first.digest:
         return dataclasses.replace(first, data=data)
-    return _inspect(record, data, cfg)
+    return _inspect(record, data, cfg, decoder)
+
+
+def fit(checked: Checked, max_side: int | None, decoder: Decoder | None = None) -> Checked:
+    """``checked`` with its image shrunk to ``max_side`` (``prepare.max_side``) when its
+    longer side exceeds it (:func:`~raylens.data.images.shrink_to_fit`); width and height
+    then describe the stored image, ``source_size`` the original."""
+    if not max_side or checked.reason or max(checked.width, checked.height) <= max_side:
+        return checked
+    try:
+        # the budget is the full decode's: at most, a reduced decode takes less
+        small = _decode(
+            decoder, checked.data, shrink_to_fit, checked.data, max_side, max_pixels=2**62
+        )  # its size passed prepare.max_image_pixels already
+    except ImageRejected as rej:
+        return Checked(checked.record, reason=rej.reason, detail=rej.detail)
+    if small is None:
+        return checked
+    return dataclasses.replace(
+        checked,
+        data=small.data,
+        width=small.width,
+        height=small.height,
+        source_size=(checked.width, checked.height),
+    )
 
 
 # ----------------------------------------------------------------------------- writing
 
 
+# Rows per row group (at most): a row group is also a mixing unit of decode-time mixing
+# (raylens.data.mix) and the unit Parquet readers fetch.
+ROW_GROUP_ROWS = 1024
+# A row group also holds at most shard_bytes / this many bytes of images, and prepare reads
+# at most shard_bytes / READ_AHEAD_DIVISOR bytes of images ahead of the writer: together
+# with the row group in flight (as rows, then as an Arrow table) that keeps the write
+# phase's memory under one shard's bytes, whatever the image size.
+ROW_GROUP_DIVISOR = 8
+READ_AHEAD_DIVISOR = 4
+# Validation decodes at most shard_bytes / this many bytes of pixels at once (all threads).
+DECODE_DIVISOR = 2
+
+
 class ShardWriter:
-    """Buffers rows of one split and writes ``part-NNNNN.parquet`` files atomically."""
+    """Streams rows of one split into ``part-NNNNN.parquet`` files, one row group at a time
+    (at most :data:`ROW_GROUP_ROWS` rows and ``max_bytes / ROW_GROUP_DIVISOR`` bytes of
+    images), so a shard is never held in memory whole. A shard is written through
+    :meth:`Storage.open_atomic`: it appears under its name complete, or not at all."""
 
     def __init__(
         self,
@@ -288,34 +446,71 @@ class ShardWriter:
     ):
         self.storage, self.output, self.split, self.schema = storage, output, split, schema
         self.max_rows, self.max_bytes = max_rows, max_bytes
-        self.rows: list[dict[str, Any]] = []
+        self.group_bytes = max(1, max_bytes // ROW_GROUP_DIVISOR)
+        self.rows: list[dict[str, Any]] = []  # the row group being filled
+        self.rows_nbytes = 0
+        self.shard_rows = 0  # rows and image bytes in the open shard
         self.nbytes = 0
         self.total = 0
         self.files: list[str] = []
+        self._file: contextlib.AbstractContextManager | None = None
+        self._writer: pq.ParquetWriter | None = None
 
     def add(self, row: dict[str, Any]) -> None:
+        if self._writer is None:
+            self._open()
         self.rows.append(row)
         self.total += 1
-        self.nbytes += len(row["image"])
-        if len(self.rows) >= self.max_rows or self.nbytes >= self.max_bytes:
+        self.shard_rows += 1
+        size = len(row["image"])
+        self.nbytes += size
+        self.rows_nbytes += size
+        if len(self.rows) >= ROW_GROUP_ROWS or self.rows_nbytes >= self.group_bytes:
+            self._write_group()
+        if self.shard_rows >= self.max_rows or self.nbytes >= self.max_bytes:
             self.flush()
 
-    def flush(self) -> None:
+    def _open(self) -> None:
+        name = f"{self.split}/part-{len(self.files):05d}.parquet"
+        self._file = self.storage.open_atomic(join(self.output, name))
+        sink = self._file.__enter__()
+        # Images are already compressed: don't spend CPU compressing them again.
+        self._writer = pq.ParquetWriter(
+            sink,
+            self.schema,
+            compression={f.name: ("NONE" if f.name == "image" else "ZSTD") for f in self.schema},
+        )
+
+    def _write_group(self) -> None:
         if not self.rows:
             return
-        name = f"{self.split}/part-{len(self.files):05d}.parquet"
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        buf = io.BytesIO()
-        # Images are already compressed: don't spend CPU compressing them again.
-        pq.write_table(
-            table,
-            buf,
-            compression={c: ("NONE" if c == "image" else "ZSTD") for c in table.column_names},
-            row_group_size=min(len(self.rows), 1024),
-        )
-        self.storage.write_bytes(join(self.output, name), buf.getvalue())
+        self.rows, self.rows_nbytes = [], 0  # the bytes now live in the table only
+        self._writer.write_table(table, row_group_size=len(table))
+
+    def flush(self) -> None:
+        """Ends the open shard: its last row group, the footer, then it is put in place."""
+        if self._writer is None:
+            return
+        self._write_group()
+        name = f"{self.split}/part-{len(self.files):05d}.parquet"
+        writer, file = self._writer, self._file
+        self._writer, self._file = None, None
+        self.shard_rows, self.nbytes = 0, 0
+        writer.close()
+        file.__exit__(None, None, None)
         self.files.append(name)
-        self.rows, self.nbytes = [], 0
+
+    def abort(self) -> None:
+        """Drops the open shard (a failed prepare): nothing appears under its name."""
+        writer, file = self._writer, self._file
+        self._writer, self._file, self.rows = None, None, []
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+            err = RuntimeError("prepare failed")
+            with contextlib.suppress(Exception):
+                file.__exit__(RuntimeError, err, None)
 
 
 def shard_schema(multi_label: bool, meta_schema: pa.Schema) -> pa.Schema:
@@ -354,6 +549,9 @@ def fingerprint(source: Source, source_cfg: SourceConfig, cfg: PrepareConfig, se
         for k, v in dataclasses.asdict(cfg).items()
         if k not in ("overwrite", "output", "num_threads")
     }
+    if settings.get("max_side") is None:
+        # off: left out, so datasets prepared before the key existed stay up to date
+        settings.pop("max_side", None)
     h.update(
         json.dumps(
             {
@@ -599,13 +797,24 @@ def prepare(
     # block read from it) mixes classes, even for sources listed class by class.
     ordered = sorted(records, key=lambda r: (SPLITS.index(splits[r.id]), _order_key(seed, r.id)))
     bar = _bar(len(ordered), "write", progress)
-    with ThreadPoolExecutor(max_workers=cfg.num_threads) as pool:
-        for checked in _ordered_map(
+    resized = 0
+    # Decoded pixels (composites, prepare.max_side) and images read ahead of the writer
+    # are bounded in bytes, so memory follows prepare.shard_bytes, not num_threads.
+    decoder = Decoder(max(1, cfg.shard_bytes // READ_AHEAD_DIVISOR), cfg.num_threads)
+    pool = ThreadPoolExecutor(max_workers=cfg.num_threads)
+    try:
+        stream = _ordered_map(
             pool,
-            lambda r: reload(r, checks.get(r.id), storage, cfg),
+            lambda r: fit(
+                reload(r, checks.get(r.id), storage, cfg, decoder), cfg.max_side, decoder
+            ),
             ordered,
             window=cfg.num_threads * 64,
-        ):
+            max_bytes=max(1, cfg.shard_bytes // READ_AHEAD_DIVISOR),
+            size=lambda c: len(c.data or b""),
+            workers=cfg.num_threads,
+        )
+        for checked in stream:
             bar.update(1)
             rec = checked.record
             if checked.reason:  # a composite that fails, or a file changed since validation
@@ -638,10 +847,20 @@ def prepare(
             else:
                 row["label"] = index[rec.label]
                 counts[split][rec.label] += 1
+            resized += checked.source_size is not None
+            del checked  # the row holds the bytes now: one reference, freed with it
             writers[split].add(row)
+            del row
+        for w in writers.values():
+            w.flush()
+    except BaseException:
+        for w in writers.values():
+            w.abort()  # no half shard under a final name
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        decoder.__exit__()
     bar.close()
-    for w in writers.values():
-        w.flush()
 
     files = {s: w.files for s, w in writers.items()}
     _delete_stale(storage, cfg.output, {f for fs in files.values() for f in fs})
@@ -674,6 +893,11 @@ def prepare(
                 if k.startswith("clutter_")
             }
             if cfg.clutter_canvas
+            else None
+        ),
+        "max_side": (
+            {"limit": cfg.max_side, "resized": resized, "jpeg_quality": SHRINK_JPEG_QUALITY}
+            if cfg.max_side
             else None
         ),
         "splits": {
@@ -742,17 +966,72 @@ def _position(entry: dict[str, Any]) -> str:
     return f"{entry['id']!r} ({kind} {entry.get(kind, '?')})"
 
 
-def _ordered_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int):
-    """``pool.map`` with a bounded number of results in flight (bounded memory)."""
+def _ordered_map(
+    pool: ThreadPoolExecutor,
+    fn: Callable,
+    items: Iterable,
+    window: int,
+    *,
+    max_bytes: int | None = None,
+    size: Callable[[Any], int] = lambda r: 0,
+    workers: int = 1,
+):
+    """``pool.map`` with a bounded number of results in flight (bounded memory).
+
+    With ``max_bytes``, also bounded in bytes (``size`` of a result): no new item is started
+    while the finished results waiting to be taken plus the running items (at the mean
+    size so far) reach ``max_bytes``, and at most ``workers`` items run at once; so about
+    ``max_bytes`` (plus one item) is held however large the items are.
+    (``concurrent.futures`` bounds nothing by itself.)
+    """
     from collections import deque
+
+    cond = threading.Condition()
+    held = 0  # bytes of finished results not yet taken
+    busy = 0  # items submitted and not finished
+    seen = seen_bytes = 0  # finished items and their bytes: the mean size of one
+
+    def job(item: Any) -> Any:
+        nonlocal held, busy, seen, seen_bytes
+        try:
+            result = fn(item)
+        except BaseException:
+            with cond:
+                busy -= 1
+                cond.notify()
+            raise
+        n = size(result)
+        with cond:
+            busy -= 1
+            held += n
+            seen, seen_bytes = seen + 1, seen_bytes + n
+            cond.notify()
+        return result
+
+    def take() -> Any:
+        nonlocal held
+        result = pending.popleft().result()
+        with cond:
+            held -= size(result)
+        return result
 
     pending: deque = deque()
     for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.popleft().result()
+        while pending:
+            with cond:
+                ahead = held + busy * (seen_bytes / seen if seen else 0)
+                full = len(pending) >= window or (max_bytes is not None and ahead >= max_bytes)
+                if not full and (max_bytes is None or busy < workers):
+                    break  # room for one more
+                if not full and not pending[0].done():
+                    cond.wait(timeout=0.1)  # every worker busy: wait for one to finish
+                    continue
+            yield take()
+        with cond:
+            busy += 1
+        pending.append(pool.submit(job, item))
     while pending:
-        yield pending.popleft().result()
+        yield take()
 
 
 def _delete_stale(storage: Storage, output: str, keep: set[str]) -> None:
@@ -790,6 +1069,9 @@ def format_card(card: dict[str, Any]) -> str:
     for r in card["rejected"][:10]:
         lines.append(f"  - {r['source']}: {r['reason']} ({r['detail'][:100]})")
     lines.append(f"pixel modes: {card['modes']}")
+    shrunk = card.get("max_side")  # cards prepared before have none
+    if shrunk:
+        lines.append(f"images shrunk to a longer side of {shrunk['limit']} px: {shrunk['resized']}")
     if card["converted"]:
         lines.append(
             f"converted to RGB at decode: {len(card['converted'])} "
