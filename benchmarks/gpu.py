@@ -210,7 +210,8 @@ def serve_rows(run: str, images: list[bytes], seconds: float, device: str) -> di
 
     gpus = 0.5 if device == "cuda" else 0
     cpus = 4 if gpus else 1
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # every variant deployed at once: logical CPUs as serve_load gives them
+    ray.init(num_cpus=(os.cpu_count() or 2) * 8, include_dashboard=False, log_to_driver=False)
     sl.PORT = sl.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": sl.PORT})
     os.environ["RAYLENS_DEVICE"] = device  # benchmarks/plain_app.py: the model on the GPU
