@@ -492,21 +492,11 @@ class Storage:
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Writes ``data`` atomically: readers see the old file or the whole new one."""
         scheme, path = split_uri(uri)
-        fs = self.arrow_fs(scheme)
-        if scheme == "file":
-            directory = os.path.dirname(path)
-            os.makedirs(directory, exist_ok=True)
-            tmp = _tmp_beside(path, os.path)
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+        if scheme == "file":  # a temporary beside it, synced, renamed
+            with self.open_atomic(uri) as f:
+                f.write(data)
             return
+        fs = self.arrow_fs(scheme)  # object stores: streamed, no local spool
         tmp = _tmp_beside(path, posixpath)
         try:
             with fs.open_output_stream(tmp, compression=None) as f:
