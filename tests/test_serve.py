@@ -922,13 +922,24 @@ def test_one_hop_and_split_answer_alike(topologies, server):
 
 def test_a_12_mp_upload_classifies_as_its_small_original(topologies, server):
     """A Fashion-MNIST test image upscaled to 12 MP (JPEG) gets the label the 28 px original
-    gets, through both topologies (decoded at reduced scale: see test_serving)."""
-    rows = _test_rows(server["ds"])[:6]
-    for row in rows:
+    gets, through both topologies (decoded at reduced scale: see test_serving), and both
+    topologies give it the same probabilities.
+
+    The label is compared where the model is sure of the original (top-1 score at least
+    0.3 above the second): upscaling, JPEG and the reduced decode move the pixels a little
+    (test_serving bounds how much), which can flip a near-tie of the test's small model.
+    """
+    sure = []
+    for row in _test_rows(server["ds"])[:40]:
+        top = _classify(topologies["one_hop"], row["image"])["labels"]
+        if top[0]["score"] - top[1]["score"] >= 0.3:
+            sure.append((row, top[0]["label"]))
+    assert len(sure) >= 4, f"the test model is sure of only {len(sure)} of 40 test images"
+    for row, want in sure[:6]:
         small = Image.open(io.BytesIO(row["image"])).convert("RGB")
         buf = io.BytesIO()
         small.resize((3464, 3464), Image.BICUBIC).save(buf, "JPEG", quality=90)
-        want = _classify(topologies["one_hop"], row["image"])["labels"][0]["label"]
+        answers = []
         for client in topologies.values():
             t0 = time.perf_counter()
             r = client.post(
@@ -937,3 +948,6 @@ def test_a_12_mp_upload_classifies_as_its_small_original(topologies, server):
             assert r.status_code == 200, r.text
             assert r.json()["labels"][0]["label"] == want
             assert time.perf_counter() - t0 < 10
+            answers.append(r.json()["labels"])
+        for a, b in zip(*answers, strict=True):
+            assert a["label"] == b["label"] and abs(a["score"] - b["score"]) <= 1e-6
